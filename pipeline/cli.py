@@ -1,0 +1,41 @@
+"""What every stage shares at its edge: `--params FILE --set KEY=VALUE ...`, and one clear
+line plus exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
+
+
+class UsageError(Exception):
+    """Bad input from the user (params, paths, data): reported as one line, exit code 2."""
+
+
+def parse(stage: str, description: str, argv: Sequence[str] | None = None) -> Params:
+    from pipeline import params  # params imports this module for UsageError
+
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one dotted key, value parsed as YAML (repeatable), e.g. --set train.epochs=2",
+    )
+    args = parser.parse_args(argv)
+    return params.load(args.params, args.overrides)
+
+
+def run(main: Callable[[], object]) -> None:
+    """Run a stage's main(); a UsageError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

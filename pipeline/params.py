@@ -1,0 +1,169 @@
+"""params.yaml: its schema, loading, and `--set key.path=value` overrides.
+
+params.yaml is the one place every knob lives, so the schema below has no defaults: a key
+missing from the file is an error, not a silent fallback. Every section rejects unknown keys,
+so a typo (`train.epoch`) is caught instead of ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+import resnet
+from pipeline.cli import UsageError
+
+
+IMAGENET_DEPTHS = tuple(spec.depth for spec in resnet.SPECS.values())
+
+
+class ParamsError(UsageError):
+    """A params file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    shards: str
+    ray_storage: str
+    reports: str
+    metrics: str
+
+
+class Data(Section):
+    source: Literal["digits", "imagenet", "imagefolder", "cifar10"]
+    root: str | None
+    seed: int
+
+
+class Shard(Section):
+    maxcount: int = Field(gt=0)
+    maxsize: float = Field(gt=0)
+    workers: int = Field(ge=1)
+    max_reject_fraction: float = Field(ge=0, le=1)
+
+
+class Model(Section):
+    arch: Literal["cifar", "imagenet"]
+    depth: int
+    shortcut: Literal["none", "A", "B", "C"]
+    bottleneck: Literal["v1", "v1.5"]
+    zero_init_residual: bool
+
+    @field_validator("depth")
+    @classmethod
+    def _depth_fits_arch(cls, depth: int, info: ValidationInfo) -> int:
+        arch = info.data.get("arch")
+        if arch == "imagenet" and depth not in IMAGENET_DEPTHS:
+            raise ValueError(f"not a depth of the ImageNet nets; valid: {', '.join(map(str, IMAGENET_DEPTHS))}")
+        if arch == "cifar":
+            try:
+                resnet.spec_for(resnet.model_name(arch, depth))
+            except ValueError as e:
+                raise ValueError(str(e).split(", got")[0]) from None
+        return depth
+
+
+class Train(Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    num_workers: int = Field(ge=1)
+    use_gpu: bool
+    max_failures: int = Field(ge=-1)
+    seed: int
+
+
+class Tune(Section):
+    depths: list[int] = Field(min_length=1)
+    shortcuts: list[Literal["none", "A", "B", "C"]] = Field(min_length=1)
+    max_concurrent_trials: int = Field(ge=1)
+
+
+class MLflow(Section):
+    tracking_uri: str
+    experiment: str
+    registered_model: str
+    alias: str
+
+
+class Params(Section):
+    paths: Paths
+    data: Data
+    shard: Shard
+    model: Model
+    train: Train
+    tune: Tune
+    mlflow: MLflow
+
+
+def load(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read a params file, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ParamsError(f"--set {key}: value {text!r} is not valid YAML") from None
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})  # unknown sections are reported by validate()
+        if not isinstance(node, dict):
+            raise ParamsError(f"--set {key}: {'.'.join(parents[: depth + 1])} is a value, not a section")
+    node[leaf] = value
+
+
+def validate(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{source}: {describe(e.errors()[0])}") from None
+
+
+def describe(error: dict[str, Any]) -> str:
+    """One line for a pydantic error: the dotted key, what is wrong, what is allowed."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        return f"{key}: unknown key; valid keys{' under ' + '.'.join(loc[:-1]) if loc[:-1] else ''}: {', '.join(parent.model_fields)}"
+    if error["type"] == "missing":
+        return f"{key}: missing key"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def _section_model(loc: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
