@@ -39,6 +39,8 @@ class Data(Section):
     source: Literal["digits", "imagenet", "imagefolder", "cifar10"]
     root: str | None
     seed: int
+    val_fraction: float = Field(gt=0, lt=1)  # digits: the stratified val split
+    image_size: int = Field(ge=8)  # digits: the side the 8x8 digits are rendered at
 
 
 class Shard(Section):
@@ -46,6 +48,8 @@ class Shard(Section):
     maxsize: float = Field(gt=0)
     workers: int = Field(ge=1)
     max_reject_fraction: float = Field(ge=0, le=1)
+    jpeg_quality: int = Field(ge=1, le=100)  # for images that must be re-encoded
+    max_side: int | None = Field(ge=8)  # shrink images whose longer side exceeds this; null: never
 
 
 class Model(Section):

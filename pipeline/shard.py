@@ -1,0 +1,289 @@
+"""Stage `shard`: a raw data set -> WebDataset tar shards + manifest.json.
+
+    python -m pipeline.shard [--params params.yaml] [--set shard.workers=4] ...
+
+Every image is checked by content: an RGB baseline JPEG passes through byte for byte; CMYK,
+greyscale, progressive JPEGs and other formats (a PNG named .JPEG) are re-encoded as RGB JPEG
+and listed in the manifest's `converted`; empty, truncated and undecodable files are listed in
+`rejected`. The stage fails when a split's rejects exceed `shard.max_reject_fraction`.
+
+Shards are written by `shard.workers` processes into `<paths.shards>.partial/`, each under a
+temporary name renamed when complete, with a small record of what went into it, so a rerun
+after an interruption keeps finished shards and writes the rest. The manifest is written last,
+then the whole folder replaces `paths.shards`: a shard folder without a manifest is never
+complete, and a failed run leaves the previous output as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import cli, sources
+from pipeline.cli import UsageError
+from pipeline.params import Params
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+
+
+class Rejected(Exception):
+    """An input that cannot become a sample; the message is the reason."""
+
+
+def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> tuple[bytes, str | None]:
+    """(baseline RGB JPEG bytes, what it was converted from or None if passed through)."""
+    if not data:
+        raise Rejected("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+                too_big = max_side is not None and max(image.size) > max_side
+                if image.format == "JPEG" and image.mode == "RGB" and not progressive and not too_big:
+                    # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
+                    # truncated files at a fraction of the cost of a full decode.
+                    image.draft("RGB", (image.width // 8, image.height // 8))
+                    image.load()
+                    return data, None
+                image.load()
+                if image.format != "JPEG":
+                    converted_from = f"{image.format} {image.mode}"
+                elif image.mode != "RGB":
+                    converted_from = image.mode
+                else:
+                    converted_from = "progressive JPEG" if progressive else None
+                rgb = image.convert("RGB")
+    except UnidentifiedImageError:
+        raise Rejected("not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise Rejected(f"cannot decode: {e}") from None
+    if too_big:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), converted_from
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    split: str
+    index: int
+    records: tuple[sources.Record, ...]
+    quality: int
+    max_side: int | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}/shard-{self.index:06d}.tar"
+
+    def fingerprint(self) -> str:
+        """What the shard is made of, so a rerun can tell a finished shard it may keep."""
+        h = hashlib.sha256(json.dumps([SCHEMA, self.name, self.quality, self.max_side]).encode())
+        for r in self.records:
+            h.update(json.dumps([r.key, r.label, r.source, r.size()]).encode())
+        return h.hexdigest()
+
+
+def plan(records: list[sources.Record], maxcount: int, maxsize: float) -> list[list[sources.Record]]:
+    """Consecutive groups of at most maxcount records and (by input size) maxsize bytes."""
+    groups: list[list[sources.Record]] = [[]]
+    size = 0
+    for r in records:
+        if groups[-1] and (len(groups[-1]) >= maxcount or size + r.size() > maxsize):
+            groups.append([])
+            size = 0
+        groups[-1].append(r)
+        size += r.size()
+    return [g for g in groups if g]
+
+
+def shuffled(records: list[sources.Record], seed: int) -> list[sources.Record]:
+    out = list(records)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
+    """Write one shard (or keep it from an interrupted run); returns its manifest entry plus
+    its `rejected` and `converted` lists."""
+    path = staging / job.name
+    record_path = path.with_name(path.name + ".json")
+    fingerprint = job.fingerprint()
+    if record_path.is_file() and path.is_file():
+        done = json.loads(record_path.read_text())
+        if done.get("fingerprint") == fingerprint:
+            return done["result"]
+
+    rejected, converted = [], []
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as stream, wds.TarWriter(stream, user="", group="", mtime=0, encoder=False) as tar:
+        num_samples = 0
+        for r in job.records:
+            try:
+                jpeg, converted_from = to_rgb_jpeg(r.read(), job.quality, job.max_side)
+            except Rejected as e:
+                rejected.append({"source": r.source, "reason": str(e)})
+                continue
+            except OSError as e:  # unreadable file: permissions, I/O error
+                rejected.append({"source": r.source, "reason": f"cannot read: {e.strerror or e}"})
+                continue
+            if converted_from:
+                converted.append({"source": r.source, "from": converted_from})
+            tar.write({"__key__": r.key, "jpg": jpeg, "cls": str(r.label).encode()})
+            num_samples += 1
+    os.replace(tmp, path)
+    result = {
+        "name": job.name,
+        "num_samples": num_samples,
+        "bytes": path.stat().st_size,
+        "sha256": sha256_of(path),
+        "rejected": rejected,
+        "converted": converted,
+    }
+    write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
+    return result
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def build_jobs(dataset: sources.Dataset, params: Params) -> list[ShardJob]:
+    jobs = []
+    for split in sources.SPLITS:
+        records = dataset.splits[split]
+        if split == "train":  # every train shard should mix classes
+            records = shuffled(records, params.data.seed)
+        for index, group in enumerate(plan(records, params.shard.maxcount, params.shard.maxsize)):
+            jobs.append(ShardJob(split, index, tuple(group), params.shard.jpeg_quality, params.shard.max_side))
+    return jobs
+
+
+def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, dict[str, Any]]:
+    """Write every shard with a pool of processes, a progress bar over samples."""
+    for split in {job.split for job in jobs}:
+        (staging / split).mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    total = sum(len(job.records) for job in jobs)
+    with tqdm(total=total, unit="img", desc="shard", mininterval=1.0) as bar:
+        if workers == 1:
+            for job in jobs:
+                results[job.name] = write_shard(job, staging)
+                bar.update(len(job.records))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(write_shard, job, staging): job for job in jobs}
+                for future in as_completed(futures):
+                    job = futures[future]
+                    results[job.name] = future.result()
+                    bar.update(len(job.records))
+    return results
+
+
+def manifest(dataset: sources.Dataset, jobs: list[ShardJob], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    splits = {}
+    for split in sources.SPLITS:
+        entries = [results[job.name] for job in jobs if job.split == split]
+        splits[split] = {
+            "num_samples": sum(e["num_samples"] for e in entries),
+            "shards": [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries],
+            "rejected": [r for e in entries for r in e["rejected"]],
+            "converted": [c for e in entries for c in e["converted"]],
+        }
+    out: dict[str, Any] = {"schema": SCHEMA, "source": dataset.source, "classes": dataset.classes}
+    if dataset.class_names:
+        out["class_names"] = dataset.class_names
+    out.update(dataset.notes)
+    out["splits"] = splits
+    return out
+
+
+def check_rejects(manifest_: dict[str, Any], max_fraction: float) -> None:
+    for split, info in manifest_["splits"].items():
+        seen = info["num_samples"] + len(info["rejected"])
+        if seen == 0:
+            raise UsageError(f"{split}: the data set has no {split} images")
+        fraction = len(info["rejected"]) / seen
+        if fraction > max_fraction:
+            first = info["rejected"][0]
+            raise UsageError(
+                f"{split}: {len(info['rejected'])} of {seen} inputs rejected ({fraction:.2%} > "
+                f"shard.max_reject_fraction {max_fraction:.2%}); first: {first['source']}: {first['reason']}"
+            )
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Replace `out` by the finished staging folder (the old output stays until then)."""
+    for record in staging.glob("*/*.tar.json"):
+        record.unlink()
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(staging: Path, jobs: Iterable[ShardJob]) -> None:
+    """Drop temporaries and shards of an earlier plan from an interrupted run."""
+    wanted = {job.name for job in jobs}
+    for path in staging.glob("*/*"):
+        name = f"{path.parent.name}/{path.name.removesuffix('.json')}"
+        if ".tmp-" in path.name or name not in wanted:
+            path.unlink()
+
+
+def shard(params: Params) -> dict[str, Any]:
+    dataset = sources.load(
+        params.data.source, params.data.root, params.data.seed, params.data.val_fraction, params.data.image_size
+    )
+    jobs = build_jobs(dataset, params)
+    out = Path(params.paths.shards)
+    staging = out.with_name(f"{out.name}.partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    remove_stale(staging, jobs)
+    results = run_jobs(jobs, staging, params.shard.workers)
+    result = manifest(dataset, jobs, results)
+    check_rejects(result, params.shard.max_reject_fraction)
+    write_json_atomic(staging / MANIFEST, result)
+    publish(staging, out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli.parse("shard", "Shard a raw data set into WebDataset tars.", argv)
+    result = shard(params)
+    for split, info in result["splits"].items():
+        print(
+            f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards, "
+            f"{len(info['rejected'])} rejected, {len(info['converted'])} converted"
+        )
+    print(f"wrote {Path(params.paths.shards) / MANIFEST}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,128 @@
+"""Stage `verify`: recheck every shard against manifest.json; write the shard counts as metrics.
+
+    python -m pipeline.verify [--params params.yaml]
+
+Checks each shard's sha256, size and sample count, that every sample has a JPEG and an integer
+label within the classes, that the split totals add up, and that no shard lies on disk that the
+manifest does not list. Any mismatch is printed, one line each, and the stage exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pipeline import cli
+from pipeline.cli import UsageError
+from pipeline.params import Params
+from pipeline.shard import MANIFEST, SCHEMA, sha256_of, write_json_atomic
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def read_manifest(shards: Path) -> dict[str, Any]:
+    path = shards / MANIFEST
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; run `python -m pipeline.shard` first") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    if result.get("schema") != SCHEMA:
+        raise UsageError(f"{path}: schema {result.get('schema')!r}, expected {SCHEMA}")
+    return result
+
+
+def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
+    """(number of samples, problems) of one tar shard."""
+    members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    problems = []
+    try:
+        with tarfile.open(path) as tar:
+            for info in tar:
+                if not info.isfile():
+                    problems.append(f"{path}: {info.name}: not a regular file")
+                    continue
+                key, _, ext = info.name.partition(".")
+                if ext in ("jpg", "cls"):
+                    members[key][ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError) as e:
+        return 0, [f"{path}: not a readable tar ({e})"]
+    for key, sample in members.items():
+        if "jpg" not in sample or "cls" not in sample:
+            problems.append(f"{path}: sample {key} lacks {'jpg' if 'jpg' not in sample else 'cls'}")
+            continue
+        if not sample["jpg"].startswith(JPEG_MAGIC):
+            problems.append(f"{path}: sample {key}: .jpg is not a JPEG")
+        label = sample["cls"].decode("ascii", "replace")
+        if not label.isdigit() or int(label) >= num_classes:
+            problems.append(f"{path}: sample {key}: label {label!r} not in 0..{num_classes - 1}")
+    return len(members), problems
+
+
+def verify(shards: Path, manifest: dict[str, Any]) -> list[str]:
+    problems = []
+    listed = set()
+    num_classes = len(manifest["classes"])
+    for split, info in manifest["splits"].items():
+        total = 0
+        for entry in info["shards"]:
+            path = shards / entry["name"]
+            listed.add(path)
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            if path.stat().st_size != entry["bytes"]:
+                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            if sha256_of(path) != entry["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest")
+            count, sample_problems = check_samples(path, num_classes)
+            problems += sample_problems
+            if count != entry["num_samples"]:
+                problems.append(f"{path}: {count} samples, manifest says {entry['num_samples']}")
+            total += entry["num_samples"]
+        if total != info["num_samples"]:
+            problems.append(f"{split}: shards hold {total} samples, manifest says {info['num_samples']}")
+    for path in sorted(shards.glob("*/*.tar")):
+        if path not in listed:
+            problems.append(f"{path}: a shard the manifest does not list")
+    return problems
+
+
+def shard_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        split: {
+            "num_samples": info["num_samples"],
+            "num_shards": len(info["shards"]),
+            "rejected": len(info["rejected"]),
+            "converted": len(info["converted"]),
+        }
+        for split, info in manifest["splits"].items()
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    params: Params = cli.parse("verify", "Recheck the shards against their manifest.", argv)
+    shards = Path(params.paths.shards)
+    manifest = read_manifest(shards)
+    problems = verify(shards, manifest)
+    if problems:
+        for line in problems:
+            print(f"verify: {line}", file=sys.stderr)
+        print(f"verify: FAILED, {len(problems)} problems in {shards}", file=sys.stderr)
+        sys.exit(1)
+    metrics = shard_metrics(manifest)
+    out = Path(params.paths.metrics) / "shards.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, metrics)
+    for split, m in metrics.items():
+        print(f"verify: {split}: {m['num_shards']} shards, {m['num_samples']} samples: OK")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
