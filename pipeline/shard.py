@@ -71,7 +71,8 @@ def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> tuple[bytes,
     except UnidentifiedImageError:
         raise Rejected("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise Rejected(f"cannot decode: {e}") from None
+        reason = "truncated image" if "truncat" in str(e).lower() else f"cannot decode: {e}"
+        raise Rejected(reason) from None
     if too_big:
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
