@@ -11,11 +11,17 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 import resnet
 from pipeline.cli import UsageError
-
 
 IMAGENET_DEPTHS = tuple(spec.depth for spec in resnet.SPECS.values())
 

@@ -26,26 +26,38 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
+import numpy as np
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import cli, sources
 from pipeline.cli import UsageError
+from pipeline.loader import MANIFEST, SCHEMA
 from pipeline.params import Params
-
-SCHEMA = 1
-MANIFEST = "manifest.json"
 
 
 class Rejected(Exception):
     """An input that cannot become a sample; the message is the reason."""
 
 
-def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> tuple[bytes, str | None]:
-    """(baseline RGB JPEG bytes, what it was converted from or None if passed through)."""
+class Prepared(NamedTuple):
+    jpeg: bytes  # a baseline RGB JPEG
+    converted_from: str | None  # None: the input bytes passed through untouched
+    channel_sums: tuple[int, int, int]  # sums of R, G, B over the decoded pixels
+    num_pixels: int
+
+
+def channel_sums(image: Image.Image) -> tuple[tuple[int, int, int], int]:
+    pixels = np.asarray(image, dtype=np.uint8).reshape(-1, 3)
+    r, g, b = pixels.sum(axis=0, dtype=np.int64).tolist()
+    return (r, g, b), len(pixels)
+
+
+def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> Prepared:
+    """Check an image by content and make it a baseline RGB JPEG (re-encoding only if needed)."""
     if not data:
         raise Rejected("empty file")
     try:
@@ -56,10 +68,11 @@ def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> tuple[bytes,
                 too_big = max_side is not None and max(image.size) > max_side
                 if image.format == "JPEG" and image.mode == "RGB" and not progressive and not too_big:
                     # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
-                    # truncated files at a fraction of the cost of a full decode.
+                    # truncated files at a fraction of the cost of a full decode; the DC
+                    # coefficients it keeps give the exact block means for the pixel mean.
                     image.draft("RGB", (image.width // 8, image.height // 8))
                     image.load()
-                    return data, None
+                    return Prepared(data, None, *channel_sums(image))
                 image.load()
                 if image.format != "JPEG":
                     converted_from = f"{image.format} {image.mode}"
@@ -77,7 +90,7 @@ def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> tuple[bytes,
         rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue(), converted_from
+    return Prepared(buffer.getvalue(), converted_from, *channel_sums(rgb))
 
 
 @dataclass(frozen=True)
@@ -139,21 +152,23 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             return done["result"]
 
     rejected, converted = [], []
+    sums, num_pixels, num_samples = [0, 0, 0], 0, 0
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as stream, wds.TarWriter(stream, user="", group="", mtime=0, encoder=False) as tar:
-        num_samples = 0
         for r in job.records:
             try:
-                jpeg, converted_from = to_rgb_jpeg(r.read(), job.quality, job.max_side)
+                prepared = to_rgb_jpeg(r.read(), job.quality, job.max_side)
             except Rejected as e:
                 rejected.append({"source": r.source, "reason": str(e)})
                 continue
             except OSError as e:  # unreadable file: permissions, I/O error
                 rejected.append({"source": r.source, "reason": f"cannot read: {e.strerror or e}"})
                 continue
-            if converted_from:
-                converted.append({"source": r.source, "from": converted_from})
-            tar.write({"__key__": r.key, "jpg": jpeg, "cls": str(r.label).encode()})
+            if prepared.converted_from:
+                converted.append({"source": r.source, "from": prepared.converted_from})
+            tar.write({"__key__": r.key, "jpg": prepared.jpeg, "cls": str(r.label).encode()})
+            sums = [a + b for a, b in zip(sums, prepared.channel_sums)]
+            num_pixels += prepared.num_pixels
             num_samples += 1
     os.replace(tmp, path)
     result = {
@@ -163,6 +178,8 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
         "sha256": sha256_of(path),
         "rejected": rejected,
         "converted": converted,
+        "channel_sums": sums,
+        "num_pixels": num_pixels,
     }
     write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
     return result
@@ -216,7 +233,12 @@ def manifest(dataset: sources.Dataset, jobs: list[ShardJob], results: dict[str, 
             "rejected": [r for e in entries for r in e["rejected"]],
             "converted": [c for e in entries for c in e["converted"]],
         }
+    train = [results[job.name] for job in jobs if job.split == "train"]
+    num_pixels = sum(e["num_pixels"] for e in train)
+    sums = [sum(e["channel_sums"][c] for e in train) for c in range(3)]
     out: dict[str, Any] = {"schema": SCHEMA, "source": dataset.source, "classes": dataset.classes}
+    # The paper subtracts the training set's mean; this is its per-channel form, in [0, 1] units.
+    out["mean"] = [round(s / num_pixels / 255, 6) for s in sums] if num_pixels else [0.0, 0.0, 0.0]
     if dataset.class_names:
         out["class_names"] = dataset.class_names
     out.update(dataset.notes)

@@ -9,7 +9,6 @@ manifest does not list. Any mismatch is printed, one line each, and the stage ex
 
 from __future__ import annotations
 
-import json
 import sys
 import tarfile
 from collections import defaultdict
@@ -17,24 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cli
-from pipeline.cli import UsageError
+from pipeline.loader import read_manifest
 from pipeline.params import Params
-from pipeline.shard import MANIFEST, SCHEMA, sha256_of, write_json_atomic
+from pipeline.shard import sha256_of, write_json_atomic
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def read_manifest(shards: Path) -> dict[str, Any]:
-    path = shards / MANIFEST
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; run `python -m pipeline.shard` first") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
-    if result.get("schema") != SCHEMA:
-        raise UsageError(f"{path}: schema {result.get('schema')!r}, expected {SCHEMA}")
-    return result
 
 
 def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
@@ -108,7 +94,7 @@ def shard_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     params: Params = cli.parse("verify", "Recheck the shards against their manifest.", argv)
     shards = Path(params.paths.shards)
-    manifest = read_manifest(shards)
+    manifest = read_manifest(str(shards))
     problems = verify(shards, manifest)
     if problems:
         for line in problems:

@@ -18,7 +18,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from resnet.model import BOTTLENECK_VARIANTS, SHORTCUTS, Bottleneck, ResNet, build, model_names, spec_for
+from resnet.model import (
+    BOTTLENECK_VARIANTS,
+    SHORTCUTS,
+    Bottleneck,
+    ResNet,
+    build,
+    model_names,
+    spec_for,
+)
 
 
 @dataclass(frozen=True)

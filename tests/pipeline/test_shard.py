@@ -14,10 +14,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline import loader, shard, sources, verify
 from pipeline import params as params_module
-from pipeline import shard, sources, verify
 from tests.conftest import REPO
-from tests.data_trees import WNIDS, cifar10_tree, imagefolder_tree, imagenet_tree, jpeg_bytes, picture, png_bytes
+from tests.data_trees import (
+    WNIDS,
+    cifar10_tree,
+    imagefolder_tree,
+    imagenet_tree,
+    jpeg_bytes,
+    picture,
+    png_bytes,
+)
 
 
 def make_params(tmp_path: Path, *overrides: str):
@@ -123,6 +131,7 @@ def test_digits_split_is_stratified_and_complete(tmp_path):
     result = shard.shard(make_params(tmp_path))
     assert result["splits"]["train"]["num_samples"] == 1437
     assert result["splits"]["val"]["num_samples"] == 360
+    assert all(0.05 < m < 0.5 for m in result["mean"])  # mostly black digits, white strokes
     val = read_shards(tmp_path / "shards", "val")
     counts = Counter(label for label, _ in val.values())
     assert set(counts) == set(range(10)) and all(35 <= n <= 37 for n in counts.values())
@@ -250,9 +259,12 @@ def test_to_rgb_jpeg_by_content():
 
     pixels = picture(np.random.default_rng(0), 32, 24)
     good = jpeg_bytes(pixels)
-    assert shard.to_rgb_jpeg(good, 95, None) == (good, None)
-    assert shard.to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), 95, None)[1] == "CMYK"
-    assert shard.to_rgb_jpeg(png_bytes(pixels), 95, None)[1] == "PNG RGB"
+    assert shard.to_rgb_jpeg(good, 95, None)[:2] == (good, None)
+    assert shard.to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), 95, None).converted_from == "CMYK"
+    png = shard.to_rgb_jpeg(png_bytes(pixels), 95, None)
+    assert png.converted_from == "PNG RGB"
+    assert png.num_pixels == 32 * 24
+    assert list(png.channel_sums) == pixels.reshape(-1, 3).sum(axis=0).tolist()
     for data, reason in [(b"", "empty file"), (b"hello, not an image", "not an image"), (good[:200], "truncated image")]:
         with pytest.raises(shard.Rejected, match=reason):
             shard.to_rgb_jpeg(data, 95, None)
@@ -307,7 +319,7 @@ def test_verify_without_a_manifest_is_an_error(tmp_path):
 
 def test_verify_counts_samples_by_key(tmp_path):
     shard.shard(make_params(tmp_path))
-    manifest = verify.read_manifest(tmp_path / "shards")
+    manifest = loader.read_manifest(str(tmp_path / "shards"))
     manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
     problems = verify.verify(tmp_path / "shards", manifest)
     assert any("samples, manifest says" in p for p in problems)

@@ -1,0 +1,186 @@
+"""Stream the shards to a training process with WebDataset, on one rank or many.
+
+Each epoch the train shards are shuffled with a seed shared by every rank, then split by rank
+(rank r of W takes shards r, r+W, ..., as `wds.split_by_node` would) and by DataLoader worker
+(`wds.split_by_worker`), and samples are shuffled in a buffer seeded per (epoch, rank, worker).
+Every DDP rank must run the same number of steps, or the ranks hang in all-reduce when one runs
+out of data first; the manifest tells how many samples each worker will read, so each rank
+stops at the number of full batches the poorest rank can make (`batches_per_epoch`). What the
+other ranks skip this epoch, another shard order brings next epoch.
+
+Samples are decoded from their `.jpg` and `.cls` members only: no member is ever unpickled.
+Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those through fsspec.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from functools import partial
+from itertools import islice
+from typing import Any, Iterator
+
+import fsspec
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, get_worker_info
+from webdataset.gopen import gopen_schemes
+
+from pipeline.cli import UsageError
+from pipeline.transforms import Transform
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+SHUFFLE_BUFFER = 1000
+
+
+def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
+    return fsspec.open(url, mode, block_size=max(bufsize, 1 << 20)).open()
+
+
+# WebDataset's own openers cover files, pipes, http and gs; object stores go through fsspec.
+for _scheme in ("s3", "gcs", "az", "abfs"):
+    gopen_schemes[_scheme] = _open_with_fsspec
+
+
+def read_manifest(shards: str) -> dict[str, Any]:
+    url = f"{shards.rstrip('/')}/{MANIFEST}"
+    try:
+        with fsspec.open(url, "rt") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{url}: missing; run `python -m pipeline.shard` first") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{url}: not valid JSON ({e})") from None
+    if manifest.get("schema") != SCHEMA:
+        raise UsageError(f"{url}: schema {manifest.get('schema')!r}, expected {SCHEMA}")
+    return manifest
+
+
+def shard_list(shards: str, manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
+    """(url, number of samples) of each shard of a split, in manifest order."""
+    root = shards.rstrip("/")
+    return [(f"{root}/{s['name']}", s["num_samples"]) for s in manifest["splits"][split]["shards"]]
+
+
+def epoch_order(shards: list[tuple[str, int]], seed: int, epoch: int) -> list[tuple[str, int]]:
+    """The same shuffled order on every rank, another one each epoch."""
+    order = list(shards)
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def worker_sample_counts(counts: list[int], rank: int, world_size: int, num_workers: int) -> list[int]:
+    """Samples each DataLoader worker of `rank` reads: WebDataset's split_by_node, then split_by_worker."""
+    mine = counts[rank::world_size]
+    workers = max(num_workers, 1)
+    return [sum(mine[w::workers]) for w in range(workers)]
+
+
+def batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batch_size: int) -> int:
+    """Full batches the poorest rank can make; each worker batches its own samples."""
+    return min(
+        sum(n // batch_size for n in worker_sample_counts(counts, rank, world_size, num_workers))
+        for rank in range(world_size)
+    )
+
+
+def decode(sample: dict[str, Any], transform: Transform, draft: int | None) -> tuple[torch.Tensor, int]:
+    try:
+        jpeg, label = sample["jpg"], int(sample["cls"])
+    except (KeyError, ValueError):
+        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or an integer .cls") from None
+    image = Image.open(io.BytesIO(jpeg))
+    if draft is not None:
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: never below what the transform keeps.
+        scale = draft / min(image.size)
+        image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
+    return transform(image.convert("RGB")), label
+
+
+def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """`wds.split_by_node` with the rank fixed when the pipeline is built: split_by_node asks
+    torch.distributed from inside the DataLoader worker, where the process group of the
+    training process is not initialised, so every rank would read every shard."""
+    return islice(urls, rank, None, world_size)
+
+
+def seeded_shuffle(samples: Iterator[dict], seed: int, epoch: int, rank: int, bufsize: int) -> Iterator[dict]:
+    info = get_worker_info()
+    rng = random.Random(f"samples:{seed}:{epoch}:{rank}:{info.id if info else 0}")
+    return wds.shuffle(bufsize, min(bufsize, 100), rng=rng)(samples)
+
+
+class Batches:
+    """An epoch of batches: at most `num_batches` of them (None: all)."""
+
+    def __init__(self, loader: DataLoader, num_batches: int | None) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+
+    def __iter__(self) -> Iterator:
+        return islice(iter(self.loader), self.num_batches)
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an eval epoch reads every sample of its shards; its length is not fixed per rank")
+        return self.num_batches
+
+
+def make_loader(
+    shards: str,
+    split: str,
+    transform: Transform,
+    *,
+    batch_size: int,
+    num_workers: int,
+    epoch: int,
+    seed: int,
+    train: bool,
+    draft: int | None = None,
+    manifest: dict[str, Any] | None = None,
+    pin_memory: bool = False,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> Batches:
+    """This rank's batches of one epoch. Train: shuffled, equal batch count on every rank.
+    Eval: every sample once across the ranks (sum their metrics)."""
+    manifest = manifest or read_manifest(shards)
+    shard_files = shard_list(shards, manifest, split)
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed's, or RANK/WORLD_SIZE
+    if train:
+        shard_files = epoch_order(shard_files, seed, epoch)
+    if len(shard_files) < world_size:
+        raise UsageError(f"{split}: {len(shard_files)} shards for {world_size} ranks; shard with a smaller shard.maxcount")
+
+    stages = [
+        wds.SimpleShardList([url for url, _ in shard_files]),
+        partial(split_by_rank, rank=rank, world_size=world_size),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+    ]
+    if train:
+        stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
+    stages.append(wds.map(partial(decode, transform=transform, draft=draft)))
+
+    num_batches = None
+    if train:
+        num_batches = batches_per_epoch([n for _, n in shard_files], world_size, num_workers, batch_size)
+        if num_batches == 0:
+            raise UsageError(
+                f"{split}: no full batch of {batch_size} for some rank ({world_size} ranks x "
+                f"{max(num_workers, 1)} loader workers over {len(shard_files)} shards); "
+                "lower train.batch_size or shard.maxcount"
+            )
+    generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
+    loader = DataLoader(
+        wds.DataPipeline(*stages),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        drop_last=train,
+        pin_memory=pin_memory,
+        generator=generator,
+        persistent_workers=False,
+    )
+    return Batches(loader, num_batches)

@@ -1,0 +1,221 @@
+"""The WebDataset loader and the paper's transforms."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from pipeline import loader, shard, transforms
+from tests.data_trees import jpeg_bytes, picture
+from tests.pipeline.test_shard import make_params
+
+MEAN = (0.5, 0.4, 0.3)
+
+
+@pytest.fixture(scope="module")
+def digit_shards(tmp_path_factory) -> Path:
+    """Digits with 9 train shards of at most 170: an odd count, uneven sizes."""
+    tmp = tmp_path_factory.mktemp("digits")
+    shard.shard(make_params(tmp, "shard.maxcount=170"))
+    return tmp / "shards"
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+
+
+def digits_loader(shards: Path, epoch: int = 0, train: bool = True, **kw):
+    kw = {"batch_size": 32, "num_workers": 2, "seed": 0, **kw}
+    transform = (transforms.train_transform if train else transforms.eval_transform)("cifar", MEAN, **({"flip": False} if train else {}))
+    return loader.make_loader(str(shards), "train" if train else "val", transform, epoch=epoch, train=train, **kw)
+
+
+def test_batches_per_epoch_takes_the_poorest_rank():
+    counts = [170, 170, 170, 170, 170, 170, 170, 170, 77]
+    # rank 0 reads shards 0,2,4,6,8 (worker 0: 0,4,8 = 417; worker 1: 2,6 = 340); rank 1 reads 1,3,5,7.
+    assert loader.worker_sample_counts(counts, 0, 2, 2) == [417, 340]
+    assert loader.worker_sample_counts(counts, 1, 2, 2) == [340, 340]
+    assert loader.batches_per_epoch(counts, 2, 2, 32) == min(13 + 10, 10 + 10)
+    assert loader.batches_per_epoch(counts, 1, 0, 32) == sum(counts) // 32
+
+
+def test_epoch_order_is_shared_by_ranks_and_changes_with_epoch():
+    shards = [(f"s{i}", 1) for i in range(9)]
+    assert loader.epoch_order(shards, 0, 1) == loader.epoch_order(shards, 0, 1)
+    assert loader.epoch_order(shards, 0, 1) != loader.epoch_order(shards, 0, 2)
+    assert sorted(loader.epoch_order(shards, 0, 1)) == shards
+
+
+def test_train_epoch_is_reproducible_and_reshuffled(digit_shards, single_process):
+    def labels(epoch):
+        torch.manual_seed(0)
+        return torch.cat([y for _, y in digits_loader(digit_shards, epoch)]).tolist()
+
+    first = labels(0)
+    assert len(first) == len(digits_loader(digit_shards)) * 32
+    assert labels(0) == first
+    assert labels(1) != first
+
+
+def test_eval_reads_every_sample_once(digit_shards, single_process):
+    batches = list(digits_loader(digit_shards, train=False))
+    x, _ = batches[0]
+    assert x.shape[1:] == (3, 16, 16)
+    assert sum(len(y) for _, y in batches) == 360
+
+
+def _rank_main(rank: int, world_size: int, shards: str, init_file: str, results: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(rank)
+    batches = digits_loader(Path(shards), epoch=0)
+    steps = 0
+    for x, _ in batches:
+        # A DDP step's all-reduce: a rank with more batches than another would wait here forever.
+        dist.all_reduce(torch.ones(1))
+        steps += 1
+    evaluated = torch.tensor([sum(len(y) for _, y in digits_loader(Path(shards), train=False))])
+    dist.all_reduce(evaluated)
+    Path(results, f"rank{rank}").write_text(f"{steps} {len(batches)} {int(evaluated)}")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_get_equal_batch_counts_on_uneven_shards(digit_shards, tmp_path):
+    manifest = loader.read_manifest(str(digit_shards))
+    counts = [s["num_samples"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(counts) % 2 == 1 and len(set(counts)) > 1  # the uneven case
+    os.environ.pop("RANK", None)
+    os.environ.pop("WORLD_SIZE", None)
+    ctx = mp.get_context("fork")  # as Ray Train workers are: their DataLoader workers fork too
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, 2, str(digit_shards), str(tmp_path / "init"), str(tmp_path)))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    results = [tuple(map(int, (tmp_path / f"rank{r}").read_text().split())) for r in range(2)]
+    steps = {r[0] for r in results}
+    assert len(steps) == 1 and steps == {r[1] for r in results}, results
+    assert all(r[2] == 360 for r in results)  # val: every sample once across the two ranks
+
+
+def test_loader_never_unpickles_a_member(tmp_path, single_process):
+    """A .pyd member holding a pickle that would write a file when loaded is never loaded."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "unpickled"))
+
+    shards = tmp_path / "shards"
+    (shards / "train").mkdir(parents=True)
+    jpeg = jpeg_bytes(picture(np.random.default_rng(0), 16, 16))
+    with tarfile.open(shards / "train" / "shard-000000.tar", "w") as tar:
+        for i in range(4):
+            for ext, data in (("jpg", jpeg), ("cls", b"3"), ("pyd", pickle.dumps(Exploit()))):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    manifest = {"schema": 1, "classes": [str(i) for i in range(10)], "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": 4}]}}}
+    batches = loader.make_loader(
+        str(shards), "train", transforms.train_transform("cifar", MEAN, flip=False),
+        batch_size=2, num_workers=0, epoch=0, seed=0, train=True, manifest=manifest,
+    )
+    labels = torch.cat([y for _, y in batches]).tolist()
+    assert labels == [3, 3, 3, 3]
+    assert not marker.exists()
+
+
+def test_too_few_samples_for_a_batch_is_a_clear_error(digit_shards, single_process):
+    with pytest.raises(loader.UsageError, match="no full batch of 4096"):
+        digits_loader(digit_shards, batch_size=4096)
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(loader.UsageError, match="manifest.json: missing"):
+        loader.read_manifest(str(tmp_path))
+
+
+# --- transforms -------------------------------------------------------------------------------
+
+
+def photo(width=500, height=375) -> Image.Image:
+    return Image.fromarray(picture(np.random.default_rng(1), width, height))
+
+
+def test_imagenet_train_transform_shape_and_scale_augmentation():
+    torch.manual_seed(0)
+    t = transforms.train_transform("imagenet", MEAN, flip=True)
+    assert t(photo()).shape == (3, 224, 224)
+    resize = t.transforms[0]
+    assert isinstance(resize, transforms.v2.RandomShortestSize)
+    assert min(resize.min_size) == 256 and max(resize.min_size) == 480
+
+
+def test_imagenet_eval_single_and_ten_crop():
+    image = photo(600, 400)  # 384x256 at test scale: the centre crop sits symmetrically
+    single = transforms.eval_transform("imagenet", MEAN, "single")(image)
+    ten = transforms.eval_transform("imagenet", MEAN, "ten")(image)
+    assert single.shape == (3, 224, 224)
+    assert ten.shape == (10, 3, 224, 224)
+    assert torch.allclose(ten[4], single, atol=1e-6)  # the 5th crop is the centre
+    assert torch.allclose(ten[9], single.flip(-1), atol=1e-6)  # and the 10th its mirror image
+
+
+def test_cifar_train_transform_pads_crops_and_subtracts_the_mean():
+    image = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
+    torch.manual_seed(0)
+    crops = [transforms.train_transform("cifar", MEAN, flip=True)(image) for _ in range(20)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    # Some crops take in zero padding (value 0 - mean); all keep the image's interior (1 - mean).
+    assert any((c[0] < 0).any() for c in crops)
+    assert all(torch.isclose(c[:, 12:20, 12:20], 1 - torch.tensor(MEAN).view(3, 1, 1)).all() for c in crops)
+    with pytest.raises(ValueError, match="single image"):
+        transforms.eval_transform("cifar", MEAN, "ten")
+
+
+def test_digits_are_never_flipped():
+    asymmetric = np.zeros((16, 16, 3), dtype=np.uint8)
+    asymmetric[:, :4] = 255  # a bar on the left
+    image = Image.fromarray(asymmetric)
+    torch.manual_seed(0)
+    for _ in range(30):
+        out = transforms.train_transform("cifar", MEAN, flip=False)(image)
+        assert out[0, :, :8].sum() > out[0, :, 8:].sum()
+
+
+def test_pca_lighting_shifts_colour_per_image():
+    torch.manual_seed(0)
+    image = torch.zeros(3, 4, 4)
+    shifted = transforms.PCALighting(std=0.1)(image)
+    per_channel = shifted.flatten(1)
+    assert torch.allclose(per_channel, per_channel[:, :1].expand_as(per_channel))  # uniform shift
+    assert shifted.abs().sum() > 0
+
+
+def test_decode_drafts_big_jpegs_but_never_below_the_kept_side():
+    big = jpeg_bytes(picture(np.random.default_rng(0), 1200, 900))
+    seen = {}
+
+    def record(image):
+        seen["size"] = image.size
+        return torch.zeros(1)
+
+    loader.decode({"jpg": big, "cls": b"1"}, record, draft=256)
+    assert min(seen["size"]) >= 256 and seen["size"][0] < 1200  # decoded at 1/2 or 1/4 scale
+    loader.decode({"jpg": big, "cls": b"1"}, record, draft=None)
+    assert seen["size"] == (1200, 900)
