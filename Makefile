@@ -24,6 +24,7 @@ repro: venv
 	dvc repro
 
 test: venv
+	ruff check .
 	python -m pytest
 
 # Re-pin every transitive dependency after changing pyproject.toml.

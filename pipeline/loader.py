@@ -17,9 +17,10 @@ from __future__ import annotations
 import io
 import json
 import random
+from collections.abc import Iterator
 from functools import partial
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import torch
@@ -91,7 +92,9 @@ def decode(sample: dict[str, Any], transform: Transform, draft: int | None) -> t
     try:
         jpeg, label = sample["jpg"], int(sample["cls"])
     except (KeyError, ValueError):
-        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or an integer .cls") from None
+        raise ValueError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or an integer .cls"
+        ) from None
     image = Image.open(io.BytesIO(jpeg))
     if draft is not None:
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: never below what the transform keeps.
@@ -152,7 +155,9 @@ def make_loader(
     if train:
         shard_files = epoch_order(shard_files, seed, epoch)
     if len(shard_files) < world_size:
-        raise UsageError(f"{split}: {len(shard_files)} shards for {world_size} ranks; shard with a smaller shard.maxcount")
+        raise UsageError(
+            f"{split}: {len(shard_files)} shards for {world_size} ranks; shard with a smaller shard.maxcount"
+        )
 
     stages = [
         wds.SimpleShardList([url for url, _ in shard_files]),

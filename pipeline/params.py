@@ -7,8 +7,9 @@ so a typo (`train.epoch`) is caught instead of ignored.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 from pydantic import (

@@ -17,6 +17,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -70,9 +71,7 @@ def digits(seed: int, val_fraction: float, image_size: int) -> Dataset:
 
     bunch = load_digits()
     indices = np.arange(len(bunch.target))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=val_fraction, stratify=bunch.target, random_state=seed
-    )
+    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=bunch.target, random_state=seed)
 
     def render(i: int) -> bytes:
         grey = Image.fromarray(np.round(bunch.images[i] * (255 / 16)).astype(np.uint8), "L")
@@ -229,9 +228,7 @@ def devkit_ids_to_wnids(meta: Path) -> dict[int, str]:
 
     try:
         synsets = loadmat(meta, squeeze_me=True)["synsets"]
-        return {
-            int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0
-        }
+        return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     except (KeyError, ValueError, TypeError, OSError) as e:
         raise SourceError(f"{meta}: not an ILSVRC-2012 devkit meta.mat ({e})") from None
 
@@ -268,13 +265,15 @@ def imagenet_class_names(root: Path, classes: list[str]) -> list[str] | None:
 class _ArrayUnpickler(pickle.Unpickler):
     """The CIFAR batches are pickles: allow numpy arrays and nothing else to be built."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 carry bytes
-    }
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 carry bytes
+        }
+    )
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -298,7 +297,9 @@ def cifar10(root: Path) -> Dataset:
     for name in [*names, "batches.meta"]:
         if not (folder / name).is_file():
             raise SourceError(f"{folder / name}: missing (expected the cifar-10-batches-py folder)")
-    classes = [c.decode() if isinstance(c, bytes) else c for c in read_cifar_batch(folder / "batches.meta")["label_names"]]
+    classes = [
+        c.decode() if isinstance(c, bytes) else c for c in read_cifar_batch(folder / "batches.meta")["label_names"]
+    ]
 
     def records(split: str, batch_names: list[str]) -> list[Record]:
         out = []

@@ -17,9 +17,9 @@ an option:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +114,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(
-        self, in_planes: int, planes: int, stride: int, shortcut: str, variant: str = "v1"
-    ) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str, variant: str = "v1") -> None:
         super().__init__()
         out_planes = planes * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if variant == "v1" else (1, stride)
@@ -146,7 +144,7 @@ class Bottleneck(nn.Module):
 class Spec:
     """One row of the architecture table."""
 
-    block: type[BasicBlock] | type[Bottleneck]
+    block: type[BasicBlock | Bottleneck]
     blocks_per_stage: tuple[int, ...]
     widths: tuple[int, ...]  # planes of each stage (a bottleneck's output is 4x this)
     stem: str  # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": one 3x3 conv

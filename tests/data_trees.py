@@ -129,7 +129,16 @@ def write_meta_mat(path: Path) -> None:
     """A devkit meta.mat: leaf synsets by ILSVRC2012_ID, plus one inner node to skip."""
     from scipy.io import savemat
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     rows = [(DEVKIT_IDS[w], w, NAMES[w], "", 0, np.zeros(0), 0, 1300) for w in WNIDS]
     rows.sort()
     rows.append((len(WNIDS) + 1, "n00001740", "entity", "", 3, np.arange(1, 4), 19, 0))
@@ -163,6 +172,11 @@ def cifar10_tree(root: Path, per_batch: int = 6, seed: int = 0) -> Path:
             b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
         }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {b"label_names": [n.encode() for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")]}
+    meta = {
+        b"label_names": [
+            n.encode()
+            for n in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+        ]
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return folder

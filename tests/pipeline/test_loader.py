@@ -38,7 +38,9 @@ def single_process(monkeypatch):
 
 def digits_loader(shards: Path, epoch: int = 0, train: bool = True, **kw):
     kw = {"batch_size": 32, "num_workers": 2, "seed": 0, **kw}
-    transform = (transforms.train_transform if train else transforms.eval_transform)("cifar", MEAN, **({"flip": False} if train else {}))
+    transform = (transforms.train_transform if train else transforms.eval_transform)(
+        "cifar", MEAN, **({"flip": False} if train else {})
+    )
     return loader.make_loader(str(shards), "train" if train else "val", transform, epoch=epoch, train=train, **kw)
 
 
@@ -130,10 +132,21 @@ def test_loader_never_unpickles_a_member(tmp_path, single_process):
                 info = tarfile.TarInfo(f"s{i}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    manifest = {"schema": 1, "classes": [str(i) for i in range(10)], "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": 4}]}}}
+    manifest = {
+        "schema": 1,
+        "classes": [str(i) for i in range(10)],
+        "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": 4}]}},
+    }
     batches = loader.make_loader(
-        str(shards), "train", transforms.train_transform("cifar", MEAN, flip=False),
-        batch_size=2, num_workers=0, epoch=0, seed=0, train=True, manifest=manifest,
+        str(shards),
+        "train",
+        transforms.train_transform("cifar", MEAN, flip=False),
+        batch_size=2,
+        num_workers=0,
+        epoch=0,
+        seed=0,
+        train=True,
+        manifest=manifest,
     )
     labels = torch.cat([y for _, y in batches]).tolist()
     assert labels == [3, 3, 3, 3]

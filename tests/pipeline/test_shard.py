@@ -38,7 +38,12 @@ def make_params(tmp_path: Path, *overrides: str):
 def imagenet_params(tmp_path: Path, root: Path, *overrides: str):
     # The tiny trees reject 2 of ~18 train files on purpose.
     return make_params(
-        tmp_path, "data.source=imagenet", f"data.root={root}", "shard.maxcount=4", "shard.max_reject_fraction=0.2", *overrides
+        tmp_path,
+        "data.source=imagenet",
+        f"data.root={root}",
+        "shard.maxcount=4",
+        "shard.max_reject_fraction=0.2",
+        *overrides,
     )
 
 
@@ -59,6 +64,7 @@ def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=REPO,
+        check=False,
     )
 
 
@@ -85,9 +91,7 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
     assert rejected[f"{WNIDS[2]}_empty"] == "empty file"
     assert rejected[f"{WNIDS[1]}_truncated"] == "truncated image"
     converted = {
-        Path(c["source"]).stem: c["from"]
-        for split in ("train", "val")
-        for c in result["splits"][split]["converted"]
+        Path(c["source"]).stem: c["from"] for split in ("train", "val") for c in result["splits"][split]["converted"]
     }
     assert converted == tree.converted
     on_disk = json.loads((out / shard.MANIFEST).read_text())
@@ -145,7 +149,7 @@ def test_same_params_give_byte_identical_shards_whatever_the_worker_count(tmp_pa
     tree = imagenet_tree(tmp_path / "raw")
     one = shard.shard(imagenet_params(tmp_path / "a", tree.root, "shard.workers=1"))
     two = shard.shard(imagenet_params(tmp_path / "b", tree.root, "shard.workers=2"))
-    hashes = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]  # noqa: E731
+    hashes = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]
     assert hashes(one) == hashes(two)
     assert len(hashes(one)) > 4
 
@@ -224,7 +228,10 @@ def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path):
     (tmp_path / "empty").mkdir()
     malformed = run_stage("shard", "--set", "data.source=imagenet", "--set", f"data.root={tmp_path / 'empty'}")
     assert malformed.returncode == 2
-    assert malformed.stderr.strip() == f"error: {tmp_path / 'empty' / 'train'}: no such folder (expected ILSVRC-2012's train/<wnid>/*.JPEG)"
+    assert (
+        malformed.stderr.strip()
+        == f"error: {tmp_path / 'empty' / 'train'}: no such folder (expected ILSVRC-2012's train/<wnid>/*.JPEG)"
+    )
 
     unset = run_stage("shard", "--set", "data.source=cifar10")
     assert unset.returncode == 2 and "data.root: required for data.source=cifar10" in unset.stderr
@@ -234,7 +241,9 @@ def test_imagefolder_source(tmp_path):
     imagefolder_tree(tmp_path / "raw")
     result = shard.shard(make_params(tmp_path, "data.source=imagefolder", f"data.root={tmp_path / 'raw'}"))
     assert result["classes"] == ["cat", "dog"]
-    assert set(read_shards(tmp_path / "shards", "val")) == {f"{c}/img_{i}".replace("/", "_") for c in ("cat", "dog") for i in range(3)}
+    assert set(read_shards(tmp_path / "shards", "val")) == {
+        f"{c}/img_{i}".replace("/", "_") for c in ("cat", "dog") for i in range(3)
+    }
     (tmp_path / "raw" / "val" / "bird").mkdir()
     with pytest.raises(sources.SourceError, match="class 'bird' has no train folder"):
         sources.imagefolder(tmp_path / "raw")
@@ -265,7 +274,11 @@ def test_to_rgb_jpeg_by_content():
     assert png.converted_from == "PNG RGB"
     assert png.num_pixels == 32 * 24
     assert list(png.channel_sums) == pixels.reshape(-1, 3).sum(axis=0).tolist()
-    for data, reason in [(b"", "empty file"), (b"hello, not an image", "not an image"), (good[:200], "truncated image")]:
+    for data, reason in [
+        (b"", "empty file"),
+        (b"hello, not an image", "not an image"),
+        (good[:200], "truncated image"),
+    ]:
         with pytest.raises(shard.Rejected, match=reason):
             shard.to_rgb_jpeg(data, 95, None)
 
@@ -314,7 +327,10 @@ def test_verify_without_a_manifest_is_an_error(tmp_path):
     (tmp_path / "shards" / "train").mkdir(parents=True)
     result = run_stage("verify", "--set", f"paths.shards={tmp_path / 'shards'}")
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'shards' / 'manifest.json'}: missing; run `python -m pipeline.shard` first"
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'shards' / 'manifest.json'}: missing; run `python -m pipeline.shard` first"
+    )
 
 
 def test_verify_counts_samples_by_key(tmp_path):
