@@ -38,7 +38,7 @@ SHUFFLE_BUFFER = 1000
 
 
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    return fsspec.open(url, mode, block_size=max(bufsize, 1 << 20)).open()
+    return fsspec.open(url, mode).open()
 
 
 # WebDataset's own openers cover files, pipes, http and gs; object stores go through fsspec.

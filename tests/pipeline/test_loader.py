@@ -36,11 +36,9 @@ def single_process(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
 
 
-def digits_loader(shards: Path, epoch: int = 0, train: bool = True, **kw):
+def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw):
     kw = {"batch_size": 32, "num_workers": 2, "seed": 0, **kw}
-    transform = (transforms.train_transform if train else transforms.eval_transform)(
-        "cifar", MEAN, **({"flip": False} if train else {})
-    )
+    transform = transforms.train_transform("cifar", flip=False) if train else transforms.eval_transform("cifar")
     return loader.make_loader(str(shards), "train" if train else "val", transform, epoch=epoch, train=train, **kw)
 
 
@@ -74,7 +72,7 @@ def test_train_epoch_is_reproducible_and_reshuffled(digit_shards, single_process
 def test_eval_reads_every_sample_once(digit_shards, single_process):
     batches = list(digits_loader(digit_shards, train=False))
     x, _ = batches[0]
-    assert x.shape[1:] == (3, 16, 16)
+    assert x.shape[1:] == (16, 16, 3) and x.dtype == torch.uint8
     assert sum(len(y) for _, y in batches) == 360
 
 
@@ -140,7 +138,7 @@ def test_loader_never_unpickles_a_member(tmp_path, single_process):
     batches = loader.make_loader(
         str(shards),
         "train",
-        transforms.train_transform("cifar", MEAN, flip=False),
+        transforms.train_transform("cifar", flip=False),
         batch_size=2,
         num_workers=0,
         epoch=0,
@@ -170,35 +168,56 @@ def photo(width=500, height=375) -> Image.Image:
     return Image.fromarray(picture(np.random.default_rng(1), width, height))
 
 
-def test_imagenet_train_transform_shape_and_scale_augmentation():
+def test_imagenet_train_transform_shape():
     torch.manual_seed(0)
-    t = transforms.train_transform("imagenet", MEAN, flip=True)
-    assert t(photo()).shape == (3, 224, 224)
-    resize = t.transforms[0]
-    assert isinstance(resize, transforms.v2.RandomShortestSize)
-    assert min(resize.min_size) == 256 and max(resize.min_size) == 480
+    pixels = transforms.train_transform("imagenet", flip=True)(photo())
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == torch.uint8
+
+
+def test_scale_crop_equals_resize_then_crop():
+    """One resize of the crop's region gives the pixels of resizing the image, then cropping."""
+    image = photo(500, 375)
+    fused = transforms.RandomScaleCrop(300, 300, 224)
+    torch.manual_seed(3)
+    got = np.asarray(fused(image), dtype=np.float32)
+    torch.manual_seed(3)
+    side = transforms.randint(300, 300)
+    width = round(500 * side / 375)
+    left, top = transforms.randint(0, width - 224), transforms.randint(0, 300 - 224)
+    reference = image.resize((width, side), Image.Resampling.BILINEAR).crop((left, top, left + 224, top + 224))
+    assert np.abs(got - np.asarray(reference, dtype=np.float32)).mean() < 1.0  # same pixels, up to rounding
+
+
+def test_scale_crop_fits_any_image_size():
+    crop = transforms.RandomScaleCrop(256, 480, 224)
+    centre = transforms.CentreCrop(256, 224)
+    rng = np.random.default_rng(0)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        image = Image.new("RGB", tuple(int(v) for v in rng.integers(60, 900, 2)))
+        assert crop(image).size == (224, 224) and centre(image).size == (224, 224)
 
 
 def test_imagenet_eval_single_and_ten_crop():
     image = photo(600, 400)  # 384x256 at test scale: the centre crop sits symmetrically
-    single = transforms.eval_transform("imagenet", MEAN, "single")(image)
-    ten = transforms.eval_transform("imagenet", MEAN, "ten")(image)
-    assert single.shape == (3, 224, 224)
-    assert ten.shape == (10, 3, 224, 224)
-    assert torch.allclose(ten[4], single, atol=1e-6)  # the 5th crop is the centre
-    assert torch.allclose(ten[9], single.flip(-1), atol=1e-6)  # and the 10th its mirror image
+    single = transforms.eval_transform("imagenet", "single")(image).float()
+    ten = transforms.eval_transform("imagenet", "ten")(image).float()
+    assert single.shape == (224, 224, 3)
+    assert ten.shape == (10, 224, 224, 3)
+    assert (ten[4] - single).abs().mean() < 2  # the 5th crop is the centre
+    assert torch.equal(ten[9], ten[4].flip(1))  # and the 10th its mirror image
+    assert transforms.prepare_batch(ten[None].to(torch.uint8), MEAN, lighting=False).shape == (10, 3, 224, 224)
 
 
-def test_cifar_train_transform_pads_crops_and_subtracts_the_mean():
+def test_cifar_train_transform_pads_and_crops():
     image = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
     torch.manual_seed(0)
-    crops = [transforms.train_transform("cifar", MEAN, flip=True)(image) for _ in range(20)]
-    assert all(c.shape == (3, 32, 32) for c in crops)
-    # Some crops take in zero padding (value 0 - mean); all keep the image's interior (1 - mean).
-    assert any((c[0] < 0).any() for c in crops)
-    assert all(torch.isclose(c[:, 12:20, 12:20], 1 - torch.tensor(MEAN).view(3, 1, 1)).all() for c in crops)
+    crops = [transforms.train_transform("cifar", flip=True)(image) for _ in range(20)]
+    assert all(c.shape == (32, 32, 3) for c in crops)
+    assert any((c == 0).any() for c in crops)  # some take in zero padding
+    assert all((c[12:20, 12:20] == 255).all() for c in crops)  # all keep the interior
     with pytest.raises(ValueError, match="single image"):
-        transforms.eval_transform("cifar", MEAN, "ten")
+        transforms.eval_transform("cifar", "ten")
 
 
 def test_digits_are_never_flipped():
@@ -207,17 +226,22 @@ def test_digits_are_never_flipped():
     image = Image.fromarray(asymmetric)
     torch.manual_seed(0)
     for _ in range(30):
-        out = transforms.train_transform("cifar", MEAN, flip=False)(image)
-        assert out[0, :, :8].sum() > out[0, :, 8:].sum()
+        out = transforms.train_transform("cifar", flip=False)(image).float()
+        assert out[:, :8].sum() > out[:, 8:].sum()
 
 
-def test_pca_lighting_shifts_colour_per_image():
+def test_prepare_batch_scales_subtracts_the_mean_and_adds_colour_noise():
+    pixels = torch.full((4, 8, 8, 3), 255, dtype=torch.uint8)
+    plain = transforms.prepare_batch(pixels, MEAN, lighting=False)
+    assert plain.shape == (4, 3, 8, 8)
+    assert plain.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(plain, (1 - torch.tensor(MEAN)).view(1, 3, 1, 1).expand(4, 3, 8, 8))
     torch.manual_seed(0)
-    image = torch.zeros(3, 4, 4)
-    shifted = transforms.PCALighting(std=0.1)(image)
-    per_channel = shifted.flatten(1)
-    assert torch.allclose(per_channel, per_channel[:, :1].expand_as(per_channel))  # uniform shift
-    assert shifted.abs().sum() > 0
+    lit = transforms.prepare_batch(pixels, MEAN, lighting=True)
+    shift = (lit - plain).flatten(2)
+    assert torch.allclose(shift, shift[:, :, :1].expand_as(shift), atol=1e-6)  # one colour shift per image
+    assert not torch.allclose(shift[0], shift[1])  # drawn per image
+    assert shift.abs().max() < 0.2
 
 
 def test_decode_drafts_big_jpegs_but_never_below_the_kept_side():
@@ -232,3 +256,19 @@ def test_decode_drafts_big_jpegs_but_never_below_the_kept_side():
     assert min(seen["size"]) >= 256 and seen["size"][0] < 1200  # decoded at 1/2 or 1/4 scale
     loader.decode({"jpg": big, "cls": b"1"}, record, draft=None)
     assert seen["size"] == (1200, 900)
+
+
+def test_streams_shards_from_s3(digit_shards, s3_server, single_process):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("shards-bucket")
+    fs.put(str(digit_shards), "shards-bucket/digits", recursive=True)
+    url = "s3://shards-bucket/digits"
+    assert loader.read_manifest(url) == loader.read_manifest(str(digit_shards))
+
+    def labels(shards: str) -> list[int]:
+        torch.manual_seed(0)
+        return torch.cat([y for _, y in digits_loader(shards, epoch=2)]).tolist()
+
+    assert labels(url) == labels(str(digit_shards))

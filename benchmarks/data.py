@@ -1,0 +1,236 @@
+"""Data-path throughput, each figure against a baseline measured in the same run.
+
+    python benchmarks/data.py [--images 1200] [--workers 2] [--out benchmarks/results/data.json]
+
+On a generated set of ImageNet-sized JPEGs (500x375, about 110 KB, 10 classes):
+- shard: the shard stage (`shard.workers` processes) vs a single-process `webdataset.ShardWriter`
+  loop doing the same per-image check, and vs a plain copy loop that checks nothing;
+- loader: our WebDataset loader with the paper's training transforms vs (a) a bare decode +
+  random-crop loop over the files in the same number of processes (the decode limit) and (b)
+  torchvision `ImageFolder` + `DataLoader` with the same transforms (torchvision's resize, then
+  crop) and workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from pipeline import loader, params, shard, sources, transforms
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH = 64
+
+
+def photo_like(rng: np.random.Generator, width: int = 500, height: int = 375) -> bytes:
+    """A JPEG with a photograph's size and entropy (about 110 KB at 500x375)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(40, 200, size=3)
+    image = np.stack([base[c] + 0.2 * x + 0.1 * y for c in range(3)], axis=-1)
+    image += rng.normal(0, 30, size=(height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_tree(root: Path, images: int, classes: int = 10) -> list[Path]:
+    rng = np.random.default_rng(0)
+    files = []
+    for split, count in (("train", images), ("val", classes)):
+        for i in range(count):
+            folder = root / split / f"class{i % classes:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"img{i:06d}.jpg"
+            path.write_bytes(photo_like(rng))
+            if split == "train":
+                files.append(path)
+    return files
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --- shard ------------------------------------------------------------------------------------
+
+
+def shard_writer_loop(files: list[Path], out: Path, check: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0) as sink:
+        for i, path in enumerate(files):
+            data = path.read_bytes()
+            if check:
+                data = shard.to_rgb_jpeg(data, 95, None).jpeg
+            sink.write({"__key__": f"s{i:06d}", "jpg": data, "cls": b"0"})
+
+
+def bench_shard(root: Path, files: list[Path], workers: int, work: Path) -> dict:
+    n = len(files)
+    copy_s = timed(lambda: shard_writer_loop(files, work / "copy", check=False))
+    single_s = timed(lambda: shard_writer_loop(files, work / "single", check=True))
+    p = params.load(
+        REPO / "params.yaml",
+        [
+            "data.source=imagefolder",
+            f"data.root={root}",
+            f"paths.shards={work / 'shards'}",
+            "shard.maxcount=100",
+            f"shard.workers={workers}",
+        ],
+    )
+    stage_s = timed(lambda: shard.shard(p))
+    stage_n = n + len(sources.imagefolder(root).splits["val"])
+    return {
+        "images": n,
+        "workers": workers,
+        "stage_img_per_s": stage_n / stage_s,
+        "single_process_shardwriter_same_check_img_per_s": n / single_s,
+        "single_process_shardwriter_copy_only_img_per_s": n / copy_s,
+        "ratio_vs_same_check": (stage_n / stage_s) / (n / single_s),
+        "ratio_vs_copy_only": (stage_n / stage_s) / (n / copy_s),
+    }
+
+
+# --- loader -----------------------------------------------------------------------------------
+
+
+def _decode_and_crop(paths: list[Path]) -> int:
+    rng = np.random.default_rng(0)
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            left = int(rng.integers(0, image.width - 224 + 1))
+            top = int(rng.integers(0, image.height - 224 + 1))
+            image.crop((left, top, left + 224, top + 224)).tobytes()
+    return len(paths)
+
+
+def bare_decode_crop(files: list[Path], workers: int) -> float:
+    chunks = [files[i::workers] for i in range(workers)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        start = time.perf_counter()
+        count = sum(pool.map(_decode_and_crop, chunks))
+        return count / (time.perf_counter() - start)
+
+
+def torchvision_imagefolder(root: Path, mean: list[float], workers: int) -> float:
+    """The usual recipe: every step per image in the workers, float tensors between processes."""
+    eigenvectors = torch.tensor(transforms.PCA_EIGENVECTORS)
+    eigenvalues = torch.tensor(transforms.PCA_EIGENVALUES)
+
+    def lighting(image: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * transforms.PCA_STD
+        return image + (eigenvectors @ (alpha * eigenvalues)).view(3, 1, 1)
+
+    transform = v2.Compose(
+        [
+            v2.RandomShortestSize(list(range(256, 481))),
+            v2.RandomCrop(224),
+            v2.RandomHorizontalFlip(),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Lambda(lighting),
+            v2.Normalize(mean, [1.0, 1.0, 1.0]),
+        ]
+    )
+    dataset = ImageFolder(str(root / "train"), transform=transform)
+    batches = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
+    return images_per_s(batches, lambda x: x)
+
+
+def ours(shards: Path, mean: list[float], workers: int) -> float:
+    """Geometry per image in the workers, uint8 between processes, colour per batch."""
+    batches = loader.make_loader(
+        str(shards),
+        "train",
+        transforms.train_transform("imagenet", flip=True),
+        batch_size=BATCH,
+        num_workers=workers,
+        epoch=0,
+        seed=0,
+        train=True,
+        draft=transforms.draft_size("imagenet", train=True),
+    )
+    return images_per_s(batches, lambda x: transforms.prepare_batch(x, mean, lighting=True))
+
+
+def images_per_s(batches, finish) -> float:
+    """Every batch as the training step receives it (`finish`: what runs in the trainer)."""
+    count = 0
+    start = time.perf_counter()
+    for x, _ in batches:
+        count += len(finish(x))
+    return count / (time.perf_counter() - start)
+
+
+def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> dict:
+    mean = loader.read_manifest(str(shards))["mean"]
+    torch.manual_seed(0)
+    a = bare_decode_crop(files, workers)
+    b = torchvision_imagefolder(root, mean, workers)
+    ours_ = ours(shards, mean, workers)
+    return {
+        "images": len(files),
+        "workers": workers,
+        "batch_size": BATCH,
+        "ours_img_per_s": ours_,
+        "a_bare_decode_crop_img_per_s": a,
+        "b_torchvision_imagefolder_img_per_s": b,
+        "ratio_vs_a": ours_ / a,
+        "ratio_vs_b": ours_ / b,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the loaders' workers are the parallelism, as in training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, work = Path(tmp, "raw"), Path(tmp, "work")
+        files = make_tree(root, args.images)
+        mean_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
+        print(f"{len(files)} train JPEGs of 500x375, {mean_kb:.0f} KB on average")
+        shard_result = bench_shard(root, files, args.workers, work)
+        loader_result = bench_loader(root, files, work / "shards", args.workers)
+
+    result = {
+        "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores",
+        "mean_jpeg_kb": mean_kb,
+        "shard": shard_result,
+        "loader": loader_result,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    s, lo = shard_result, loader_result
+    print(f"shard stage, {s['workers']} workers:          {s['stage_img_per_s']:8.0f} img/s")
+    print(f"  single-process ShardWriter, same check: {s['single_process_shardwriter_same_check_img_per_s']:8.0f} img/s  -> {s['ratio_vs_same_check']:.2f}x")
+    print(f"  single-process ShardWriter, copy only:  {s['single_process_shardwriter_copy_only_img_per_s']:8.0f} img/s  -> {s['ratio_vs_copy_only']:.2f}x")
+    print(f"loader, train transforms, {lo['workers']} workers:  {lo['ours_img_per_s']:8.0f} img/s")
+    print(f"  (a) bare decode + crop, {lo['workers']} processes: {lo['a_bare_decode_crop_img_per_s']:8.0f} img/s  -> {lo['ratio_vs_a']:.2f}x")
+    print(f"  (b) torchvision ImageFolder + DataLoader: {lo['b_torchvision_imagefolder_img_per_s']:8.0f} img/s  -> {lo['ratio_vs_b']:.2f}x")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
