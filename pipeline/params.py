@@ -90,6 +90,21 @@ class Train(Section):
     use_gpu: bool
     max_failures: int = Field(ge=-1)
     seed: int
+    milestones: list[float]  # fractions of training at which the lr is divided by 10
+    plateau_patience: int | None = Field(ge=1)  # set: divide on a val-error plateau instead
+    warmup_depth: int = Field(ge=1)  # nets this deep start at lr/10 until train error < 80%
+    cpus_per_worker: int = Field(ge=1)
+    loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
+    checkpoints_to_keep: int = Field(ge=1)
+    run_name: str | None  # null: derived from the config, so the same command resumes
+    compile: bool  # torch.compile the model (GPU runs)
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, milestones: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in milestones):
+            raise ValueError("milestones are fractions of training, each in (0, 1)")
+        return milestones
 
 
 class Tune(Section):

@@ -21,7 +21,7 @@ not). Horizontal flips are off for the digits, where they would change a digit's
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

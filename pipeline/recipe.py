@@ -1,0 +1,100 @@
+"""The paper's training recipes as pure functions of params: batch split, learning rate and
+its schedule. Used by every worker of a training run, so each must give the same answer on
+every rank.
+
+- CIFAR-size (Sec. 4.2): global batch 128, lr 0.1, divided by 10 at 32k and 48k of 64k
+  iterations, i.e. at 50% and 75% of training (`train.milestones`); nets of depth >= 110 start
+  at lr/10 until the training error falls below 80% (the paper's ResNet-110 warm-up).
+- ImageNet-size (Sec. 3.4): global batch 256, lr 0.1, divided by 10 when the val error
+  plateaus (`train.plateau_patience`) or at the milestones.
+- Either way the lr scales linearly with the global batch (Goyal et al. 2017) relative to the
+  paper's, and the global batch is the same whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.cli import UsageError
+from pipeline.params import Params
+
+REFERENCE_BATCH = {"cifar": 128, "imagenet": 256}
+WARMUP_LR_FACTOR = 0.1  # the paper's 0.01 for a base lr of 0.1
+WARMUP_UNTIL_TRAIN_ERROR = 0.8
+
+
+def per_worker_batch(global_batch: int, num_workers: int) -> int:
+    if global_batch % num_workers:
+        raise UsageError(
+            f"train.batch_size: {global_batch} does not split evenly over train.num_workers={num_workers}; "
+            "the global batch must be a multiple of the worker count"
+        )
+    return global_batch // num_workers
+
+
+def base_lr(params: Params) -> float:
+    """train.lr is the paper's lr at its batch size; scaled linearly to train.batch_size."""
+    return params.train.lr * params.train.batch_size / REFERENCE_BATCH[params.model.arch]
+
+
+def milestone_epochs(epochs: int, milestones: list[float]) -> list[int]:
+    """Fractions of training -> the epochs at whose start the lr is divided by 10."""
+    return sorted({max(1, round(epochs * m)) for m in milestones})
+
+
+@dataclass
+class Schedule:
+    """The lr of each epoch: milestones or plateau, after an optional warm-up.
+
+    State is small and plain (it goes into checkpoints): the number of divisions made on
+    plateaus, the best val error, epochs since it improved, and whether warm-up is over.
+    """
+
+    base: float
+    milestones: list[int]
+    patience: int | None  # None: milestones; else divide when val error stalls this many epochs
+    warmup: bool
+    plateau_divisions: int = 0
+    best_val_error: float = float("inf")
+    stalled_epochs: int = 0
+
+    def lr(self, epoch: int) -> float:
+        if self.warmup:
+            return self.base * WARMUP_LR_FACTOR
+        if self.patience is not None:
+            return self.base * 0.1**self.plateau_divisions
+        return self.base * 0.1 ** sum(epoch >= m for m in self.milestones)
+
+    def step(self, train_error: float, val_error: float) -> None:
+        """Call at the end of each epoch."""
+        if self.warmup and train_error < WARMUP_UNTIL_TRAIN_ERROR:
+            self.warmup = False
+        if val_error < self.best_val_error - 1e-4:
+            self.best_val_error, self.stalled_epochs = val_error, 0
+        else:
+            self.stalled_epochs += 1
+            if self.patience is not None and self.stalled_epochs >= self.patience:
+                self.plateau_divisions += 1
+                self.stalled_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {
+            "warmup": self.warmup,
+            "plateau_divisions": self.plateau_divisions,
+            "best_val_error": self.best_val_error,
+            "stalled_epochs": self.stalled_epochs,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def schedule(params: Params) -> Schedule:
+    train = params.train
+    return Schedule(
+        base=base_lr(params),
+        milestones=milestone_epochs(train.epochs, train.milestones),
+        patience=train.plateau_patience,
+        warmup=params.model.depth >= train.warmup_depth,
+    )

@@ -1,0 +1,114 @@
+"""MLflow: where runs go, and the one run each training run writes into (resumes included)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from pipeline.loader import MANIFEST
+from pipeline.params import Params
+
+RUN_NAME_TAG = "pipeline.run_name"
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI wins over params; a relative SQLite path becomes absolute, so that
+    training workers in other directories write to the same file."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow: MlflowClient, name: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def git_commit() -> str:
+    """The commit of the code that runs: GIT_COMMIT when set (a Ray job's upload has no .git)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest_sha256(shards: str) -> str:
+    with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def find_run(mlflow: MlflowClient, experiment: str, run_name: str) -> str | None:
+    runs = mlflow.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def start_or_resume_run(
+    uri: str,
+    params: Params,
+    run_name: str,
+    extra_params: dict[str, Any],
+    parent_run_id: str | None = None,
+) -> str:
+    """The MLflow run of this training run: found by its name if an earlier attempt made it,
+    else created with the whole resolved config as params."""
+    mlflow = client(uri)
+    experiment = experiment_id(mlflow, params.mlflow.experiment)
+    existing = find_run(mlflow, experiment, run_name)
+    if existing:
+        return existing
+    tags = {RUN_NAME_TAG: run_name, "mlflow.source.git.commit": git_commit()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow.create_run(experiment, run_name=run_name, tags=tags)
+    values = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra_params.items()}}
+    items = [Param(k, v[:6000]) for k, v in sorted(values.items())]
+    for i in range(0, len(items), 100):
+        mlflow.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def logged_steps(mlflow: MlflowClient, run_id: str, key: str) -> set[int]:
+    return {m.step for m in mlflow.get_metric_history(run_id, key)}
+
+
+def log_epoch(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, float], timestamp_ms: int) -> None:
+    mlflow.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), timestamp_ms, epoch) for key, value in metrics.items()],
+    )
+
+
+def has_logged_model(uri: str, run_id: str) -> bool:
+    mlflow.set_tracking_uri(uri)
+    run = client(uri).get_run(run_id)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
+    return bool(models)

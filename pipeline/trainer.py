@@ -1,0 +1,348 @@
+"""One training run as a Ray Train `TorchTrainer`: the worker loop and the driver that fits it.
+
+The worker loop runs on every rank: DDP (gloo on CPU, NCCL on GPU), the paper's recipe
+(pipeline.recipe), a checkpoint and a `ray.train.report` per epoch. Rank 0 alone prints the
+epoch line and writes MLflow. A rerun with the same run name, or Ray's restart after a worker
+dies (`train.max_failures`), continues from the latest checkpoint; per-epoch seeds derive from
+(train.seed, epoch, rank), so the resumed run draws the same random numbers it would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import resnet
+from pipeline import loader, recipe, tracking, transforms
+from pipeline.params import Params
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
+
+
+def say(line: str) -> None:
+    """One line to the driver's console. (Ray Train routes print() both to its logger and to
+    stdout, which shows every line twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def build_model(params: Params, num_classes: int) -> torch.nn.Module:
+    return resnet.build(
+        resnet.model_name(params.model.arch, params.model.depth),
+        shortcut=params.model.shortcut,
+        num_classes=num_classes,
+        bottleneck=params.model.bottleneck,
+        zero_init_residual=params.model.zero_init_residual,
+    )
+
+
+def model_args(params: Params, num_classes: int) -> dict[str, Any]:
+    """What `resnet.build` needs to rebuild the net from a checkpoint's weights."""
+    return {
+        "name": resnet.model_name(params.model.arch, params.model.depth),
+        "shortcut": params.model.shortcut,
+        "num_classes": num_classes,
+        "bottleneck": params.model.bottleneck,
+        "zero_init_residual": params.model.zero_init_residual,
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path) -> torch.nn.Module:
+    state = load_checkpoint(path)
+    model = resnet.build(**state["model_args"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return hash((seed, epoch, rank)) & 0x7FFFFFFF
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def run_epoch(model, batches, optimizer, device, mean, lighting, autocast) -> tuple[float, float, int]:
+    """One training epoch on this rank: (sum of losses, number of errors, samples)."""
+    model.train()
+    loss_sum, errors, seen = 0.0, 0, 0
+    for pixels, labels in batches:
+        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        errors += (logits.argmax(1) != labels).sum().item()
+        seen += len(labels)
+    return loss_sum, errors, seen
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, mean, autocast) -> tuple[int, int, int]:
+    """(top-1 errors, top-5 errors, samples) on this rank's share of the val shards.
+    A (N, 10, ...) batch of 10-crops is scored on the mean of its crops' softmax."""
+    model.eval()
+    top1, top5, seen = 0, 0, 0
+    for pixels, labels in batches:
+        crops = pixels.shape[1] if pixels.dim() == 5 else 1
+        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting=False)
+        labels = labels.to(device)
+        with autocast:
+            logits = model(images).float()
+        probs = logits.softmax(1).view(len(labels), crops, -1).mean(1)
+        best5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        top1 += (best5[:, 0] != labels).sum().item()
+        top5 += (~(best5 == labels[:, None]).any(1)).sum().item()
+        seen += len(labels)
+    return top1, top5, seen
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function of the TorchTrainer."""
+    params = Params.model_validate(config["params"])
+    run_id: str = config["mlflow_run_id"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(params.train.cpus_per_worker)
+    on_gpu = device.type == "cuda"
+
+    manifest = loader.read_manifest(params.paths.shards)
+    num_classes, mean = len(manifest["classes"]), manifest["mean"]
+    arch = params.model.arch
+    flip = manifest["source"] != "digits"  # a mirrored digit is another symbol, or none
+
+    torch.manual_seed(params.train.seed)  # the same initial weights on every rank
+    net = build_model(params, num_classes)
+    if on_gpu:
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)  # moves to the device, wraps in DDP
+    if params.train.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.base_lr(params),
+        momentum=params.train.momentum,
+        weight_decay=params.train.weight_decay,
+    )
+    schedule = recipe.schedule(params)
+    batch = recipe.per_worker_batch(params.train.batch_size, world_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else nullcontext()
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+
+    # Where the ranks run, for the record (a multi-node run should show several nodes).
+    nodes: list[str] = [ray.get_runtime_context().get_node_id()] * world_size
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, nodes[0])
+
+    mlflow_client = None
+    if rank == 0:
+        mlflow_client = tracking.client(config["tracking_uri"])
+        mlflow.set_tracking_uri(config["tracking_uri"])
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        mlflow.set_tags({"ray.world_size": world_size, "ray.nodes": ",".join(sorted(set(nodes)))})
+        # After a crash: an epoch checkpointed just before it may not have reached MLflow (log
+        # it now), and one logged after the last checkpoint Ray registered will be trained
+        # again (do not log it twice).
+        logged = tracking.logged_steps(mlflow_client, run_id, METRIC)
+        for entry in history:
+            if int(entry["epoch"]) not in logged:
+                tracking.log_epoch(mlflow_client, run_id, int(entry["epoch"]), entry, int(time.time() * 1000))
+                logged.add(int(entry["epoch"]))
+        if start_epoch:
+            say(f"resuming {context.get_experiment_name()} at epoch {start_epoch + 1}")
+
+    draft_train, draft_eval = transforms.draft_size(arch, train=True), transforms.draft_size(arch, train=False)
+    for epoch in range(start_epoch, params.train.epochs):
+        torch.manual_seed(epoch_seed(params.train.seed, epoch, rank))
+        lr = schedule.lr(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        train_batches = loader.make_loader(
+            params.paths.shards,
+            "train",
+            transforms.train_transform(arch, flip),
+            batch_size=batch,
+            num_workers=params.train.loader_workers,
+            epoch=epoch,
+            seed=params.train.seed,
+            train=True,
+            draft=draft_train,
+            manifest=manifest,
+            pin_memory=on_gpu,
+        )
+        loss_sum, errors, seen = run_epoch(model, train_batches, optimizer, device, mean, arch == "imagenet", autocast)
+        train_seconds = time.perf_counter() - started
+        loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], device)
+
+        val_batches = loader.make_loader(
+            params.paths.shards,
+            "val",
+            transforms.eval_transform(arch),
+            batch_size=batch,
+            num_workers=params.train.loader_workers,
+            epoch=epoch,
+            seed=params.train.seed,
+            train=False,
+            draft=draft_eval,
+            manifest=manifest,
+            pin_memory=on_gpu,
+        )
+        top1, top5, val_seen = all_reduce_sum(
+            list(evaluate(getattr(model, "module", model), val_batches, device, mean, autocast)), device
+        )
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_top1_error": errors / seen,
+            "val_top1_error": top1 / val_seen,
+            "val_top5_error": top5 / val_seen,
+            "lr": lr,
+            "images_per_s": seen / train_seconds,
+            "epoch_time_s": time.perf_counter() - started,
+        }
+        schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
+        history.append(metrics)
+
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                torch.save(
+                    {
+                        "model_args": model_args(params, num_classes),
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "mean": mean,
+                    },
+                    Path(directory) / CHECKPOINT_FILE,
+                )
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+
+        if rank == 0:
+            if epoch not in logged:
+                tracking.log_epoch(mlflow_client, run_id, epoch, metrics, int(time.time() * 1000))
+                logged.add(epoch)
+            say(
+                f"epoch {epoch + 1}/{params.train.epochs}  lr {lr:.4g}  train loss {metrics['train_loss']:.4f}"
+                f"  train err {metrics['train_top1_error']:.2%}  val err {metrics['val_top1_error']:.2%}"
+                f" (top-5 {metrics['val_top5_error']:.2%})  {metrics['images_per_s']:.0f} img/s"
+                f"  {metrics['epoch_time_s']:.1f} s"
+            )
+
+    if rank == 0:
+        # Once per run: a rerun of a finished run trains nothing and logs nothing new.
+        if not tracking.has_logged_model(config["tracking_uri"], run_id):
+            log_final_model(net, side=val_image_side(params, manifest))
+        mlflow.end_run()
+
+
+def val_image_side(params: Params, manifest: dict[str, Any]) -> int:
+    """The side of the images the net is evaluated on (224 for ImageNet-size nets)."""
+    one = loader.make_loader(
+        params.paths.shards, "val", transforms.eval_transform(params.model.arch),
+        batch_size=1, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
+    )  # fmt: skip
+    pixels, _ = next(iter(one))
+    return pixels.shape[-3]
+
+
+def log_final_model(net: torch.nn.Module, side: int) -> None:
+    """The trained net as an MLflow model: pickle-free (torch.export's pt2), with a signature
+    inferred from an input example of the val images' size (mean-subtracted NCHW floats)."""
+    model = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    example = torch.zeros(2, 3, side, side).numpy()
+    mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+
+
+def storage_path(path: str) -> str:
+    """Ray needs an absolute local path; URLs (s3://...) pass as they are."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def fit(params: Params, run_name: str, mlflow_run_id: str, uri: str) -> ray.train.Result:
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"params": params.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id, "tracking_uri": uri},
+        scaling_config=ScalingConfig(
+            num_workers=params.train.num_workers,
+            use_gpu=params.train.use_gpu,
+            resources_per_worker={"CPU": params.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path(params.paths.ray_storage),
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=params.train.checkpoints_to_keep,
+                checkpoint_score_attribute=METRIC,
+                checkpoint_score_order="min",
+            ),
+        ),
+        torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
+    )
+    return trainer.fit()
+
+
+def absolute_paths(params: Params) -> Params:
+    """Local paths resolved against the driver's directory: workers run elsewhere."""
+    paths = {k: (v if "://" in v else str(Path(v).resolve())) for k, v in params.paths.model_dump().items()}
+    return params.model_copy(update={"paths": params.paths.model_copy(update=paths)})
+
+
+def default_run_name(params: Params, manifest_sha: str) -> str:
+    """Same config and data -> same name -> the same command resumes rather than restarts."""
+    relevant = {
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(exclude={"max_failures", "run_name", "num_workers", "cpus_per_worker", "loader_workers", "use_gpu", "compile"}),
+        "manifest": manifest_sha,
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{resnet.model_name(params.model.arch, params.model.depth)}-{params.model.shortcut}-{digest}"
+
+
+def ray_init() -> None:
+    """Join the cluster RAY_ADDRESS names, else start a local one (dashboard on 127.0.0.1)."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
