@@ -24,7 +24,10 @@ def train(params: Params) -> dict:
     uri = tracking.tracking_uri(params)
     num_params = sum(p.numel() for p in trainer.build_model(params, len(manifest["classes"])).parameters())
     run_id = tracking.start_or_resume_run(
-        uri, params, run_name, {"num_params": num_params, "manifest_sha256": manifest_sha, "run_name": run_name}
+        uri,
+        params,
+        run_name,
+        {"num_params": num_params, "manifest_sha256": manifest_sha, "run_name": run_name, "git_commit": tracking.git_commit()},
     )
     print(f"run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     trainer.ray_init()
