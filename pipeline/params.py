@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 import resnet
@@ -110,7 +111,10 @@ class Train(Section):
 class Tune(Section):
     depths: list[int] = Field(min_length=1)
     shortcuts: list[Literal["none", "A", "B", "C"]] = Field(min_length=1)
-    max_concurrent_trials: int = Field(ge=1)
+    max_concurrent_trials: int | None = Field(ge=1)  # null: as many as the cluster's CPUs/GPUs fit
+    scheduler: Literal["none", "asha"]
+    grace_period: int = Field(ge=1)  # ASHA: epochs every trial gets before it may be stopped
+    name: str | None  # null: derived from the config, so rerunning a sweep resumes it
 
 
 class MLflow(Section):
@@ -128,6 +132,17 @@ class Params(Section):
     train: Train
     tune: Tune
     mlflow: MLflow
+
+    @model_validator(mode="after")
+    def _sweep_depths_fit_arch(self) -> Params:
+        for depth in self.tune.depths:
+            try:
+                Model.model_validate({**self.model.model_dump(), "depth": depth})
+            except ValidationError as e:
+                raise ValueError(
+                    f"tune.depths: {depth}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+                ) from None
+        return self
 
 
 def load(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
@@ -182,7 +197,8 @@ def describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key}: missing key"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{key}: {message} (got {error['input']!r})"
+    got = "" if isinstance(error["input"], dict) else f" (got {error['input']!r})"
+    return f"{key}: {message}{got}" if key else f"{message}{got}"
 
 
 def _section_model(loc: list[str]) -> type[BaseModel]:

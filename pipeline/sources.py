@@ -64,14 +64,21 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
 # --- digits ---------------------------------------------------------------------------------
 
 
+def digits_split(labels: np.ndarray, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): stratified, seeded; the report's SVC baseline uses it too."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    train, val = train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
+    return train, val
+
+
 def digits(seed: int, val_fraction: float, image_size: int) -> Dataset:
     """scikit-learn's digits (8x8, 17 grey levels) as image_size^2 RGB JPEGs, stratified split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    indices = np.arange(len(bunch.target))
-    train_idx, val_idx = train_test_split(indices, test_size=val_fraction, stratify=bunch.target, random_state=seed)
+    train_idx, val_idx = digits_split(bunch.target, seed, val_fraction)
 
     def render(i: int) -> bytes:
         grey = Image.fromarray(np.round(bunch.images[i] * (255 / 16)).astype(np.uint8), "L")

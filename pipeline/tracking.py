@@ -75,6 +75,7 @@ def start_or_resume_run(
     run_name: str,
     extra_params: dict[str, Any],
     parent_run_id: str | None = None,
+    display_name: str | None = None,
 ) -> str:
     """The MLflow run of this training run: found by its name if an earlier attempt made it,
     else created with the whole resolved config as params."""
@@ -86,7 +87,7 @@ def start_or_resume_run(
     tags = {RUN_NAME_TAG: run_name, "mlflow.source.git.commit": git_commit()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.create_run(experiment, run_name=run_name, tags=tags)
+    run = mlflow.create_run(experiment, run_name=display_name or run_name, tags=tags)
     values = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra_params.items()}}
     items = [Param(k, v[:6000]) for k, v in sorted(values.items())]
     for i in range(0, len(items), 100):

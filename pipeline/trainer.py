@@ -273,7 +273,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     if rank == 0:
         # Once per run: a rerun of a finished run trains nothing and logs nothing new.
-        if not tracking.has_logged_model(config["tracking_uri"], run_id):
+        if config["log_model"] and not tracking.has_logged_model(config["tracking_uri"], run_id):
             log_final_model(net, side=val_image_side(params, manifest))
         mlflow.end_run()
 
@@ -301,10 +301,25 @@ def storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def fit(params: Params, run_name: str, mlflow_run_id: str, uri: str) -> ray.train.Result:
+def fit(
+    params: Params,
+    run_name: str,
+    mlflow_run_id: str,
+    uri: str,
+    log_model: bool = True,
+    callbacks: list | None = None,
+) -> ray.train.Result:
+    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback and leave the
+    model to the register stage (log_model=False)."""
+    config = {
+        "params": params.model_dump(mode="json"),
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": uri,
+        "log_model": log_model,
+    }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"params": params.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id, "tracking_uri": uri},
+        train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=params.train.num_workers,
             use_gpu=params.train.use_gpu,
@@ -319,6 +334,7 @@ def fit(params: Params, run_name: str, mlflow_run_id: str, uri: str) -> ray.trai
                 checkpoint_score_attribute=METRIC,
                 checkpoint_score_order="min",
             ),
+            callbacks=callbacks,
         ),
         torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
     )

@@ -1,0 +1,210 @@
+"""Stage `tune`: a Ray Tune grid over network depth x shortcut type (the paper's Table 3, and its
+plain-vs-residual comparisons), each trial a full distributed TorchTrainer run.
+
+    python -m pipeline.tune [--params params.yaml] [--set tune.depths=[20]] ...
+
+The pattern of Ray's train_tune_interop example: a driver function per trial builds and fits a
+TorchTrainer whose Train RunConfig carries `TuneReportCallback`; the Train run's name derives
+from the trial id, so a resumed sweep resumes each trial's own checkpoints. MLflow gets a
+parent run for the sweep and one nested child run per trial. Rerunning an interrupted sweep
+(same `tune.name`, by default derived from the config) restores it with `Tuner.restore`.
+Writes `${paths.reports}/sweep.json`: one record per trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+import resnet
+from pipeline import cli, loader, tracking, trainer
+from pipeline.params import Params
+from pipeline.shard import write_json_atomic
+
+SHORTCUT_ORDER = list(resnet.SHORTCUTS)
+
+
+def trial_params(base: dict[str, Any], depth: int, shortcut: str, run_name: str) -> Params:
+    params = Params.model_validate(base)
+    model = params.model.model_copy(update={"depth": depth, "shortcut": shortcut})
+    train = params.train.model_copy(update={"run_name": run_name})
+    return params.model_copy(update={"model": model, "train": train})
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{config['sweep']}-{trial_id}"
+    params = trial_params(config["params"], config["depth"], config["shortcut"], run_name)
+    uri = config["tracking_uri"]
+    num_params = sum(p.numel() for p in trainer.build_model(params, config["num_classes"]).parameters())
+    run_id = tracking.start_or_resume_run(
+        uri,
+        params,
+        run_name,
+        {"num_params": num_params, "manifest_sha256": config["manifest_sha256"], "trial_id": trial_id},
+        parent_run_id=config["parent_run_id"],
+        display_name=f"{resnet.model_name(params.model.arch, config['depth'])}-{config['shortcut']}",
+    )
+    started = time.time()
+    result = trainer.fit(params, run_name, run_id, uri, log_model=False, callbacks=[TuneReportCallback()])
+    mlflow = tracking.client(uri)
+    # What the sweep table needs beyond the per-epoch metrics Tune already has.
+    mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
+    best = result.get_best_checkpoint(metric=trainer.METRIC, mode="min") or result.checkpoint
+    mlflow.set_tag(run_id, "best_checkpoint", best.path)
+    mlflow.set_terminated(run_id, "FINISHED")
+
+
+def sweep_name(params: Params, manifest_sha: str) -> str:
+    relevant = {
+        "model": params.model.model_dump(exclude={"depth", "shortcut"}),
+        "train": params.train.model_dump(include={"epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "milestones", "plateau_patience", "warmup_depth"}),
+        "tune": params.tune.model_dump(exclude={"max_concurrent_trials", "name"}),
+        "manifest": manifest_sha,
+    }  # fmt: skip
+    return "sweep-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def concurrent_trials(params: Params) -> int:
+    """As many trials as the cluster fits at once, each needing num_workers x its resources."""
+    if params.tune.max_concurrent_trials:
+        return params.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if params.train.use_gpu:
+        return max(1, int(resources.get("GPU", 0)) // params.train.num_workers)
+    return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
+
+
+def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, epochs: int) -> list[dict[str, Any]]:
+    """reports/sweep.json: one record per trial (DESIGN.md contract), plus its curve, its best
+    checkpoint and its MLflow run."""
+    mlflow = tracking.client(uri)
+    out = []
+    for result in grid:
+        config, history = result.config, result.metrics_dataframe
+        if result.error or history is None or "val_top1_error" not in history:
+            out.append({"depth": config["depth"], "shortcut": config["shortcut"], "error": str(result.error)})
+            continue
+        rows = history[history["val_top1_error"].notna()].sort_values("epoch")
+        run = mlflow.get_run(tracking.find_run(mlflow, *experiment_and_name(mlflow, result, sweep)))
+        best = rows["val_top1_error"].idxmin()
+        out.append(
+            {
+                "depth": config["depth"],
+                "shortcut": config["shortcut"],
+                "num_params": int(run.data.params["num_params"]),
+                "best_val_top1_error": float(rows.loc[best, "val_top1_error"]),
+                "best_val_top5_error": float(rows.loc[best, "val_top5_error"]),
+                "final_train_top1_error": float(rows["train_top1_error"].iloc[-1]),
+                "final_val_top1_error": float(rows["val_top1_error"].iloc[-1]),
+                "epochs": int(rows["epoch"].max()) + 1,
+                "planned_epochs": epochs,
+                "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
+                "curve": {
+                    "epoch": [int(e) for e in rows["epoch"]],
+                    "train_top1_error": [float(v) for v in rows["train_top1_error"]],
+                    "val_top1_error": [float(v) for v in rows["val_top1_error"]],
+                },
+                "checkpoint": run.data.tags.get("best_checkpoint"),
+                "mlflow_run_id": run.info.run_id,
+            }
+        )
+    return sorted(out, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
+
+
+def experiment_and_name(mlflow, result: ray.tune.Result, sweep: str) -> tuple[str, str]:
+    run = mlflow.get_run(result.config["parent_run_id"])
+    return run.info.experiment_id, f"{sweep}-{result.metrics['trial_id']}"
+
+
+def sweep(params: Params) -> dict[str, Any]:
+    params = trainer.absolute_paths(params)
+    manifest = loader.read_manifest(params.paths.shards)
+    manifest_sha = tracking.manifest_sha256(params.paths.shards)
+    name = params.tune.name or sweep_name(params, manifest_sha)
+    uri = tracking.tracking_uri(params)
+    parent = tracking.start_or_resume_run(uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name})
+    print(f"sweep {name}: MLflow run {parent} at {uri}", flush=True)
+
+    trainer.ray_init()
+    storage = trainer.storage_path(params.paths.ray_storage)
+    # The trial's driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs; it
+    # asks for a token of memory because Tune refuses an empty request (1 CPU by default would
+    # leave a 2-CPU machine one short for a 2-worker trial).
+    trainable = ray.tune.with_resources(run_trial, {"memory": 1 << 20})
+    path = f"{storage.rstrip('/')}/{name}"
+    if ray.tune.Tuner.can_restore(path):
+        print(f"resuming sweep {name} from {path}", flush=True)
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        scheduler = None
+        if params.tune.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=params.train.epochs,
+                grace_period=params.tune.grace_period,
+            )
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={
+                "depth": ray.tune.grid_search(params.tune.depths),
+                "shortcut": ray.tune.grid_search(params.tune.shortcuts),
+                "params": params.model_dump(mode="json"),
+                "sweep": name,
+                "tracking_uri": uri,
+                "parent_run_id": parent,
+                "manifest_sha256": manifest_sha,
+                "num_classes": len(manifest["classes"]),
+            },
+            tune_config=ray.tune.TuneConfig(
+                metric=trainer.METRIC,
+                mode="min",
+                scheduler=scheduler,
+                max_concurrent_trials=concurrent_trials(params),
+            ),
+            run_config=ray.tune.RunConfig(name=name, storage_path=storage),
+        )
+    grid = tuner.fit()
+    table = records(grid, name, uri, params.train.epochs)
+    tracking.client(uri).set_terminated(parent, "FINISHED")
+    return {"name": name, "mlflow_run_id": parent, "trials": table}
+
+
+def format_table(trials: list[dict[str, Any]]) -> str:
+    header = f"{'depth':>5}  {'shortcut':<8}  {'params':>10}  {'best val err':>12}  {'final train err':>15}  {'epochs':>6}  {'wall':>7}"
+    lines = [header, "-" * len(header)]
+    for t in trials:
+        if "error" in t:
+            lines.append(f"{t['depth']:>5}  {t['shortcut']:<8}  failed: {t['error']}")
+            continue
+        lines.append(
+            f"{t['depth']:>5}  {t['shortcut']:<8}  {t['num_params']:>10,}  {t['best_val_top1_error']:>12.2%}"
+            f"  {t['final_train_top1_error']:>15.2%}  {t['epochs']:>6}  {t['wall_time_s']:>6.0f}s"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli.parse("tune", "Sweep depth x shortcut with Ray Tune over Ray Train runs.", argv)
+    result = sweep(params)
+    out = Path(params.paths.reports) / "sweep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result["trials"])
+    print(format_table(result["trials"]))
+    print(f"wrote {out}")
+    failed = [t for t in result["trials"] if "error" in t]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(result['trials'])} trials failed")
+
+
+if __name__ == "__main__":
+    cli.run(main)
