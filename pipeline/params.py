@@ -19,7 +19,6 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 import resnet
@@ -133,16 +132,14 @@ class Params(Section):
     tune: Tune
     mlflow: MLflow
 
-    @model_validator(mode="after")
-    def _sweep_depths_fit_arch(self) -> Params:
-        for depth in self.tune.depths:
-            try:
-                Model.model_validate({**self.model.model_dump(), "depth": depth})
-            except ValidationError as e:
-                raise ValueError(
-                    f"tune.depths: {depth}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
-                ) from None
-        return self
+
+def check_sweep(params: Params) -> None:
+    """tune.depths must suit model.arch (checked where the sweep runs: other stages ignore it)."""
+    for depth in params.tune.depths:
+        try:
+            Model.model_validate({**params.model.model_dump(), "depth": depth})
+        except ValidationError as e:
+            raise ParamsError(f"tune.depths: {depth}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def load(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:

@@ -26,7 +26,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 import resnet
@@ -335,6 +335,8 @@ def fit(
                 checkpoint_score_order="min",
             ),
             callbacks=callbacks,
+            # Ray Train's INFO lines (each report, each checkpoint) drown the epoch lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
     )

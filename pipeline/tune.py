@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 import resnet
 from pipeline import cli, loader, tracking, trainer
-from pipeline.params import Params
+from pipeline.params import Params, check_sweep
 from pipeline.shard import write_json_atomic
 
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
@@ -127,6 +127,7 @@ def experiment_and_name(mlflow, result: ray.tune.Result, sweep: str) -> tuple[st
 
 
 def sweep(params: Params) -> dict[str, Any]:
+    check_sweep(params)
     params = trainer.absolute_paths(params)
     manifest = loader.read_manifest(params.paths.shards)
     manifest_sha = tracking.manifest_sha256(params.paths.shards)

@@ -105,3 +105,11 @@ def test_run_turns_a_usage_error_into_one_line_and_exit_2(tmp_path):
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert lines == ["error: params.yaml: model.shortcut: Input should be 'none', 'A', 'B' or 'C' (got 'D')"]
+
+
+def test_sweep_depths_must_suit_the_arch(repo):
+    params.check_sweep(load(repo))
+    with pytest.raises(params.ParamsError, match="tune.depths: 21: CIFAR ResNet depth must be 6n\\+2"):
+        params.check_sweep(load(repo, "tune.depths=[20, 21]"))
+    with pytest.raises(params.ParamsError, match="tune.depths: 20: not a depth of the ImageNet nets"):
+        params.check_sweep(load(repo, "model.arch=imagenet", "model.depth=50"))

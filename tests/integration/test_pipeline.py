@@ -1,0 +1,143 @@
+"""The whole pipeline, for real: `dvc repro` in a fresh clone (tiny params), the registry's alias
+rule, the champion loaded back from the registry, and an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline import loader, transforms
+from tests.integration.conftest import run
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "train": {"epochs": 4, "batch_size": 64, "checkpoints_to_keep": 1},
+    "tune": {"depths": [8], "shortcuts": ["none", "A"]},
+}
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def champion_error_on_val(repo: Path, uri: str) -> float:
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/resnet-digits@champion")
+    shards = str(repo / "data" / "shards")
+    manifest = loader.read_manifest(shards)
+    batches = loader.make_loader(
+        shards, "val", transforms.eval_transform("cifar"),
+        batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
+    )  # fmt: skip
+    errors = seen = 0
+    with torch.no_grad():
+        for pixels, labels in batches:
+            errors += (model(transforms.prepare_batch(pixels, manifest["mean"], False)).argmax(1) != labels).sum().item()
+            seen += len(labels)
+    return errors / seen
+
+
+def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(clone):
+    set_params(clone, TINY)
+    out = run(["dvc", "repro"], clone)
+    for stage in ("shard", "verify", "tune", "evaluate", "register", "report"):
+        assert f"Running stage '{stage}'" in out
+    trials = json.loads((clone / "reports" / "sweep.json").read_text())
+    assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
+    for t in trials:
+        assert {"num_params", "best_val_top1_error", "final_train_top1_error", "epochs", "wall_time_s"} <= set(t)
+    evaluation = json.loads((clone / "metrics" / "eval.json").read_text())[0]
+    registry = json.loads((clone / "metrics" / "registry.json").read_text())
+    assert registry["version"] == 1 and registry["alias_moved"] and registry["champion_version"] == 1
+    for picture in ("curves.png", "final_errors.png"):
+        assert (clone / "reports" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SVC" in (clone / "reports" / "results.md").read_text()
+
+    assert "Running stage" not in run(["dvc", "repro"], clone)  # a second repro does nothing
+    assert "top1_error" in run(["dvc", "metrics", "show"], clone)
+
+    uri = f"sqlite:///{clone / 'mlflow.db'}"
+    assert champion_error_on_val(clone, uri) == pytest.approx(evaluation["top1_error"])
+    client = MlflowClient(uri)
+    version = client.get_model_version("resnet-digits", "1")
+    assert version.tags["depth"] == "8" and len(version.tags["manifest_sha256"]) == 64
+    assert version.tags["shards_dvc_md5"] != "unknown" and version.description
+
+    # A worse model (one epoch) gets registered, but the champion alias stays where it was.
+    exp = run(["dvc", "exp", "run", "-S", "train.epochs=1", "-S", "tune.shortcuts=[A]"], clone)
+    assert "Running stage 'tune'" in exp
+    worse = json.loads((clone / "metrics" / "registry.json").read_text())
+    assert worse["version"] == 2 and not worse["alias_moved"] and worse["champion_version"] == 1
+    assert "does not beat version 1" in worse["message"]
+    assert client.get_model_version_by_alias("resnet-digits", "champion").version == "1"
+
+
+def test_an_interrupted_sweep_resumes(tmp_path):
+    from tests.conftest import REPO
+
+    shards = tmp_path / "shards"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    overrides = [
+        f"paths.shards={shards}",
+        f"paths.ray_storage={tmp_path / 'ray'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        f"paths.metrics={tmp_path / 'metrics'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=3",
+        "train.batch_size=64",
+        "tune.depths=[8]",
+        "tune.shortcuts=[none, A]",
+    ]
+    args = ["--params", str(REPO / "params.yaml"), *[a for o in overrides for a in ("--set", o)]]
+    subprocess.run([sys.executable, "-m", "pipeline.shard", *args], env=env, cwd=tmp_path, check=True, capture_output=True)
+
+    first = subprocess.Popen(
+        [sys.executable, "-u", "-m", "pipeline.tune", *args],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if "epoch 2/3" in line:  # the first trial is under way: interrupt the sweep (Ctrl-C)
+            os.killpg(first.pid, signal.SIGINT)
+            break
+    deadline = time.monotonic() + 180
+    while first.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    if first.poll() is None:
+        os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (tmp_path / "reports" / "sweep.json").exists()
+
+    second = subprocess.run([sys.executable, "-u", "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert "resuming sweep" in second.stdout
+    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 3), ("A", 3)]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resnet")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2  # no duplicate runs after the resume
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")]
+        assert steps == [0, 1, 2]
