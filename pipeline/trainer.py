@@ -191,43 +191,34 @@ def train_loop(config: dict[str, Any]) -> None:
         if start_epoch:
             say(f"resuming {context.get_experiment_name()} at epoch {start_epoch + 1}")
 
-    draft_train, draft_eval = transforms.draft_size(arch, train=True), transforms.draft_size(arch, train=False)
+    def epoch_batches(split: str, epoch: int) -> loader.Batches:
+        train = split == "train"
+        return loader.make_loader(
+            params.paths.shards,
+            split,
+            transforms.train_transform(arch, flip) if train else transforms.eval_transform(arch),
+            batch_size=batch,
+            num_workers=params.train.loader_workers,
+            epoch=epoch,
+            seed=params.train.seed,
+            train=train,
+            draft=transforms.draft_size(arch, train),
+            manifest=manifest,
+            pin_memory=on_gpu,
+        )
+
     for epoch in range(start_epoch, params.train.epochs):
         torch.manual_seed(epoch_seed(params.train.seed, epoch, rank))
         lr = schedule.lr(epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        train_batches = loader.make_loader(
-            params.paths.shards,
-            "train",
-            transforms.train_transform(arch, flip),
-            batch_size=batch,
-            num_workers=params.train.loader_workers,
-            epoch=epoch,
-            seed=params.train.seed,
-            train=True,
-            draft=draft_train,
-            manifest=manifest,
-            pin_memory=on_gpu,
-        )
+        train_batches = epoch_batches("train", epoch)
         loss_sum, errors, seen = run_epoch(model, train_batches, optimizer, device, mean, arch == "imagenet", autocast)
         train_seconds = time.perf_counter() - started
         loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], device)
 
-        val_batches = loader.make_loader(
-            params.paths.shards,
-            "val",
-            transforms.eval_transform(arch),
-            batch_size=batch,
-            num_workers=params.train.loader_workers,
-            epoch=epoch,
-            seed=params.train.seed,
-            train=False,
-            draft=draft_eval,
-            manifest=manifest,
-            pin_memory=on_gpu,
-        )
+        val_batches = epoch_batches("val", epoch)
         top1, top5, val_seen = all_reduce_sum(
             list(evaluate(getattr(model, "module", model), val_batches, device, mean, autocast)), device
         )
