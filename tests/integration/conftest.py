@@ -27,6 +27,9 @@ def clone(tmp_path) -> Path:
     """The committed pipeline plus this checkout's working copy of its code."""
     target = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
+    # `dvc exp run` commits experiments: give the clone an identity of its own.
+    for key, value in (("user.name", "pipeline tests"), ("user.email", "tests@localhost")):
+        subprocess.run(["git", "-C", str(target), "config", key, value], check=True)
     for path in ("pipeline", "resnet", "dvc.yaml", "params.yaml"):
         source = REPO / path
         if source.is_dir():
