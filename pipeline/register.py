@@ -34,10 +34,9 @@ ERROR_TAG = "top1_error"
 def read_eval(metrics: str) -> dict[str, Any]:
     path = Path(metrics) / "eval.json"
     try:
-        results = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{path}: missing; run `python -m pipeline.evaluate` first") from None
-    return next(r for r in results if r["crop"] == "single")
 
 
 def shards_dvc_hash(shards: str) -> str:

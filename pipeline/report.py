@@ -104,7 +104,7 @@ def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path
     plt.close(fig)
 
 
-def results_table(params: Params, trials: list[dict[str, Any]], evaluation: list[dict] | None, registry: dict | None, baseline: float | None) -> str:
+def results_table(params: Params, trials: list[dict[str, Any]], evaluation: dict | None, registry: dict | None, baseline: float | None) -> str:
     lines = [
         f"# Sweep results: {params.data.source}, {params.model.arch}-style nets",
         "",
@@ -124,11 +124,13 @@ def results_table(params: Params, trials: list[dict[str, Any]], evaluation: list
         lines.append(f"| | SVC (scikit-learn, gamma=0.001) | | {baseline:.2%} | | | | |")
     lines.append("")
     if evaluation:
-        for e in evaluation:
-            lines.append(
-                f"Best trial ({e['depth']}-layer, shortcut {e['shortcut']}) on {e['num_samples']} val images, "
-                f"{e['crop']} crop: top-1 error {e['top1_error']:.2%}, top-5 error {e['top5_error']:.2%}."
-            )
+        e = evaluation
+        lines.append(
+            f"Best trial ({e['depth']}-layer, shortcut {e['shortcut']}) on {e['num_samples']} val images, "
+            f"{e['crop']} crop: top-1 error {e['top1_error']:.2%}, top-5 error {e['top5_error']:.2%}."
+        )
+        if "ten_crop" in e:
+            lines.append(f"10-crop: top-1 error {e['ten_crop']['top1_error']:.2%}, top-5 error {e['ten_crop']['top5_error']:.2%}.")
     if registry:
         lines.append("")
         lines.append(f"Registry: {registry['registered_model']} version {registry['version']}; {registry['message']}.")

@@ -35,7 +35,7 @@ def train(params: Params) -> dict:
     summary = {
         "run_name": run_name,
         "mlflow_run_id": run_id,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": trainer.checkpoint_uri(result.checkpoint) if result.checkpoint else None,
         "metrics": result.metrics,
     }
     tracking.client(uri).set_terminated(run_id, "FINISHED")

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import mlflow
 import ray
 import ray.train
@@ -65,8 +66,17 @@ def model_args(params: Params, num_classes: int) -> dict[str, Any]:
     }
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+def load_checkpoint(uri: str | Path) -> dict[str, Any]:
+    """A checkpoint's state from a local folder or a URL (s3://...); tensors and plain data only."""
+    with fsspec.open(f"{str(uri).rstrip('/')}/{CHECKPOINT_FILE}", "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def checkpoint_uri(checkpoint: Checkpoint) -> str:
+    """Where a Ray checkpoint lives, as a path or URL others can open (Ray's own `path` drops
+    the scheme of remote storage)."""
+    kind = checkpoint.filesystem.type_name
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def model_from_checkpoint(path: str | Path) -> torch.nn.Module:

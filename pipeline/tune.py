@@ -32,6 +32,10 @@ from pipeline.shard import write_json_atomic
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 
 
+class SweepInterrupted(Exception):
+    pass
+
+
 def trial_params(base: dict[str, Any], depth: int, shortcut: str, run_name: str) -> Params:
     params = Params.model_validate(base)
     model = params.model.model_copy(update={"depth": depth, "shortcut": shortcut})
@@ -60,7 +64,7 @@ def run_trial(config: dict[str, Any]) -> None:
     # What the sweep table needs beyond the per-epoch metrics Tune already has.
     mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
     best = result.get_best_checkpoint(metric=trainer.METRIC, mode="min") or result.checkpoint
-    mlflow.set_tag(run_id, "best_checkpoint", best.path)
+    mlflow.set_tag(run_id, "best_checkpoint", trainer.checkpoint_uri(best))
     mlflow.set_terminated(run_id, "FINISHED")
 
 
@@ -175,6 +179,11 @@ def sweep(params: Params) -> dict[str, Any]:
             run_config=ray.tune.RunConfig(name=name, storage_path=storage),
         )
     grid = tuner.fit()
+    if grid.num_terminated + grid.num_errors < len(grid):
+        # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
+        raise SweepInterrupted(
+            f"sweep {name} interrupted with {grid.num_terminated} of {len(grid)} trials done; rerun the same command to resume it"
+        )
     table = records(grid, name, uri, params.train.epochs)
     tracking.client(uri).set_terminated(parent, "FINISHED")
     return {"name": name, "mlflow_run_id": parent, "trials": table}
@@ -196,7 +205,10 @@ def format_table(trials: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("tune", "Sweep depth x shortcut with Ray Tune over Ray Train runs.", argv)
-    result = sweep(params)
+    try:
+        result = sweep(params)
+    except SweepInterrupted as e:
+        raise SystemExit(str(e)) from None
     out = Path(params.paths.reports) / "sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result["trials"])

@@ -64,3 +64,15 @@ def s3_server() -> Iterator[str]:
                 os.environ[key] = value
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_uri() -> Iterator[None]:
+    """mlflow.set_tracking_uri also sets MLFLOW_TRACKING_URI, which the stages honour: keep one
+    test's store from leaking into the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

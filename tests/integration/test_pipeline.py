@@ -63,7 +63,8 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
     for t in trials:
         assert {"num_params", "best_val_top1_error", "final_train_top1_error", "epochs", "wall_time_s"} <= set(t)
-    evaluation = json.loads((clone / "metrics" / "eval.json").read_text())[0]
+    evaluation = json.loads((clone / "metrics" / "eval.json").read_text())
+    assert evaluation["split"] == "val" and evaluation["crop"] == "single" and evaluation["num_samples"] == 360
     registry = json.loads((clone / "metrics" / "registry.json").read_text())
     assert registry["version"] == 1 and registry["alias_moved"] and registry["champion_version"] == 1
     for picture in ("curves.png", "final_errors.png"):

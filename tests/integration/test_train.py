@@ -153,7 +153,7 @@ def test_two_nodes_one_worker_each(tmp_path, shards):
 def test_ray_job_submit_with_token_auth(tmp_path, shards):
     port, dashboard = free_port(), free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RAY_AUTH_MODE": "token",
     }

@@ -1,0 +1,172 @@
+"""The team setup of infra/, for real on this machine: PostgreSQL, an S3-compatible server (moto)
+and `mlflow server --app-name basic-auth` started by infra/mlflow/start-server.sh; the sweep,
+evaluate and register stages run against them with shards read from s3://, Ray checkpoints
+written to s3:// and MLflow artifacts landing in the bucket; checked through MLflow's REST API."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from pipeline import params as params_module
+from pipeline import shard
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def postgres_binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if not found:
+        raise RuntimeError(f"PostgreSQL's {name} not found: install Debian's postgresql (.ci/run does)")
+    return found
+
+
+def as_postgres_user(command: list[str]) -> list[str]:
+    # PostgreSQL refuses to run as root, which CI is.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory) -> Iterator[str]:
+    """A throw-away PostgreSQL server on 127.0.0.1; yields the base URL for user mlflow."""
+    folder = tmp_path_factory.mktemp("postgres")
+    data = folder / "data"
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+    port, password = free_port(), secrets.token_hex(8)
+    subprocess.run(as_postgres_user([postgres_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]), check=True, capture_output=True)
+    start = [
+        postgres_binary("pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
+        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1", "start",
+    ]  # fmt: skip
+    subprocess.run(as_postgres_user(start), check=True, capture_output=True)
+    try:
+        for statement in (
+            f"CREATE USER mlflow WITH PASSWORD '{password}'",
+            "CREATE DATABASE mlflow OWNER mlflow",
+            "CREATE DATABASE mlflow_auth OWNER mlflow",
+        ):
+            subprocess.run(
+                as_postgres_user([postgres_binary("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", statement]),
+                check=True,
+                capture_output=True,
+            )
+        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}"
+    finally:
+        subprocess.run(as_postgres_user([postgres_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), check=False, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
+    import s3fs
+
+    s3fs.S3FileSystem().mkdir("mlflow-artifacts")
+    port, admin_password = free_port(), secrets.token_urlsafe(12)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_BACKEND_STORE_URI": f"{postgres}/mlflow",
+        "MLFLOW_AUTH_DATABASE_URI": f"{postgres}/mlflow_auth",
+        "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/mlartifacts",
+        "MLFLOW_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+    }
+    log = tmp_path_factory.mktemp("mlflow") / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(["sh", str(REPO / "infra" / "mlflow" / "start-server.sh")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(1)
+    else:
+        server.kill()
+        raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+    try:
+        yield {"url": url, "admin": ("admin", admin_password)}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def api(server: dict, method: str, path: str, auth=None, **kw) -> requests.Response:
+    return requests.request(method, f"{server['url']}/api/2.0/mlflow/{path}", auth=auth, timeout=30, **kw)
+
+
+def test_the_server_demands_credentials(team_server):
+    assert api(team_server, "GET", "experiments/search", params={"max_results": 1}).status_code == 401
+    assert api(team_server, "GET", "experiments/search", auth=("admin", "wrong"), params={"max_results": 1}).status_code == 401
+    default = ("admin", "password1234")  # MLflow's documented default: must not be the one in use
+    assert api(team_server, "GET", "experiments/search", auth=default, params={"max_results": 1}).status_code == 401
+    assert api(team_server, "GET", "experiments/search", auth=team_server["admin"], params={"max_results": 1}).status_code == 200
+
+
+def test_the_pipeline_against_the_team_server_and_s3(team_server, s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    local = tmp_path / "shards"
+    shard.shard(params_module.load(REPO / "params.yaml", [f"paths.shards={local}"]))
+    fs.mkdir("resnet-data")
+    fs.put(str(local), "resnet-data/shards", recursive=True)
+
+    user, password = team_server["admin"]
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)},
+        "MLFLOW_TRACKING_URI": team_server["url"],
+        "MLFLOW_TRACKING_USERNAME": user,
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
+    overrides = [
+        "paths.shards=s3://resnet-data/shards",
+        "paths.ray_storage=s3://resnet-data/ray",
+        f"paths.reports={tmp_path / 'reports'}",
+        f"paths.metrics={tmp_path / 'metrics'}",
+        "train.epochs=2",
+        "train.batch_size=64",
+        "tune.depths=[8]",
+        "tune.shortcuts=[A]",
+        "mlflow.registered_model=resnet-team",
+    ]
+    args = ["--params", str(REPO / "params.yaml"), *[a for o in overrides for a in ("--set", o)]]
+    for stage in ("tune", "evaluate", "register"):
+        done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"{stage}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    assert trials[0]["checkpoint"].startswith("s3://resnet-data/ray/")
+    assert fs.ls("resnet-data/ray")  # Ray's checkpoints are in the bucket
+
+    admin = team_server["admin"]
+    experiment = api(team_server, "GET", "experiments/get-by-name", auth=admin, params={"experiment_name": "resnet"}).json()
+    runs = api(team_server, "POST", "runs/search", auth=admin, json={"experiment_ids": [experiment["experiment"]["experiment_id"]]}).json()["runs"]
+    child = next(r for r in runs if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", [])))
+    history = api(team_server, "GET", "metrics/get-history", auth=admin, params={"run_id": child["info"]["run_id"], "metric_key": "val_top1_error"}).json()
+    assert [m["step"] for m in history["metrics"]] == [0, 1]
+    alias = api(team_server, "GET", "registered-models/alias", auth=admin, params={"name": "resnet-team", "alias": "champion"})
+    assert alias.status_code == 200 and alias.json()["model_version"]["version"] == "1"
+    assert fs.find("mlflow-artifacts/mlartifacts")  # the logged model's files landed in S3
+
+    # A user with read permission (the server's default) cannot register a version.
+    reader = ("reader", secrets.token_urlsafe(12))
+    created = api(team_server, "POST", "users/create", auth=admin, json={"username": reader[0], "password": reader[1]})
+    assert created.status_code == 200, created.text
+    assert api(team_server, "GET", "registered-models/get", auth=reader, params={"name": "resnet-team"}).status_code == 200
+    denied = api(team_server, "POST", "model-versions/create", auth=reader, json={"name": "resnet-team", "source": "s3://mlflow-artifacts/x"})
+    assert denied.status_code == 403
