@@ -125,6 +125,19 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, epochs: int) -> lis
     return sorted(out, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
 
 
+def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
+    """Every trial of the grid exists and ran to its end (or failed, or was stopped by ASHA)."""
+    if len(grid) < len(params.tune.depths) * len(params.tune.shortcuts):
+        return False
+    for result in grid:
+        if result.error:
+            continue
+        epochs = int(result.metrics.get("epoch", -1)) + 1 if result.metrics else 0
+        if params.tune.scheduler == "none" and epochs < params.train.epochs:
+            return False
+    return True
+
+
 def experiment_and_name(mlflow, result: ray.tune.Result, sweep: str) -> tuple[str, str]:
     run = mlflow.get_run(result.config["parent_run_id"])
     return run.info.experiment_id, f"{sweep}-{result.metrics['trial_id']}"
@@ -179,11 +192,9 @@ def sweep(params: Params) -> dict[str, Any]:
             run_config=ray.tune.RunConfig(name=name, storage_path=storage),
         )
     grid = tuner.fit()
-    if grid.num_terminated + grid.num_errors < len(grid):
+    if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
-        raise SweepInterrupted(
-            f"sweep {name} interrupted with {grid.num_terminated} of {len(grid)} trials done; rerun the same command to resume it"
-        )
+        raise SweepInterrupted(f"sweep {name} was interrupted; rerun the same command to resume it")
     table = records(grid, name, uri, params.train.epochs)
     tracking.client(uri).set_terminated(parent, "FINISHED")
     return {"name": name, "mlflow_run_id": parent, "trials": table}

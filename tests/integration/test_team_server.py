@@ -12,6 +12,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +40,10 @@ def as_postgres_user(command: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory) -> Iterator[str]:
+def postgres() -> Iterator[str]:
     """A throw-away PostgreSQL server on 127.0.0.1; yields the base URL for user mlflow."""
-    folder = tmp_path_factory.mktemp("postgres")
+    # Outside pytest's root-only temporary tree: the postgres user must reach it.
+    folder = Path(tempfile.mkdtemp(prefix="resnet-pipeline-pg-"))
     data = folder / "data"
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
@@ -66,6 +68,7 @@ def postgres(tmp_path_factory) -> Iterator[str]:
         yield f"postgresql://mlflow:{password}@127.0.0.1:{port}"
     finally:
         subprocess.run(as_postgres_user([postgres_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), check=False, capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,7 @@ def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
         "MLFLOW_AUTH_DATABASE_URI": f"{postgres}/mlflow_auth",
         "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/mlartifacts",
         "MLFLOW_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_PORT": str(port),
         "MLFLOW_S3_ENDPOINT_URL": s3_server,
     }
