@@ -174,3 +174,23 @@ def test_the_pipeline_against_the_team_server_and_s3(team_server, s3_server, tmp
     assert api(team_server, "GET", "registered-models/get", auth=reader, params={"name": "resnet-team"}).status_code == 200
     denied = api(team_server, "POST", "model-versions/create", auth=reader, json={"name": "resnet-team", "source": "s3://mlflow-artifacts/x"})
     assert denied.status_code == 403
+
+
+def test_shards_go_through_the_dvc_s3_remote(s3_server, tmp_path):
+    """`dvc push` the shards once to the project's S3 remote (.dvc/config: `s3`), `dvc pull` them
+    on another machine (here: a second clone)."""
+    import s3fs
+
+    from tests.integration.conftest import run
+
+    s3fs.S3FileSystem().mkdir("resnet-data")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for target in (first, second):
+        subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
+    run(["dvc", "repro", "shard"], first)
+    run(["dvc", "push", "-r", "s3", "shard"], first)
+    (second / "dvc.lock").write_text((first / "dvc.lock").read_text())
+    run(["dvc", "pull", "-r", "s3", "shard"], second)
+    assert run(["dvc", "status", "shard"], second).strip().endswith("up to date.")
+    manifest = (second / "data" / "shards" / "manifest.json").read_text()
+    assert manifest == (first / "data" / "shards" / "manifest.json").read_text()
