@@ -55,7 +55,9 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str) -> dict[str,
         draft=transforms.draft_size(params.model.arch, train=False),
         manifest=manifest,
     )
-    top1, top5, seen = trainer.evaluate(model, batches, device, manifest["mean"], torch.autocast(device.type, enabled=False))
+    top1, top5, seen = trainer.evaluate(
+        model, batches, device, manifest["mean"], torch.autocast(device.type, enabled=False)
+    )
     return {"split": "val", "crop": crop, "top1_error": top1 / seen, "top5_error": top5 / seen, "num_samples": seen}
 
 
@@ -66,7 +68,9 @@ def crops(arch: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("evaluate", "Evaluate the sweep's best trial on the val shards.", argv)
     best = best_trial(read_sweep(params.paths.reports))
-    params = params.model_copy(update={"model": params.model.model_copy(update={"depth": best["depth"], "shortcut": best["shortcut"]})})
+    params = params.model_copy(
+        update={"model": params.model.model_copy(update={"depth": best["depth"], "shortcut": best["shortcut"]})}
+    )
     # One object (DVC shows the figures of an object, not of a list): the centre crop, and for
     # ImageNet-size nets the 10-crop figures under "ten_crop".
     result: dict[str, Any] = {"model_uri": best["checkpoint"], "depth": best["depth"], "shortcut": best["shortcut"]}
@@ -86,7 +90,6 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"])
             mlflow.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"])
     out = Path(params.paths.metrics) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     print(f"wrote {out}")
 

@@ -100,7 +100,9 @@ def register(params: Params) -> dict[str, Any]:
         "num_params": str(trial["num_params"]),
     }
     version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.update_model_version(name, version.version, description=description(params, trial, evaluation, manifest, side))
+    client.update_model_version(
+        name, version.version, description=description(params, trial, evaluation, manifest, side)
+    )
 
     current = champion_error(client, name, alias)
     new_error = evaluation["top1_error"]
@@ -134,7 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     result = register(params)
     print(f"registered {result['registered_model']} version {result['version']}: {result['message']}")
     out = Path(params.paths.metrics) / "registry.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     print(f"wrote {out}")
 

@@ -71,7 +71,14 @@ def plot_curves(trials: list[dict[str, Any]], path: Path) -> None:
             curve, colour = t["curve"], colours[t["depth"]]
             epochs = [e + 1 for e in curve["epoch"]]
             ax.plot(epochs, np.array(curve["train_top1_error"]) * 100, "--", color=colour, linewidth=1)
-            ax.plot(epochs, np.array(curve["val_top1_error"]) * 100, "-", color=colour, linewidth=2, label=f"{t['depth']}-layer")
+            ax.plot(
+                epochs,
+                np.array(curve["val_top1_error"]) * 100,
+                "-",
+                color=colour,
+                linewidth=2,
+                label=f"{t['depth']}-layer",
+            )
         ax.set_title(SHORTCUT_LABEL[shortcut])
         ax.set_xlabel("epoch")
         ax.set_yscale("log")
@@ -90,7 +97,13 @@ def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path
     width = 0.8 / len(shortcuts)
     fig, ax = plt.subplots(figsize=(2 + 1.8 * len(depths), 4))
     for i, shortcut in enumerate(shortcuts):
-        values = [next((t["best_val_top1_error"] * 100 for t in trials if t["depth"] == d and t["shortcut"] == shortcut), np.nan) for d in depths]
+        values = [
+            next(
+                (t["best_val_top1_error"] * 100 for t in trials if t["depth"] == d and t["shortcut"] == shortcut),
+                np.nan,
+            )
+            for d in depths
+        ]
         bars = ax.bar(np.arange(len(depths)) + i * width, values, width, label=SHORTCUT_LABEL[shortcut])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     if baseline is not None:
@@ -104,7 +117,9 @@ def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path
     plt.close(fig)
 
 
-def results_table(params: Params, trials: list[dict[str, Any]], evaluation: dict | None, registry: dict | None, baseline: float | None) -> str:
+def results_table(
+    params: Params, trials: list[dict[str, Any]], evaluation: dict | None, registry: dict | None, baseline: float | None
+) -> str:
     lines = [
         f"# Sweep results: {params.data.source}, {params.model.arch}-style nets",
         "",
@@ -130,7 +145,9 @@ def results_table(params: Params, trials: list[dict[str, Any]], evaluation: dict
             f"{e['crop']} crop: top-1 error {e['top1_error']:.2%}, top-5 error {e['top5_error']:.2%}."
         )
         if "ten_crop" in e:
-            lines.append(f"10-crop: top-1 error {e['ten_crop']['top1_error']:.2%}, top-5 error {e['ten_crop']['top5_error']:.2%}.")
+            lines.append(
+                f"10-crop: top-1 error {e['ten_crop']['top1_error']:.2%}, top-5 error {e['ten_crop']['top5_error']:.2%}."
+            )
     if registry:
         lines.append("")
         lines.append(f"Registry: {registry['registered_model']} version {registry['version']}; {registry['message']}.")

@@ -119,11 +119,12 @@ def plan(records: list[sources.Record], maxcount: int, maxsize: float) -> list[l
     groups: list[list[sources.Record]] = [[]]
     size = 0
     for r in records:
-        if groups[-1] and (len(groups[-1]) >= maxcount or size + r.size() > maxsize):
+        record_size = r.size()  # a stat per file: once
+        if groups[-1] and (len(groups[-1]) >= maxcount or size + record_size > maxsize):
             groups.append([])
             size = 0
         groups[-1].append(r)
-        size += r.size()
+        size += record_size
     return [g for g in groups if g]
 
 
@@ -187,6 +188,8 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)

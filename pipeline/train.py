@@ -9,11 +9,11 @@ the same run from its latest checkpoint under `paths.ray_storage`, in the same M
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pipeline import cli, loader, tracking, trainer
 from pipeline.params import Params
+from pipeline.shard import write_json_atomic
 
 
 def train(params: Params) -> dict:
@@ -27,7 +27,12 @@ def train(params: Params) -> dict:
         uri,
         params,
         run_name,
-        {"num_params": num_params, "manifest_sha256": manifest_sha, "run_name": run_name, "git_commit": tracking.git_commit()},
+        {
+            "num_params": num_params,
+            "manifest_sha256": manifest_sha,
+            "run_name": run_name,
+            "git_commit": tracking.git_commit(),
+        },
     )
     print(f"run {run_name}: MLflow run {run_id} at {uri}", flush=True)
     trainer.ray_init()
@@ -46,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     params = cli.parse("train", "Train one ResNet configuration with Ray Train.", argv)
     summary = train(params)
     out = Path(params.paths.metrics) / "train.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out, summary)
     m = summary["metrics"]
     print(f"done: val top-1 error {m['val_top1_error']:.2%} after {int(m['epoch']) + 1} epochs; wrote {out}")
 

@@ -354,7 +354,17 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
     """Same config and data -> same name -> the same command resumes rather than restarts."""
     relevant = {
         "model": params.model.model_dump(),
-        "train": params.train.model_dump(exclude={"max_failures", "run_name", "num_workers", "cpus_per_worker", "loader_workers", "use_gpu", "compile"}),
+        "train": params.train.model_dump(
+            exclude={
+                "max_failures",
+                "run_name",
+                "num_workers",
+                "cpus_per_worker",
+                "loader_workers",
+                "use_gpu",
+                "compile",
+            }
+        ),
         "manifest": manifest_sha,
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]

@@ -132,7 +132,9 @@ class EvalTransform:
         if self.crop == "single":
             return to_uint8_hwc(CentreCrop(TEST_SHORT_SIDE, CROP)(image))
         scale = TEST_SHORT_SIDE / min(image.size)
-        resized = to_uint8_hwc(image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR))
+        resized = to_uint8_hwc(
+            image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+        )
         height, width = resized.shape[:2]
         corners = [(0, 0), (0, width - CROP), (height - CROP, 0), (height - CROP, width - CROP)]
         centre = ((height - CROP) // 2, (width - CROP) // 2)

@@ -88,7 +88,7 @@ def concurrent_trials(params: Params) -> int:
     return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
 
 
-def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, epochs: int) -> list[dict[str, Any]]:
+def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, epochs: int) -> list[dict[str, Any]]:
     """reports/sweep.json: one record per trial (DESIGN.md contract), plus its curve, its best
     checkpoint and its MLflow run."""
     mlflow = tracking.client(uri)
@@ -99,7 +99,7 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, epochs: int) -> lis
             out.append({"depth": config["depth"], "shortcut": config["shortcut"], "error": str(result.error)})
             continue
         rows = history[history["val_top1_error"].notna()].sort_values("epoch")
-        run = mlflow.get_run(tracking.find_run(mlflow, *experiment_and_name(mlflow, result, sweep)))
+        run = mlflow.get_run(tracking.find_run(mlflow, experiment, f"{sweep}-{result.metrics['trial_id']}"))
         best = rows["val_top1_error"].idxmin()
         out.append(
             {
@@ -136,11 +136,6 @@ def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
         if params.tune.scheduler == "none" and epochs < params.train.epochs:
             return False
     return True
-
-
-def experiment_and_name(mlflow, result: ray.tune.Result, sweep: str) -> tuple[str, str]:
-    run = mlflow.get_run(result.config["parent_run_id"])
-    return run.info.experiment_id, f"{sweep}-{result.metrics['trial_id']}"
 
 
 def sweep(params: Params) -> dict[str, Any]:
@@ -195,7 +190,8 @@ def sweep(params: Params) -> dict[str, Any]:
     if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
         raise SweepInterrupted(f"sweep {name} was interrupted; rerun the same command to resume it")
-    table = records(grid, name, uri, params.train.epochs)
+    experiment = tracking.client(uri).get_run(parent).info.experiment_id
+    table = records(grid, name, uri, experiment, params.train.epochs)
     tracking.client(uri).set_terminated(parent, "FINISHED")
     return {"name": name, "mlflow_run_id": parent, "trials": table}
 
@@ -221,7 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     except SweepInterrupted as e:
         raise SystemExit(str(e)) from None
     out = Path(params.paths.reports) / "sweep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result["trials"])
     print(format_table(result["trials"]))
     print(f"wrote {out}")

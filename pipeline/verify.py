@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     metrics = shard_metrics(manifest)
     out = Path(params.paths.metrics) / "shards.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, metrics)
     for split, m in metrics.items():
         print(f"verify: {split}: {m['num_shards']} shards, {m['num_samples']} samples: OK")
