@@ -75,7 +75,7 @@ def postgres() -> Iterator[str]:
 def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
     import s3fs
 
-    s3fs.S3FileSystem().mkdir("mlflow-artifacts")
+    s3fs.S3FileSystem().makedirs("mlflow-artifacts", exist_ok=True)
     port, admin_password = free_port(), secrets.token_urlsafe(12)
     env = {
         **os.environ,
@@ -127,7 +127,7 @@ def test_the_pipeline_against_the_team_server_and_s3(team_server, s3_server, tmp
     fs = s3fs.S3FileSystem()
     local = tmp_path / "shards"
     shard.shard(params_module.load(REPO / "params.yaml", [f"paths.shards={local}"]))
-    fs.mkdir("resnet-data")
+    fs.makedirs("resnet-data", exist_ok=True)  # the session's S3 server is shared by the tests
     fs.put(str(local), "resnet-data/shards", recursive=True)
 
     user, password = team_server["admin"]
@@ -183,7 +183,7 @@ def test_shards_go_through_the_dvc_s3_remote(s3_server, tmp_path):
 
     from tests.integration.conftest import run
 
-    s3fs.S3FileSystem().mkdir("resnet-data")
+    s3fs.S3FileSystem().makedirs("resnet-data", exist_ok=True)
     first, second = tmp_path / "first", tmp_path / "second"
     for target in (first, second):
         subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
