@@ -1,5 +1,7 @@
 # Quick start: `make repro` (the pipeline on the embedded digits set) and `make test`.
-# Both create .venv when it is missing and reinstall when pyproject.toml or constraints.txt change.
+# Both create .venv when it is missing and reinstall when pyproject.toml, constraints.txt or the
+# C source of the cropped JPEG decoder change (installing compiles it: a C compiler and
+# libjpeg-turbo's headers are needed, Debian: gcc libjpeg62-turbo-dev).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -14,7 +16,7 @@ export PATH := $(BIN):$(PATH)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt pipeline/jpegcrop.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==$(PIP_VERSION)
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'

@@ -1,6 +1,6 @@
 """Data-path throughput, each figure against a baseline measured in the same run.
 
-    python benchmarks/data.py [--images 1200] [--workers 2] [--out benchmarks/results/data.json]
+    python benchmarks/data.py [--images 1200] [--workers 2] [--repeats 3] [--out benchmarks/results/data.json]
 
 On a generated set of ImageNet-sized JPEGs (500x375, about 110 KB, 10 classes):
 - shard: the shard stage (`shard.workers` processes) vs a single-process `webdataset.ShardWriter`
@@ -155,7 +155,8 @@ def torchvision_imagefolder(root: Path, mean: list[float], workers: int) -> floa
 
 
 def ours(shards: Path, mean: list[float], workers: int) -> float:
-    """Geometry per image in the workers, uint8 between processes, colour per batch."""
+    """Geometry per image in the workers (only the crop's region decoded), uint8 between processes,
+    colour per batch."""
     batches = loader.make_loader(
         str(shards),
         "train",
@@ -165,9 +166,15 @@ def ours(shards: Path, mean: list[float], workers: int) -> float:
         epoch=0,
         seed=0,
         train=True,
-        draft=transforms.draft_size("imagenet", train=True),
     )
-    return images_per_s(batches, lambda x: transforms.prepare_batch(x, mean, lighting=True))
+    buffer = None
+
+    def prepare(pixels: torch.Tensor) -> torch.Tensor:  # as pipeline.trainer.train_loop does
+        nonlocal buffer
+        buffer = transforms.prepare_batch(pixels, mean, lighting=True, out=buffer)
+        return buffer
+
+    return images_per_s(batches, prepare)
 
 
 def images_per_s(batches, finish) -> float:
@@ -197,10 +204,16 @@ def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> d
     }
 
 
+def median_run(runs: list[dict], ratio: str) -> dict:
+    """The run with the median `ratio`: the figures of one real run, not a mix of several."""
+    return sorted(runs, key=lambda run: run[ratio])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each comparison; the median is reported")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "data.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loaders' workers are the parallelism, as in training
@@ -210,25 +223,39 @@ def main() -> None:
         files = make_tree(root, args.images)
         mean_kb = sum(p.stat().st_size for p in files) / len(files) / 1024
         print(f"{len(files)} train JPEGs of 500x375, {mean_kb:.0f} KB on average")
-        shard_result = bench_shard(root, files, args.workers, work)
-        loader_result = bench_loader(root, files, work / "shards", args.workers)
+        shard_runs = [bench_shard(root, files, args.workers, work / f"run{i}") for i in range(args.repeats)]
+        loader_runs = [bench_loader(root, files, work / "run0" / "shards", args.workers) for _ in range(args.repeats)]
 
+    s, lo = median_run(shard_runs, "ratio_vs_same_check"), median_run(loader_runs, "ratio_vs_a")
     result = {
         "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores",
         "mean_jpeg_kb": mean_kb,
-        "shard": shard_result,
-        "loader": loader_result,
+        "repeats": args.repeats,
+        "shard": s,
+        "loader": lo,
+        "shard_runs": shard_runs,
+        "loader_runs": loader_runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    s, lo = shard_result, loader_result
+    spread = ", ".join(f"{run['ratio_vs_same_check']:.2f}x" for run in shard_runs)
+    print(f"median of {args.repeats} runs (ratios of every run in brackets)")
     print(f"shard stage, {s['workers']} workers:          {s['stage_img_per_s']:8.0f} img/s")
-    print(f"  single-process ShardWriter, same check: {s['single_process_shardwriter_same_check_img_per_s']:8.0f} img/s  -> {s['ratio_vs_same_check']:.2f}x")
-    print(f"  single-process ShardWriter, copy only:  {s['single_process_shardwriter_copy_only_img_per_s']:8.0f} img/s  -> {s['ratio_vs_copy_only']:.2f}x")
+    same_check = s["single_process_shardwriter_same_check_img_per_s"]
+    print(
+        f"  single-process ShardWriter, same check: {same_check:8.0f} img/s  -> {s['ratio_vs_same_check']:.2f}x ({spread})"
+    )
+    copy_only = s["single_process_shardwriter_copy_only_img_per_s"]
+    print(f"  single-process ShardWriter, copy only:  {copy_only:8.0f} img/s  -> {s['ratio_vs_copy_only']:.2f}x")
     print(f"loader, train transforms, {lo['workers']} workers:  {lo['ours_img_per_s']:8.0f} img/s")
-    print(f"  (a) bare decode + crop, {lo['workers']} processes: {lo['a_bare_decode_crop_img_per_s']:8.0f} img/s  -> {lo['ratio_vs_a']:.2f}x")
-    print(f"  (b) torchvision ImageFolder + DataLoader: {lo['b_torchvision_imagefolder_img_per_s']:8.0f} img/s  -> {lo['ratio_vs_b']:.2f}x")
+    spread_a = ", ".join(f"{run['ratio_vs_a']:.2f}x" for run in loader_runs)
+    spread_b = ", ".join(f"{run['ratio_vs_b']:.2f}x" for run in loader_runs)
+    a, b = lo["a_bare_decode_crop_img_per_s"], lo["b_torchvision_imagefolder_img_per_s"]
+    print(
+        f"  (a) bare decode + crop, {lo['workers']} processes: {a:8.0f} img/s  -> {lo['ratio_vs_a']:.2f}x ({spread_a})"
+    )
+    print(f"  (b) torchvision ImageFolder + DataLoader: {b:8.0f} img/s  -> {lo['ratio_vs_b']:.2f}x ({spread_b})")
     print(f"wrote {out}")
 
 

@@ -52,7 +52,6 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str) -> dict[str,
         epoch=0,
         seed=0,
         train=False,
-        draft=transforms.draft_size(params.model.arch, train=False),
         manifest=manifest,
     )
     top1, top5, seen = trainer.evaluate(

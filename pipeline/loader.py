@@ -14,7 +14,6 @@ Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those th
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ from typing import Any
 import fsspec
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, get_worker_info
 from webdataset.gopen import gopen_schemes
 
@@ -88,19 +86,14 @@ def batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batc
     )
 
 
-def decode(sample: dict[str, Any], transform: Transform, draft: int | None) -> tuple[torch.Tensor, int]:
+def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, int]:
     try:
         jpeg, label = sample["jpg"], int(sample["cls"])
     except (KeyError, ValueError):
         raise ValueError(
             f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or an integer .cls"
         ) from None
-    image = Image.open(io.BytesIO(jpeg))
-    if draft is not None:
-        # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: never below what the transform keeps.
-        scale = draft / min(image.size)
-        image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
-    return transform(image.convert("RGB")), label
+    return transform(jpeg), label
 
 
 def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -142,7 +135,6 @@ def make_loader(
     epoch: int,
     seed: int,
     train: bool,
-    draft: int | None = None,
     manifest: dict[str, Any] | None = None,
     pin_memory: bool = False,
     shuffle_buffer: int = SHUFFLE_BUFFER,
@@ -167,7 +159,7 @@ def make_loader(
     ]
     if train:
         stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
-    stages.append(wds.map(partial(decode, transform=transform, draft=draft)))
+    stages.append(wds.map(partial(decode, transform=transform)))
 
     num_batches = None
     if train:

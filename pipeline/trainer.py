@@ -100,9 +100,10 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def run_epoch(model, batches, optimizer, device, mean, lighting, autocast) -> tuple[float, float, int]:
     """One training epoch on this rank: (sum of losses, number of errors, samples)."""
     model.train()
-    loss_sum, errors, seen = 0.0, 0, 0
+    loss_sum, errors, seen, images = 0.0, 0, 0, None
     for pixels, labels in batches:
-        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting)
+        # The last step's input buffer is reused: its backward pass is done.
+        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting, out=images)
         labels = labels.to(device, non_blocking=True)
         with autocast:
             logits = model(images)
@@ -121,10 +122,10 @@ def evaluate(model, batches, device, mean, autocast) -> tuple[int, int, int]:
     """(top-1 errors, top-5 errors, samples) on this rank's share of the val shards.
     A (N, 10, ...) batch of 10-crops is scored on the mean of its crops' softmax."""
     model.eval()
-    top1, top5, seen = 0, 0, 0
+    top1, top5, seen, images = 0, 0, 0, None
     for pixels, labels in batches:
         crops = pixels.shape[1] if pixels.dim() == 5 else 1
-        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting=False)
+        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting=False, out=images)
         labels = labels.to(device)
         with autocast:
             logits = model(images).float()
@@ -212,7 +213,6 @@ def train_loop(config: dict[str, Any]) -> None:
             epoch=epoch,
             seed=params.train.seed,
             train=train,
-            draft=transforms.draft_size(arch, train),
             manifest=manifest,
             pin_memory=on_gpu,
         )

@@ -1,10 +1,16 @@
 """The paper's augmentations and test-time crops.
 
-Work is split where it is cheapest. Per image, in the DataLoader workers, on PIL images: the
-geometric part (resize, crop, flip), ending in a uint8 HWC tensor. Per batch, on the training
-device (`prepare_batch`): to float, AlexNet's PCA colour noise, mean subtraction, and the
-NCHW view in channels_last memory format. Moving uint8 rather than float32 between processes
-is 4x less data, and a batch of colour arithmetic on the device is nearly free.
+Work is split where it is cheapest. Per image, in the DataLoader workers, from the JPEG's bytes:
+the geometric part (which pixels, at what size, flipped or not), ending in a uint8 HWC tensor.
+Per batch, on the training device (`prepare_batch`): to float, AlexNet's PCA colour noise, mean
+subtraction, and the NCHW view in channels_last memory format. Moving uint8 rather than float32
+between processes is 4x less data, and a batch of colour arithmetic on the device is nearly free.
+
+The scale augmentation and the crop are one step: only the crop's region of the JPEG is decoded
+(`jpegcrop`, built from pipeline/jpegcrop.c: libjpeg-turbo's cropped decode, at 1/2, 1/4 or 1/8
+scale where the region is that much larger than the crop), then resized once to the crop's size
+with torch's antialiased bilinear kernel. The pixels are PIL's for cropping the decoded image and
+resizing the crop, to 1 grey level (tests/pipeline/test_loader.py).
 
 ImageNet-size (Sec. 3.4): shorter side resized to a random length in [256, 480], a random
 224x224 crop, horizontal flip, PCA colour noise, mean subtraction. Test: the shorter side at
@@ -21,13 +27,14 @@ not). Horizontal flips are off for the digits, where they would change a digit's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
+
+import jpegcrop
 
 TRAIN_SHORT_SIDE = (256, 480)
 CROP = 224
@@ -43,7 +50,8 @@ PCA_EIGENVECTORS = (
     (-0.5836, -0.6948, 0.4203),
 )
 
-Transform = Callable[[Image.Image], Tensor]
+Transform = Callable[[bytes], Tensor]
+Box = tuple[float, float, float, float]  # left, top, right, bottom, in the image's pixels
 
 
 def randint(low: int, high: int) -> int:
@@ -51,32 +59,58 @@ def randint(low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, ()).item())
 
 
-def to_uint8_hwc(image: Image.Image) -> Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+def decode(jpeg: bytes) -> Tensor:
+    """The whole JPEG as uint8 (H, W, 3) RGB."""
+    width, height = jpegcrop.size(jpeg)
+    return torch.frombuffer(jpegcrop.decode(jpeg, 0, 0, width, height, 1), dtype=torch.uint8).view(height, width, 3)
 
 
-def resize_window(image: Image.Image, left: float, top: float, window: float, size: int) -> Image.Image:
-    """Resize the window x window square at (left, top) of `image` to size x size; the window is
-    kept inside the image (scaled sizes are rounded, so it may overhang by a fraction)."""
-    left = min(max(left, 0.0), image.width - window)
-    top = min(max(top, 0.0), image.height - window)
-    box = (left, top, min(left + window, image.width), min(top + window, image.height))
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+def decode_resized(jpeg: bytes, box: Box, size: tuple[int, int]) -> Tensor:
+    """The pixels under `box` (rounded to whole pixels) resized to size = (width, height), as
+    uint8 (H, W, 3). Only the box's region is decoded, at 1/2, 1/4 or 1/8 scale when the box is
+    at least that many times larger than `size` (libjpeg's DCT scaling, as PIL's draft mode)."""
+    width, height = jpegcrop.size(jpeg)
+    left, top, right, bottom = box
+    scale_denom = 1
+    while scale_denom < 8 and min((right - left) / size[0], (bottom - top) / size[1]) >= 2 * scale_denom:
+        scale_denom *= 2
+    scaled_width, scaled_height = math.ceil(width / scale_denom), math.ceil(height / scale_denom)
+    x0 = min(round(left / scale_denom), scaled_width - 1)
+    y0 = min(round(top / scale_denom), scaled_height - 1)
+    x1 = max(min(round(right / scale_denom), scaled_width), x0 + 1)
+    y1 = max(min(round(bottom / scale_denom), scaled_height), y0 + 1)
+    region = jpegcrop.decode(jpeg, x0, y0, x1 - x0, y1 - y0, scale_denom)
+    pixels = torch.frombuffer(region, dtype=torch.uint8).view(y1 - y0, x1 - x0, 3)
+    if (x1 - x0, y1 - y0) == tuple(size):
+        return pixels
+    # torch's antialiased bilinear resize has a vectorised kernel for uint8 channels-last RGB:
+    # PIL's result (to 1 grey level) at twice its speed. HWC memory is that layout already.
+    resized = F.interpolate(pixels.permute(2, 0, 1)[None], size=(size[1], size[0]), mode="bilinear", antialias=True)
+    return resized[0].permute(1, 2, 0)
+
+
+def square_box(width: int, height: int, left: float, top: float, side: float) -> Box:
+    """The side x side square at (left, top), moved inside the image (scaled sizes are rounded,
+    so it may overhang by a fraction)."""
+    left = min(max(left, 0.0), width - side)
+    top = min(max(top, 0.0), height - side)
+    return (left, top, min(left + side, width), min(top + side, height))
 
 
 class RandomScaleCrop:
     """Resize the shorter side to a random length in [min_side, max_side], then take a random
-    crop x crop patch: done as one resize of the patch's region of the original image (PIL's
-    `box`), the same pixels without resampling the rest of the image."""
+    crop x crop patch: done as one resize of the patch's region of the original image."""
 
     def __init__(self, min_side: int, max_side: int, crop: int) -> None:
         self.min_side, self.max_side, self.crop = min_side, max_side, crop
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        scale = randint(self.min_side, self.max_side) / min(image.size)
-        left = randint(0, max(round(image.width * scale) - self.crop, 0))
-        top = randint(0, max(round(image.height * scale) - self.crop, 0))
-        return resize_window(image, left / scale, top / scale, self.crop / scale, self.crop)
+    def __call__(self, jpeg: bytes) -> Tensor:
+        width, height = jpegcrop.size(jpeg)
+        scale = randint(self.min_side, self.max_side) / min(width, height)
+        left = randint(0, max(round(width * scale) - self.crop, 0))
+        top = randint(0, max(round(height * scale) - self.crop, 0))
+        box = square_box(width, height, left / scale, top / scale, self.crop / scale)
+        return decode_resized(jpeg, box, (self.crop, self.crop))
 
 
 class CentreCrop:
@@ -85,11 +119,13 @@ class CentreCrop:
     def __init__(self, side: int, crop: int) -> None:
         self.side, self.crop = side, crop
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        scale = self.side / min(image.size)
-        left = (round(image.width * scale) - self.crop) // 2
-        top = (round(image.height * scale) - self.crop) // 2
-        return resize_window(image, left / scale, top / scale, self.crop / scale, self.crop)
+    def __call__(self, jpeg: bytes) -> Tensor:
+        width, height = jpegcrop.size(jpeg)
+        scale = self.side / min(width, height)
+        left = (round(width * scale) - self.crop) // 2
+        top = (round(height * scale) - self.crop) // 2
+        box = square_box(width, height, left / scale, top / scale, self.crop / scale)
+        return decode_resized(jpeg, box, (self.crop, self.crop))
 
 
 def pad_and_crop(pixels: Tensor) -> Tensor:
@@ -110,11 +146,8 @@ class TrainTransform:
         self.arch, self.flip = arch, flip
         self.scale_crop = RandomScaleCrop(*TRAIN_SHORT_SIDE, CROP)
 
-    def __call__(self, image: Image.Image) -> Tensor:
-        if self.arch == "imagenet":
-            pixels = to_uint8_hwc(self.scale_crop(image))
-        else:
-            pixels = pad_and_crop(to_uint8_hwc(image))
+    def __call__(self, jpeg: bytes) -> Tensor:
+        pixels = self.scale_crop(jpeg) if self.arch == "imagenet" else pad_and_crop(decode(jpeg))
         return maybe_flip(pixels) if self.flip else pixels
 
 
@@ -126,15 +159,14 @@ class EvalTransform:
             raise ValueError("crop 'ten' is for ImageNet-size inputs; CIFAR-size nets test on the single image")
         self.arch, self.crop = arch, crop
 
-    def __call__(self, image: Image.Image) -> Tensor:
+    def __call__(self, jpeg: bytes) -> Tensor:
         if self.arch != "imagenet":
-            return to_uint8_hwc(image)
+            return decode(jpeg)
         if self.crop == "single":
-            return to_uint8_hwc(CentreCrop(TEST_SHORT_SIDE, CROP)(image))
-        scale = TEST_SHORT_SIDE / min(image.size)
-        resized = to_uint8_hwc(
-            image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
-        )
+            return CentreCrop(TEST_SHORT_SIDE, CROP)(jpeg)
+        width, height = jpegcrop.size(jpeg)
+        scale = TEST_SHORT_SIDE / min(width, height)
+        resized = decode_resized(jpeg, (0, 0, width, height), (round(width * scale), round(height * scale)))
         height, width = resized.shape[:2]
         corners = [(0, 0), (0, width - CROP), (height - CROP, 0), (height - CROP, width - CROP)]
         centre = ((height - CROP) // 2, (width - CROP) // 2)
@@ -143,32 +175,37 @@ class EvalTransform:
 
 
 def train_transform(arch: str, flip: bool) -> Transform:
-    """PIL image -> uint8 (H, W, 3): the per-image, geometric part of the training augmentation."""
+    """JPEG bytes -> uint8 (H, W, 3): the per-image, geometric part of the training augmentation."""
     return TrainTransform(arch, flip)
 
 
 def eval_transform(arch: str, crop: str = "single") -> Transform:
-    """PIL image -> uint8 (H, W, 3), or (10, H, W, 3) for the paper's 10-crop."""
+    """JPEG bytes -> uint8 (H, W, 3), or (10, H, W, 3) for the paper's 10-crop."""
     return EvalTransform(arch, crop)
 
 
-def prepare_batch(pixels: Tensor, mean: Sequence[float], lighting: bool) -> Tensor:
+def prepare_batch(pixels: Tensor, mean: Sequence[float], lighting: bool, out: Tensor | None = None) -> Tensor:
     """uint8 (..., H, W, 3) on the training device -> float (N, 3, H, W) in channels_last:
-    [0, 1] scaling, PCA colour noise per image (training, ImageNet-size), mean subtraction."""
-    # An NCHW view of NHWC memory: exactly the channels_last layout, without a copy.
-    images = pixels.reshape(-1, *pixels.shape[-3:]).permute(0, 3, 1, 2).float()
-    shift = -torch.tensor(list(mean), device=images.device).expand(images.shape[0], 3)
+    [0, 1] scaling, PCA colour noise per image (training, ImageNet-size), mean subtraction.
+
+    `out`: the previous batch's result, overwritten when its shape fits. A fresh float batch of
+    ImageNet size (38 MB at 64 images) is mapped anew by the CPU allocator every step, and those
+    page faults cost ten times the arithmetic. Pass it only once the previous step is done with it.
+    """
+    images = pixels.reshape(-1, *pixels.shape[-3:])
+    n, height, width, _ = images.shape
+    shift = -torch.tensor(list(mean), device=images.device).expand(n, 3)
     if lighting:
         eigenvalues = torch.tensor(PCA_EIGENVALUES, device=images.device)
         eigenvectors = torch.tensor(PCA_EIGENVECTORS, device=images.device)
-        alpha = torch.randn(images.shape[0], 3, device=images.device) * PCA_STD
+        alpha = torch.randn(n, 3, device=images.device) * PCA_STD
         shift = shift + (alpha * eigenvalues) @ eigenvectors.T
-    return images.mul_(1 / 255).add_(shift[:, :, None, None])
-
-
-def draft_size(arch: str, train: bool) -> int | None:
-    """The shorter side a JPEG may be decoded down to (PIL's draft mode) without losing
-    resolution the transform keeps; None: decode at full size."""
-    if arch != "imagenet":
-        return None
-    return TRAIN_SHORT_SIDE[1] if train else TEST_SHORT_SIDE
+    if out is None or out.shape != (n, 3, height, width) or out.device != images.device:
+        out = torch.empty((n, 3, height, width), device=images.device, memory_format=torch.channels_last)
+    # channels_last NCHW is NHWC memory: work on it as rows of W*3 values, with each image's
+    # colour shift tiled along the row (a broadcast over an innermost dimension of 3 would not
+    # vectorise).
+    rows = out.permute(0, 2, 3, 1).view(n, height, width * 3)
+    rows.copy_(images.reshape(n, height, width * 3))
+    rows.mul_(1 / 255).add_(shift.repeat(1, width)[:, None, :])
+    return out
