@@ -192,6 +192,8 @@ def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> d
     a = bare_decode_crop(files, workers)
     b = torchvision_imagefolder(root, mean, workers)
     ours_ = ours(shards, mean, workers)
+    # The same per-image work without inter-process traffic: one process each.
+    a_one, ours_one = bare_decode_crop(files, 1), ours(shards, mean, 0)
     return {
         "images": len(files),
         "workers": workers,
@@ -201,6 +203,9 @@ def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> d
         "b_torchvision_imagefolder_img_per_s": b,
         "ratio_vs_a": ours_ / a,
         "ratio_vs_b": ours_ / b,
+        "one_process_ours_img_per_s": ours_one,
+        "one_process_a_img_per_s": a_one,
+        "one_process_ratio_vs_a": ours_one / a_one,
     }
 
 
@@ -255,6 +260,8 @@ def main() -> None:
     print(
         f"  (a) bare decode + crop, {lo['workers']} processes: {a:8.0f} img/s  -> {lo['ratio_vs_a']:.2f}x ({spread_a})"
     )
+    one = ", ".join(f"{run['one_process_ratio_vs_a']:.2f}x" for run in loader_runs)
+    print(f"  in one process (no workers), vs (a) in one process: {lo['one_process_ratio_vs_a']:.2f}x ({one})")
     print(f"  (b) torchvision ImageFolder + DataLoader: {b:8.0f} img/s  -> {lo['ratio_vs_b']:.2f}x ({spread_b})")
     print(f"wrote {out}")
 

@@ -1,0 +1,112 @@
+"""Per-image costs of the loader's steps, each against the step it replaces, in one process.
+
+    python -m benchmarks.decode [--images 200] [--out benchmarks/results/decode.json]
+
+On the same generated 500x375 JPEGs as benchmarks/data.py (one thread, milliseconds per image):
+- decode: PIL's decode of the whole image vs `jpegcrop`'s decode of a training crop's region
+  (the paper's scale augmentation: a random short side in [256, 480], a 224 crop);
+- resize of that region to 224x224: PIL's bilinear vs torch's antialiased bilinear on uint8;
+- the colour step of a batch of 64 (`transforms.prepare_batch`): into a fresh float batch vs
+  into the previous batch's buffer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import jpegcrop
+from benchmarks.data import BATCH, photo_like
+from pipeline import transforms
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN = (0.48, 0.45, 0.40)
+
+
+def ms_per_call(fn, calls: int) -> float:
+    fn()  # warm-up: allocator, caches
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def crop_regions(count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(left, top, side) of training crops of a 500x375 image, in the image's pixels."""
+    regions = []
+    for _ in range(count):
+        side = round(224 * 375 / rng.integers(256, 481))
+        regions.append((int(rng.integers(0, 500 - side + 1)), int(rng.integers(0, 375 - side + 1)), side))
+    return regions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "decode.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    jpegs = [photo_like(rng) for _ in range(args.images)]
+    regions = crop_regions(args.images, rng)
+    work = list(zip(jpegs, regions))
+
+    def each(step):
+        return lambda: [step(jpeg, region) for jpeg, region in work]
+
+    def pil_full(jpeg, region):
+        return Image.open(io.BytesIO(jpeg)).load()
+
+    def cropped(jpeg, region):
+        left, top, side = region
+        return jpegcrop.decode(jpeg, left, top, side, side, 1)
+
+    decoded = [Image.frombytes("RGB", (side, side), bytes(cropped(j, (l, t, side)))) for j, (l, t, side) in work]
+    tensors = [torch.from_numpy(np.array(image)) for image in decoded]
+
+    def pil_resize():
+        return [image.resize((224, 224), Image.Resampling.BILINEAR) for image in decoded]
+
+    def torch_resize():
+        return [
+            torch.nn.functional.interpolate(t.permute(2, 0, 1)[None], size=(224, 224), mode="bilinear", antialias=True)
+            for t in tensors
+        ]
+
+    pixels = torch.randint(0, 256, (BATCH, 224, 224, 3), dtype=torch.uint8)
+    buffer = transforms.prepare_batch(pixels, MEAN, lighting=True)
+    per_image = 1 / args.images
+    result = {
+        "images": args.images,
+        "decode_ms": {
+            "pil_whole_image": ms_per_call(each(pil_full), 3) * per_image,
+            "jpegcrop_crop_region": ms_per_call(each(cropped), 3) * per_image,
+        },
+        "resize_ms": {
+            "pil_bilinear": ms_per_call(pil_resize, 3) * per_image,
+            "torch_antialiased_bilinear_uint8": ms_per_call(torch_resize, 3) * per_image,
+        },
+        "colour_step_ms": {
+            "fresh_batch": ms_per_call(lambda: transforms.prepare_batch(pixels, MEAN, True), 10) / BATCH,
+            "reused_buffer": ms_per_call(lambda: transforms.prepare_batch(pixels, MEAN, True, out=buffer), 10) / BATCH,
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for step, figures in result.items():
+        if isinstance(figures, dict):
+            (base, base_ms), (ours, ours_ms) = figures.items()
+            print(f"{step:15s} {base}: {base_ms:.2f} ms/img   {ours}: {ours_ms:.2f} ms/img   {base_ms / ours_ms:.1f}x")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
