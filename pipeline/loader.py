@@ -93,7 +93,10 @@ def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, 
         raise ValueError(
             f"{sample.get('__url__')}: sample {sample.get('__key__')} lacks a .jpg or an integer .cls"
         ) from None
-    return transform(jpeg), label
+    try:
+        return transform(jpeg), label
+    except ValueError as error:  # jpegcrop's, with libjpeg's reason
+        raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}") from None
 
 
 def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:

@@ -122,21 +122,37 @@ def test_loader_never_unpickles_a_member(tmp_path, single_process):
         def __reduce__(self):
             return (Path.write_text, (marker, "unpickled"))
 
-    shards = tmp_path / "shards"
-    (shards / "train").mkdir(parents=True)
     jpeg = jpeg_bytes(picture(np.random.default_rng(0), 16, 16))
+    batches = one_shard_loader(tmp_path / "shards", [{"jpg": jpeg, "cls": b"3", "pyd": pickle.dumps(Exploit())}] * 4)
+    labels = torch.cat([y for _, y in batches]).tolist()
+    assert labels == [3, 3, 3, 3]
+    assert not marker.exists()
+
+
+def test_an_undecodable_sample_is_named_in_the_error(tmp_path, single_process):
+    """A shard that bypassed `verify` (a JPEG cut short at its header): the error names the
+    shard, the sample and libjpeg's reason."""
+    jpeg = jpeg_bytes(picture(np.random.default_rng(0), 16, 16))
+    batches = one_shard_loader(tmp_path / "shards", [{"jpg": jpeg, "cls": b"1"}, {"jpg": jpeg[:100], "cls": b"2"}])
+    with pytest.raises(ValueError, match=r"shard-000000\.tar: sample s1: .*JPEG"):
+        list(batches)
+
+
+def one_shard_loader(shards: Path, samples: list[dict[str, bytes]]) -> loader.Batches:
+    """The train loader over one hand-written shard of `samples` (members by extension)."""
+    (shards / "train").mkdir(parents=True)
     with tarfile.open(shards / "train" / "shard-000000.tar", "w") as tar:
-        for i in range(4):
-            for ext, data in (("jpg", jpeg), ("cls", b"3"), ("pyd", pickle.dumps(Exploit()))):
+        for i, sample in enumerate(samples):
+            for ext, data in sample.items():
                 info = tarfile.TarInfo(f"s{i}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     manifest = {
         "schema": 1,
         "classes": [str(i) for i in range(10)],
-        "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": 4}]}},
+        "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": len(samples)}]}},
     }
-    batches = loader.make_loader(
+    return loader.make_loader(
         str(shards),
         "train",
         transforms.train_transform("cifar", flip=False),
@@ -146,10 +162,8 @@ def test_loader_never_unpickles_a_member(tmp_path, single_process):
         seed=0,
         train=True,
         manifest=manifest,
+        shuffle_buffer=1,
     )
-    labels = torch.cat([y for _, y in batches]).tolist()
-    assert labels == [3, 3, 3, 3]
-    assert not marker.exists()
 
 
 def test_too_few_samples_for_a_batch_is_a_clear_error(digit_shards, single_process):
