@@ -65,11 +65,12 @@ def decode(jpeg: bytes) -> Tensor:
     return torch.frombuffer(jpegcrop.decode(jpeg, 0, 0, width, height, 1), dtype=torch.uint8).view(height, width, 3)
 
 
-def decode_resized(jpeg: bytes, box: Box, size: tuple[int, int]) -> Tensor:
-    """The pixels under `box` (rounded to whole pixels) resized to size = (width, height), as
-    uint8 (H, W, 3). Only the box's region is decoded, at 1/2, 1/4 or 1/8 scale when the box is
-    at least that many times larger than `size` (libjpeg's DCT scaling, as PIL's draft mode)."""
-    width, height = jpegcrop.size(jpeg)
+def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tuple[int, int]) -> Tensor:
+    """The pixels under `box` (rounded to whole pixels) of the JPEG of `image_size`, resized to
+    size = (width, height), as uint8 (H, W, 3). Only the box's region is decoded, at 1/2, 1/4 or
+    1/8 scale when the box is at least that many times larger than `size` (libjpeg's DCT scaling,
+    as PIL's draft mode). The caller has read `image_size` to place the box."""
+    width, height = image_size
     left, top, right, bottom = box
     scale_denom = 1
     while scale_denom < 8 and min((right - left) / size[0], (bottom - top) / size[1]) >= 2 * scale_denom:
@@ -110,7 +111,7 @@ class RandomScaleCrop:
         left = randint(0, max(round(width * scale) - self.crop, 0))
         top = randint(0, max(round(height * scale) - self.crop, 0))
         box = square_box(width, height, left / scale, top / scale, self.crop / scale)
-        return decode_resized(jpeg, box, (self.crop, self.crop))
+        return decode_resized(jpeg, (width, height), box, (self.crop, self.crop))
 
 
 class CentreCrop:
@@ -125,7 +126,7 @@ class CentreCrop:
         left = (round(width * scale) - self.crop) // 2
         top = (round(height * scale) - self.crop) // 2
         box = square_box(width, height, left / scale, top / scale, self.crop / scale)
-        return decode_resized(jpeg, box, (self.crop, self.crop))
+        return decode_resized(jpeg, (width, height), box, (self.crop, self.crop))
 
 
 def pad_and_crop(pixels: Tensor) -> Tensor:
@@ -158,15 +159,18 @@ class EvalTransform:
         if crop == "ten" and arch != "imagenet":
             raise ValueError("crop 'ten' is for ImageNet-size inputs; CIFAR-size nets test on the single image")
         self.arch, self.crop = arch, crop
+        self.centre_crop = CentreCrop(TEST_SHORT_SIDE, CROP)
 
     def __call__(self, jpeg: bytes) -> Tensor:
         if self.arch != "imagenet":
             return decode(jpeg)
         if self.crop == "single":
-            return CentreCrop(TEST_SHORT_SIDE, CROP)(jpeg)
+            return self.centre_crop(jpeg)
         width, height = jpegcrop.size(jpeg)
         scale = TEST_SHORT_SIDE / min(width, height)
-        resized = decode_resized(jpeg, (0, 0, width, height), (round(width * scale), round(height * scale)))
+        resized = decode_resized(
+            jpeg, (width, height), (0, 0, width, height), (round(width * scale), round(height * scale))
+        )
         height, width = resized.shape[:2]
         corners = [(0, 0), (0, width - CROP), (height - CROP, 0), (height - CROP, width - CROP)]
         centre = ((height - CROP) // 2, (width - CROP) // 2)

@@ -234,7 +234,7 @@ def test_decode_resized_equals_cropping_and_resizing_the_full_decode():
     ]:
         whole = (round(box[0]), round(box[1]), round(box[2]), round(box[3]))
         reference = np.asarray(full_decode(jpeg).crop(whole).resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
-        got = transforms.decode_resized(jpeg, box, size).numpy().astype(np.int16)
+        got = transforms.decode_resized(jpeg, (500, 375), box, size).numpy().astype(np.int16)
         assert got.shape == (size[1], size[0], 3)
         assert np.abs(got - reference).max() <= 1  # torch's antialiased bilinear vs PIL's: rounding only
 
@@ -247,11 +247,11 @@ def test_decode_resized_decodes_big_images_at_a_reduced_scale(monkeypatch):
     decode = jpegcrop.decode
     monkeypatch.setattr(jpegcrop, "decode", lambda *args: denominators.append(args[-1]) or decode(*args))
     for box, expected in [((0, 0, 600, 600), 2), ((0, 0, 224 * 2 - 1, 224 * 2 - 1), 1), ((100, 0, 1100, 900), 4)]:
-        got = transforms.decode_resized(jpeg, box, (224, 224)).float()
+        got = transforms.decode_resized(jpeg, (1200, 900), box, (224, 224)).float()
         reference = full_decode(jpeg).crop(box).resize((224, 224), Image.Resampling.BILINEAR)
         assert denominators[-1] == expected
         assert (got - torch.from_numpy(np.asarray(reference, dtype=np.float32))).abs().mean() < 1.5
-    transforms.decode_resized(jpeg, (0, 0, 1200, 900), (128, 96))
+    transforms.decode_resized(jpeg, (1200, 900), (0, 0, 1200, 900), (128, 96))
     assert denominators[-1] == 8
 
 
