@@ -6,6 +6,10 @@ On the same generated 500x375 JPEGs as benchmarks/data.py (one thread, milliseco
 - decode: PIL's decode of the whole image vs `jpegcrop`'s decode of a training crop's region
   (the paper's scale augmentation: a random short side in [256, 480], a 224 crop);
 - resize of that region to 224x224: PIL's bilinear vs torch's antialiased bilinear on uint8;
+- stacking a batch of 64 resized crops: torch's result in channel planes (what a (1, 3, H, W)
+  view with a batch stride of 3 gets) vs in HWC rows (what `transforms.decode_resized` asks for);
+- collating that batch in a DataLoader worker: into a fresh shared-memory segment (DataLoader's
+  default) vs into a reused one (`loader.BatchBuffers`);
 - the colour step of a batch of 64 (`transforms.prepare_batch`): into a fresh float batch vs
   into the previous batch's buffer.
 """
@@ -72,13 +76,22 @@ def main() -> None:
     tensors = [torch.from_numpy(np.array(image)) for image in decoded]
 
     def pil_resize():
-        return [image.resize((224, 224), Image.Resampling.BILINEAR) for image in decoded]
+        return [image.resize((224, 224), Image.Resampling.BILINEAR) for image in decoded[:BATCH]]
 
-    def torch_resize():
+    def torch_resize(nchw):
         return [
-            torch.nn.functional.interpolate(t.permute(2, 0, 1)[None], size=(224, 224), mode="bilinear", antialias=True)
-            for t in tensors
+            torch.nn.functional.interpolate(nchw(t), size=(224, 224), mode="bilinear", antialias=True)[0].permute(1, 2, 0)
+            for t in tensors[:BATCH]
         ]
+
+    planar = torch_resize(lambda t: t.permute(2, 0, 1)[None])
+    rows = torch_resize(lambda t: t[None].permute(0, 3, 1, 2))
+    batch_bytes = BATCH * 224 * 224 * 3
+    reused = torch.empty(BATCH, 224, 224, 3, dtype=torch.uint8).share_memory_()
+
+    def into_fresh_segment():
+        segment = torch.UntypedStorage(batch_bytes).share_memory_()
+        return torch.stack(rows, out=torch.empty(0, dtype=torch.uint8).set_(segment).view(BATCH, 224, 224, 3))
 
     pixels = torch.randint(0, 256, (BATCH, 224, 224, 3), dtype=torch.uint8)
     buffer = transforms.prepare_batch(pixels, MEAN, lighting=True)
@@ -90,8 +103,17 @@ def main() -> None:
             "jpegcrop_crop_region": ms_per_call(each(cropped), 3) * per_image,
         },
         "resize_ms": {
-            "pil_bilinear": ms_per_call(pil_resize, 3) * per_image,
-            "torch_antialiased_bilinear_uint8": ms_per_call(torch_resize, 3) * per_image,
+            "pil_bilinear": ms_per_call(pil_resize, 3) / BATCH,
+            "torch_antialiased_bilinear_uint8": ms_per_call(lambda: torch_resize(lambda t: t[None].permute(0, 3, 1, 2)), 3)
+            / BATCH,
+        },
+        "stack_ms": {
+            "channel_planes": ms_per_call(lambda: torch.stack(planar), 10) / BATCH,
+            "hwc_rows": ms_per_call(lambda: torch.stack(rows), 10) / BATCH,
+        },
+        "worker_collate_ms": {
+            "fresh_shared_segment": ms_per_call(into_fresh_segment, 10) / BATCH,
+            "reused_shared_buffer": ms_per_call(lambda: torch.stack(rows, out=reused), 10) / BATCH,
         },
         "colour_step_ms": {
             "fresh_batch": ms_per_call(lambda: transforms.prepare_batch(pixels, MEAN, True), 10) / BATCH,
@@ -104,7 +126,7 @@ def main() -> None:
     for step, figures in result.items():
         if isinstance(figures, dict):
             (base, base_ms), (ours, ours_ms) = figures.items()
-            print(f"{step:15s} {base}: {base_ms:.2f} ms/img   {ours}: {ours_ms:.2f} ms/img   {base_ms / ours_ms:.1f}x")
+            print(f"{step:17s} {base}: {base_ms:.2f} ms/img   {ours}: {ours_ms:.2f} ms/img   {base_ms / ours_ms:.1f}x")
     print(f"wrote {out}")
 
 

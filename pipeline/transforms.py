@@ -85,8 +85,11 @@ def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tup
     if (x1 - x0, y1 - y0) == tuple(size):
         return pixels
     # torch's antialiased bilinear resize has a vectorised kernel for uint8 channels-last RGB:
-    # PIL's result (to 1 grey level) at twice its speed. HWC memory is that layout already.
-    resized = F.interpolate(pixels.permute(2, 0, 1)[None], size=(size[1], size[0]), mode="bilinear", antialias=True)
+    # PIL's result (to 1 grey level) at twice its speed. HWC memory is that layout already, and
+    # the batch dimension goes first so the strides say so: pixels.permute(2, 0, 1)[None] would
+    # give the batch a stride of 3, which torch reads as NCHW, so the result would come out in
+    # planes and every later copy of it would gather bytes 50,176 apart.
+    resized = F.interpolate(pixels[None].permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear", antialias=True)
     return resized[0].permute(1, 2, 0)
 
 
@@ -211,5 +214,5 @@ def prepare_batch(pixels: Tensor, mean: Sequence[float], lighting: bool, out: Te
     # vectorise).
     rows = out.permute(0, 2, 3, 1).view(n, height, width * 3)
     rows.copy_(images.reshape(n, height, width * 3))
-    rows.mul_(1 / 255).add_(shift.repeat(1, width)[:, None, :])
+    torch.add(shift.repeat(1, width)[:, None, :], rows, alpha=1 / 255, out=rows)
     return out

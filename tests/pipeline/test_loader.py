@@ -114,6 +114,35 @@ def test_two_ranks_get_equal_batch_counts_on_uneven_shards(digit_shards, tmp_pat
     assert all(r[2] == 360 for r in results)  # val: every sample once across the two ranks
 
 
+def arrivals(batches, hold: str) -> list[torch.Tensor]:
+    """Each batch's images as they arrive, and what the caller still sees of them at the end:
+    `hold` "nothing" (a copy kept, the batch dropped), "batch" or "view" (a slice of it kept)."""
+    arrived, kept = [], []
+    for x, _ in batches:
+        arrived.append(x.clone())
+        kept.append(x.clone() if hold == "nothing" else x if hold == "batch" else x[1:3])
+    return arrived, kept
+
+
+@pytest.mark.parametrize("hold", ["nothing", "batch", "view"])
+def test_reused_batch_buffers_never_overwrite_a_batch_still_held(digit_shards, single_process, monkeypatch, hold):
+    """Workers refill shared buffers; the batches equal DataLoader's fresh ones, and a batch (or
+    a view of one) the caller keeps is never refilled under it."""
+    received = []
+    record = loader.BatchBuffers.received
+    monkeypatch.setattr(loader.BatchBuffers, "received", lambda self, x, i: received.append(i) or record(self, x, i))
+    arrived, kept = arrivals(digits_loader(digit_shards, epoch=3), hold)
+    buffer_ids = [i for i in received if i >= 0]
+    if hold == "nothing":
+        assert len(set(buffer_ids)) < len(buffer_ids)  # buffers were refilled
+    for a, k in zip(arrived, kept, strict=True):
+        assert torch.equal(a[1:3] if hold == "view" else a, k)
+
+    monkeypatch.setattr(loader.BatchBuffers, "_take_free", lambda self, worker, nbytes: -1)  # DataLoader's own
+    fresh, _ = arrivals(digits_loader(digit_shards, epoch=3), "batch")
+    assert len(fresh) == len(arrived) and all(torch.equal(a, f) for a, f in zip(arrived, fresh, strict=True))
+
+
 def test_loader_never_unpickles_a_member(tmp_path, single_process):
     """A .pyd member holding a pickle that would write a file when loaded is never loaded."""
     marker = tmp_path / "pwned"
@@ -237,6 +266,13 @@ def test_decode_resized_equals_cropping_and_resizing_the_full_decode():
         got = transforms.decode_resized(jpeg, (500, 375), box, size).numpy().astype(np.int16)
         assert got.shape == (size[1], size[0], 3)
         assert np.abs(got - reference).max() <= 1  # torch's antialiased bilinear vs PIL's: rounding only
+
+
+def test_decode_resized_returns_whole_rows_of_pixels():
+    """HWC with each row's RGB values adjacent: stacking a batch of them is then a plain copy
+    (a channel-planar result made every batch a byte-by-byte gather)."""
+    got = transforms.decode_resized(photo(500, 375), (500, 375), (37.4, 81.9, 301.2, 345.7), (224, 224))
+    assert got.shape == (224, 224, 3) and got.is_contiguous()
 
 
 def test_decode_resized_decodes_big_images_at_a_reduced_scale(monkeypatch):
