@@ -83,7 +83,7 @@ def shard_writer_loop(files: list[Path], out: Path, check: bool) -> None:
 def bench_shard(root: Path, files: list[Path], workers: int, work: Path) -> dict:
     n = len(files)
     copy_s = timed(lambda: shard_writer_loop(files, work / "copy", check=False))
-    single_s = timed(lambda: shard_writer_loop(files, work / "single", check=True))
+    single_before = timed(lambda: shard_writer_loop(files, work / "single", check=True))
     p = params.load(
         REPO / "params.yaml",
         [
@@ -96,6 +96,9 @@ def bench_shard(root: Path, files: list[Path], workers: int, work: Path) -> dict
     )
     stage_s = timed(lambda: shard.shard(p))
     stage_n = n + len(sources.imagefolder(root).splits["val"])
+    # The baseline runs before and after the stage: the mean of the two cancels a drift of this
+    # machine's speed over the minute the comparison takes.
+    single_s = (single_before + timed(lambda: shard_writer_loop(files, work / "single-after", check=True))) / 2
     return {
         "images": n,
         "workers": workers,
@@ -189,9 +192,11 @@ def images_per_s(batches, finish) -> float:
 def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> dict:
     mean = loader.read_manifest(str(shards))["mean"]
     torch.manual_seed(0)
-    a = bare_decode_crop(files, workers)
-    b = torchvision_imagefolder(root, mean, workers)
+    # (a) runs before and after ours, and counts as the mean of the two (as in bench_shard).
+    a_before = bare_decode_crop(files, workers)
     ours_ = ours(shards, mean, workers)
+    a = (a_before + bare_decode_crop(files, workers)) / 2
+    b = torchvision_imagefolder(root, mean, workers)
     # The same per-image work without inter-process traffic: one process each.
     a_one, ours_one = bare_decode_crop(files, 1), ours(shards, mean, 0)
     return {
