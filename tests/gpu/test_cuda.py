@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from pipeline import transforms
+from pipeline import loader, shard, transforms
+from tests.pipeline.test_shard import make_params
 
 pytestmark = [
     pytest.mark.gpu,
@@ -53,3 +54,29 @@ def test_torch_compile_gives_the_eager_output():
     compiled = torch.compile(model)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-3, rtol=1e-3)
+
+
+def test_pinned_batches_from_loader_workers_equal_unpinned_ones(tmp_path, monkeypatch):
+    """With pin_memory (the trainer's GPU path) the batches leave the workers' reused buffers
+    through pinned copies, and are the batches the unpinned loader gives."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    shard.shard(make_params(tmp_path, "shard.maxcount=170"))
+
+    def epoch(pin_memory: bool) -> list[torch.Tensor]:
+        batches = loader.make_loader(
+            str(tmp_path / "shards"),
+            "train",
+            transforms.train_transform("cifar", flip=True),
+            batch_size=32,
+            num_workers=2,
+            epoch=1,
+            seed=0,
+            train=True,
+            pin_memory=pin_memory,
+        )
+        return [x for x, _ in batches]  # every batch held to the end
+
+    pinned, unpinned = epoch(True), epoch(False)
+    assert all(x.is_pinned() for x in pinned)
+    assert len(pinned) == len(unpinned) and all(torch.equal(a, b) for a, b in zip(pinned, unpinned, strict=True))
