@@ -136,6 +136,11 @@ class BatchBuffers:
     def _new_flags(self) -> torch.Tensor:
         return torch.zeros(self.num_workers, self.per_worker, dtype=torch.uint8).share_memory_()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For workers started by pickling (spawn, forkserver): the shared flags, none of the
+        training process's weak references, which mean nothing in another process."""
+        return {**self.__dict__, "storages": {}, "held": []}
+
     def start_pass(self) -> None:
         """Before a pass's workers start: fresh flags, which the batches still held from an
         earlier pass, whose buffers belonged to workers that are gone, never touch."""

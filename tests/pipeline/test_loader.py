@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,16 @@ def test_reused_batch_buffers_never_overwrite_a_batch_still_held(digit_shards, s
     monkeypatch.setattr(loader.BatchBuffers, "_take_free", lambda self, worker, nbytes: -1)  # DataLoader's own
     fresh, _ = arrivals(digits_loader(digit_shards, epoch=3), "batch")
     assert len(fresh) == len(arrived) and all(torch.equal(a, f) for a, f in zip(arrived, fresh, strict=True))
+
+
+def test_batch_buffers_reach_a_spawned_worker_without_the_trainers_references():
+    buffers = loader.BatchBuffers(num_workers=2, per_worker=4)
+    held = torch.zeros(8)
+    buffers.received(held, 3)
+    copy = ForkingPickler.loads(ForkingPickler.dumps(buffers))
+    assert copy.held == [] and copy.storages == {}
+    copy.busy[0, 2] = 1
+    assert buffers.busy[0, 2] == 1  # the same shared flags
 
 
 def test_loader_never_unpickles_a_member(tmp_path, single_process):
