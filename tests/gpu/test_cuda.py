@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import resnet
-from pipeline import loader, shard, transforms
+from pipeline import shard, transforms
+from tests.pipeline.test_loader import digits_loader
 from tests.pipeline.test_shard import make_params
 
 pytestmark = [
@@ -64,18 +65,7 @@ def test_pinned_batches_from_loader_workers_equal_unpinned_ones(tmp_path, monkey
     shard.shard(make_params(tmp_path, "shard.maxcount=170"))
 
     def epoch(pin_memory: bool) -> list[torch.Tensor]:
-        batches = loader.make_loader(
-            str(tmp_path / "shards"),
-            "train",
-            transforms.train_transform("cifar", flip=True),
-            batch_size=32,
-            num_workers=2,
-            epoch=1,
-            seed=0,
-            train=True,
-            pin_memory=pin_memory,
-        )
-        return [x for x, _ in batches]  # every batch held to the end
+        return [x for x, _ in digits_loader(tmp_path / "shards", epoch=1, pin_memory=pin_memory)]  # all held
 
     pinned, unpinned = epoch(True), epoch(False)
     assert all(x.is_pinned() for x in pinned)
