@@ -151,11 +151,12 @@ class BatchBuffers:
         images = [image for image, _ in samples]
         labels = torch.tensor([label for _, label in samples])
         shape = (len(images), *images[0].shape)
+        numel = math.prod(shape)
         worker = get_worker_info().id
-        index = self._take_free(worker, math.prod(shape) * images[0].element_size())
+        index = self._take_free(worker, numel * images[0].element_size())
         if index < 0:
             return default_collate(images), labels, -1
-        out = torch.empty(0, dtype=images[0].dtype).set_(self.storages[index])[: math.prod(shape)].view(shape)
+        out = torch.empty(0, dtype=images[0].dtype).set_(self.storages[index])[:numel].view(shape)
         torch.stack(images, out=out)
         return out, labels, worker * self.per_worker + index
 
