@@ -88,6 +88,17 @@ def batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batc
     )
 
 
+def worker_batch_quotas(counts: list[int], batch_size: int, num_batches: int) -> list[int]:
+    """How many of the rank's `num_batches` each worker makes, from its sample `counts`: one
+    batch per worker in turn, as DataLoader asks them, skipping a worker that has no full batch left."""
+    quotas = [0] * len(counts)
+    while sum(quotas) < num_batches:
+        for worker, count in enumerate(counts):
+            if sum(quotas) < num_batches and (quotas[worker] + 1) * batch_size <= count:
+                quotas[worker] += 1
+    return quotas
+
+
 def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, int]:
     try:
         jpeg, label = sample["jpg"], int(sample["cls"])
@@ -112,6 +123,13 @@ def seeded_shuffle(samples: Iterator[dict], seed: int, epoch: int, rank: int, bu
     info = get_worker_info()
     rng = random.Random(f"samples:{seed}:{epoch}:{rank}:{info.id if info else 0}")
     return wds.shuffle(bufsize, min(bufsize, 100), rng=rng)(samples)
+
+
+def take_quota(samples: Iterator[dict], quotas: list[int], batch_size: int) -> Iterator[dict]:
+    """A worker's share of the epoch's batches: it decodes no sample that no batch will use, and
+    is done, not mid-batch, when the training process has its last batch."""
+    info = get_worker_info()
+    return islice(samples, quotas[info.id if info else 0] * batch_size)
 
 
 class BatchBuffers:
@@ -185,7 +203,8 @@ class BatchBuffers:
 
 
 class Batches:
-    """An epoch of batches: at most `num_batches` of them (None: all)."""
+    """An epoch of batches: `num_batches` of them in training (the workers' quotas add up to
+    it), every sample's in evaluation (None)."""
 
     def __init__(self, loader: DataLoader, num_batches: int | None, buffers: BatchBuffers | None) -> None:
         self.loader = loader
@@ -194,9 +213,9 @@ class Batches:
 
     def __iter__(self) -> Iterator:
         if self.buffers is None:
-            return islice(iter(self.loader), self.num_batches)
+            return iter(self.loader)
         self.buffers.start_pass()
-        return self._through_buffers(islice(iter(self.loader), self.num_batches))
+        return self._through_buffers(iter(self.loader))
 
     def _through_buffers(self, batches: Iterator) -> Iterator:
         for images, labels, buffer in batches:
@@ -243,19 +262,23 @@ def make_loader(
         wds.split_by_worker,
         wds.tarfile_to_samples(),
     ]
-    if train:
-        stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
-    stages.append(wds.map(partial(decode, transform=transform)))
-
     num_batches = None
     if train:
-        num_batches = batches_per_epoch([n for _, n in shard_files], world_size, num_workers, batch_size)
+        counts = [n for _, n in shard_files]
+        num_batches = batches_per_epoch(counts, world_size, num_workers, batch_size)
         if num_batches == 0:
             raise UsageError(
                 f"{split}: no full batch of {batch_size} for some rank ({world_size} ranks x "
                 f"{max(num_workers, 1)} loader workers over {len(shard_files)} shards); "
                 "lower train.batch_size or shard.maxcount"
             )
+        quotas = worker_batch_quotas(
+            worker_sample_counts(counts, rank, world_size, num_workers), batch_size, num_batches
+        )
+        stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
+        stages.append(partial(take_quota, quotas=quotas, batch_size=batch_size))
+    stages.append(wds.map(partial(decode, transform=transform)))
+
     generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
     # Two buffers in flight per worker (DataLoader's prefetch), one or two held by the trainer.
     buffers = BatchBuffers(num_workers, per_worker=4) if num_workers > 0 else None

@@ -51,6 +51,24 @@ def test_batches_per_epoch_takes_the_poorest_rank():
     assert loader.worker_sample_counts(counts, 1, 2, 2) == [340, 340]
     assert loader.batches_per_epoch(counts, 2, 2, 32) == min(13 + 10, 10 + 10)
     assert loader.batches_per_epoch(counts, 1, 0, 32) == sum(counts) // 32
+    # Rank 0 makes only the poorest rank's 20 of its 13 + 10 batches: its workers in turn.
+    assert loader.worker_batch_quotas([417, 340], 32, 20) == [10, 10]
+    assert loader.worker_batch_quotas([417, 100], 32, 12) == [9, 3]
+
+
+def test_workers_decode_only_the_samples_of_the_epochs_batches(digit_shards, single_process, monkeypatch):
+    decoded = mp.get_context("fork").Value("i", 0)
+    decode = loader.decode
+
+    def counted(sample, transform):
+        with decoded.get_lock():
+            decoded.value += 1
+        return decode(sample, transform)
+
+    monkeypatch.setattr(loader, "decode", counted)
+    batches = digits_loader(digit_shards, num_workers=2)
+    assert sum(len(y) for _, y in batches) == len(batches) * 32
+    assert decoded.value == len(batches) * 32
 
 
 def test_epoch_order_is_shared_by_ranks_and_changes_with_epoch():
