@@ -14,9 +14,11 @@ Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those th
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
+import tarfile
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
@@ -28,6 +30,7 @@ import webdataset as wds
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import group_by_keys, url_opener
 
 from pipeline.cli import UsageError
 from pipeline.transforms import Transform
@@ -110,6 +113,47 @@ def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, 
         return transform(jpeg), label
     except ValueError as error:  # jpegcrop's, with libjpeg's reason
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}") from None
+
+
+def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
+    """WebDataset's `tar_file_expander`, reading each member in one piece: WebDataset opens every
+    tar in tarfile's stream mode, which copies a member 10 KiB at a time, a tenth of a JPEG's
+    decode. Files and object stores (fsspec) seek; a pipe is read as a stream."""
+    for source in sources:
+        url, stream = source["url"], source["stream"]
+        try:
+            seekable = isinstance(stream, io.IOBase) and stream.seekable()  # WebDataset's Pipe is neither
+            with stream, tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
+                for member in tar:
+                    if member.isreg():
+                        yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+                    tar.members = []  # the headers read so far, which tarfile would keep to the end
+        except (tarfile.TarError, EOFError) as error:
+            raise ValueError(
+                f"{url}: not a readable tar ({error}); check the shards with `python -m pipeline.verify`"
+            ) from None
+        yield {}  # a shard's end: WebDataset's group_by_keys never joins members of two shards
+
+
+def whole_shards(samples: Iterator[dict], counts: dict[str, int]) -> Iterator[dict]:
+    """Every shard's samples, and an error at a shard that ends short of its manifest count.
+    tarfile reads a tar cut off at a member's header as a shorter tar, and a rank left short of
+    batches would hang the others in all-reduce."""
+    url, seen = None, 0
+    for sample in samples:
+        if sample["__url__"] != url:
+            _check_count(url, seen, counts)
+            url, seen = sample["__url__"], 0
+        seen += 1
+        yield sample
+    _check_count(url, seen, counts)
+
+
+def _check_count(url: str | None, seen: int, counts: dict[str, int]) -> None:
+    if url is not None and seen != counts[url]:
+        raise ValueError(
+            f"{url}: {seen} samples, the manifest says {counts[url]}; check the shards with `python -m pipeline.verify`"
+        )
 
 
 def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
@@ -260,8 +304,12 @@ def make_loader(
         wds.SimpleShardList([url for url, _ in shard_files]),
         partial(split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        url_opener,
+        tar_members,
+        group_by_keys,
+        partial(whole_shards, counts=dict(shard_files)),
     ]
+
     num_batches = None
     if train:
         counts = [n for _, n in shard_files]

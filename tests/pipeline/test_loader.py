@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tarfile
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import webdataset as wds
 from PIL import Image
 
 import jpegcrop
@@ -437,3 +439,30 @@ def test_streams_shards_from_s3(digit_shards, s3_server, single_process):
         return torch.cat([y for _, y in digits_loader(shards, epoch=2)]).tolist()
 
     assert labels(url) == labels(str(digit_shards))
+
+
+def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
+    stages = (wds.SimpleShardList([url]), loader.url_opener, loader.tar_members, loader.group_by_keys)
+    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(*stages)]
+
+
+def test_tar_members_read_a_stream_as_a_file(digit_shards):
+    """Files seek, and each member is read in one piece; a pipe cannot, and is read as a stream."""
+    path = min((digit_shards / "train").glob("*.tar"))
+    from_file = shard_samples(str(path))
+    assert len(from_file) == 170
+    assert shard_samples(f"pipe:cat {path}") == from_file
+
+
+def test_a_truncated_shard_is_named_in_the_loaders_error(digit_shards, tmp_path, single_process):
+    copy = tmp_path / "shards"
+    shutil.copytree(digit_shards, copy)
+    path = min((copy / "train").glob("*.tar"))
+    whole = path.read_bytes()
+    # Cut inside a member: tarfile reports it. Cut at a header: tarfile sees a shorter tar, and
+    # the count in the manifest tells.
+    cuts = {1000: r"not a readable tar \(unexpected end of data\)", 102_400: "40 samples, the manifest says 170"}
+    for size, error in cuts.items():
+        path.write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=f"{path}: {error}; check the shards with `python -m pipeline.verify`"):
+            list(digits_loader(copy, num_workers=0))
