@@ -17,6 +17,7 @@ import argparse
 import io
 import json
 import multiprocessing
+import os
 import platform
 import tempfile
 import time
@@ -62,6 +63,7 @@ def make_tree(root: Path, images: int, classes: int = 10) -> list[Path]:
 
 
 def timed(fn) -> float:
+    os.sync()  # what the previous run wrote goes to disk now, not during this run
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
@@ -202,6 +204,9 @@ def read_into_page_cache(paths: list[Path]) -> None:
 
 def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> dict:
     mean = loader.read_manifest(str(shards))["mean"]
+    # The shard runs before leave a gigabyte of files to write back, which this machine does
+    # 30 s later, in the middle of the first comparison here.
+    os.sync()
     read_into_page_cache([*files, *sorted(shards.rglob("*.tar"))])
     torch.manual_seed(0)
     # (a) runs before and after ours, and counts as the mean of the two (as in bench_shard).

@@ -3,6 +3,8 @@
     python -m benchmarks.decode [--images 200] [--out benchmarks/results/decode.json]
 
 On the same generated 500x375 JPEGs as benchmarks/data.py (one thread, milliseconds per image):
+- reading the samples from a shard (in the page cache): WebDataset's `tarfile_to_samples`
+  (tarfile's stream mode) vs the loader's reader (`loader.tar_members`, one read per member);
 - decode: PIL's decode of the whole image vs `jpegcrop`'s decode of a training crop's region
   (the paper's scale augmentation: a random short side in [256, 480], a 224 crop);
 - resize of that region to 224x224: PIL's bilinear vs torch's antialiased bilinear on uint8;
@@ -19,16 +21,18 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 import jpegcrop
 from benchmarks.data import BATCH, photo_like
-from pipeline import transforms
+from pipeline import loader, transforms
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN = (0.48, 0.45, 0.40)
@@ -40,6 +44,23 @@ def ms_per_call(fn, calls: int) -> float:
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls * 1e3
+
+
+def ms_per_sample_read(jpegs: list[bytes]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = str(Path(tmp, "shard.tar"))
+        with wds.TarWriter(shard, user="", group="", mtime=0, encoder=False) as tar:  # as pipeline.shard writes
+            for i, jpeg in enumerate(jpegs):
+                tar.write({"__key__": f"s{i:06d}", "jpg": jpeg, "cls": b"0"})
+
+        def read(*stages):
+            return lambda: sum(1 for _ in wds.DataPipeline(wds.SimpleShardList([shard]), *stages))
+
+        ours = (loader.url_opener, loader.tar_members, loader.group_by_keys)
+        return {
+            "webdataset_tarfile_to_samples": ms_per_call(read(wds.tarfile_to_samples()), 10) / len(jpegs),
+            "one_read_per_member": ms_per_call(read(*ours), 10) / len(jpegs),
+        }
 
 
 def crop_regions(count: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
@@ -98,6 +119,7 @@ def main() -> None:
     per_image = 1 / args.images
     result = {
         "images": args.images,
+        "tar_read_ms": ms_per_sample_read(jpegs),
         "decode_ms": {
             "pil_whole_image": ms_per_call(each(pil_full), 3) * per_image,
             "jpegcrop_crop_region": ms_per_call(each(cropped), 3) * per_image,
