@@ -6,7 +6,8 @@ Each epoch the train shards are shuffled with a seed shared by every rank, then 
 Every DDP rank must run the same number of steps, or the ranks hang in all-reduce when one runs
 out of data first; the manifest tells how many samples each worker will read, so each rank
 stops at the number of full batches the poorest rank can make (`batches_per_epoch`). What the
-other ranks skip this epoch, another shard order brings next epoch.
+other ranks skip this epoch, another shard order brings next epoch. Each DataLoader worker
+decodes only its share of those batches (`worker_batch_quotas`).
 
 Samples are decoded from their `.jpg` and `.cls` members only: no member is ever unpickled.
 Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those through fsspec.
@@ -94,6 +95,8 @@ def batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batc
 def worker_batch_quotas(counts: list[int], batch_size: int, num_batches: int) -> list[int]:
     """How many of the rank's `num_batches` each worker makes, from its sample `counts`: one
     batch per worker in turn, as DataLoader asks them, skipping a worker that has no full batch left."""
+    if num_batches > sum(count // batch_size for count in counts):
+        raise ValueError(f"{num_batches} batches of {batch_size} from workers with {counts} samples")
     quotas = [0] * len(counts)
     while sum(quotas) < num_batches:
         for worker, count in enumerate(counts):

@@ -56,6 +56,8 @@ def test_batches_per_epoch_takes_the_poorest_rank():
     # Rank 0 makes only the poorest rank's 20 of its 13 + 10 batches: its workers in turn.
     assert loader.worker_batch_quotas([417, 340], 32, 20) == [10, 10]
     assert loader.worker_batch_quotas([417, 100], 32, 12) == [9, 3]
+    with pytest.raises(ValueError):
+        loader.worker_batch_quotas([417, 100], 32, 17)
 
 
 def test_workers_decode_only_the_samples_of_the_epochs_batches(digit_shards, single_process, monkeypatch):
