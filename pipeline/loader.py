@@ -138,6 +138,11 @@ def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
         yield {}  # a shard's end: WebDataset's group_by_keys never joins members of two shards
 
 
+def tar_samples(urls: Iterator[dict]) -> Iterator[dict]:
+    """Shard URLs -> samples: `wds.tarfile_to_samples` with `tar_members` as its reader."""
+    return group_by_keys(tar_members(url_opener(urls)))
+
+
 def whole_shards(samples: Iterator[dict], counts: dict[str, int]) -> Iterator[dict]:
     """Every shard's samples, and an error at a shard that ends short of its manifest count.
     tarfile reads a tar cut off at a member's header as a shorter tar, and a rank left short of
@@ -307,9 +312,7 @@ def make_loader(
         wds.SimpleShardList([url for url, _ in shard_files]),
         partial(split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
-        url_opener,
-        tar_members,
-        group_by_keys,
+        tar_samples,
         partial(whole_shards, counts=dict(shard_files)),
     ]
 

@@ -444,8 +444,7 @@ def test_streams_shards_from_s3(digit_shards, s3_server, single_process):
 
 
 def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
-    stages = (wds.SimpleShardList([url]), loader.url_opener, loader.tar_members, loader.group_by_keys)
-    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(*stages)]
+    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), loader.tar_samples)]
 
 
 def test_tar_members_read_a_stream_as_a_file(digit_shards):
