@@ -74,11 +74,12 @@ def timed(fn) -> float:
 
 def shard_writer_loop(files: list[Path], out: Path, check: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    conversion = shard.Conversion.of(params.load(REPO / "params.yaml").shard)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0) as sink:
         for i, path in enumerate(files):
             data = path.read_bytes()
             if check:
-                data = shard.to_rgb_jpeg(data, 95, None).jpeg
+                data = shard.to_rgb_jpeg(data, conversion).jpeg
             sink.write({"__key__": f"s{i:06d}", "jpg": data, "cls": b"0"})
 
 

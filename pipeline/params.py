@@ -57,6 +57,9 @@ class Shard(Section):
     max_reject_fraction: float = Field(ge=0, le=1)
     jpeg_quality: int = Field(ge=1, le=100)  # for images that must be re-encoded
     max_side: int | None = Field(ge=8)  # shrink images whose longer side exceeds this; null: never
+    min_side: int = Field(ge=1)  # reject images with a shorter side (1x1 tracking pixels)
+    max_pixels: int = Field(ge=1)  # reject images with more pixels, before decoding them
+    max_bytes: int = Field(ge=1)  # reject files larger than this, before reading them
 
 
 class Model(Section):

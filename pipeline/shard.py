@@ -25,7 +25,7 @@ import shutil
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,60 +38,148 @@ from pipeline import cli, sources
 from pipeline.cli import UsageError
 from pipeline.loader import MANIFEST, SCHEMA
 from pipeline.params import Params
+from pipeline.params import Shard as ShardParams
 
 
 class Rejected(Exception):
     """An input that cannot become a sample; the message is the reason."""
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """How inputs become samples, and what an input may be. The cheap checks (bytes, then the
+    header's pixel count and sides) come before a file is read whole or decoded."""
+
+    quality: int  # of the JPEGs that must be re-encoded
+    max_side: int | None  # shrink images whose longer side exceeds it
+    min_side: int  # reject images with a shorter side (1x1 tracking pixels, 2-pixel rules)
+    max_pixels: int  # reject images with more pixels (a 2 KB file can claim 65500 x 65500)
+    max_bytes: int  # reject files larger than this without reading them
+
+    @classmethod
+    def of(cls, shard: ShardParams) -> Conversion:
+        return cls(shard.jpeg_quality, shard.max_side, shard.min_side, shard.max_pixels, shard.max_bytes)
+
+
 class Prepared(NamedTuple):
     jpeg: bytes  # a baseline RGB JPEG
     converted_from: str | None  # None: the input bytes passed through untouched
-    channel_sums: tuple[int, int, int]  # sums of R, G, B over the decoded pixels
-    num_pixels: int
+    channel_means: tuple[float, float, float]  # the image's mean R, G, B, in 0..255
+    size: tuple[int, int]  # width, height of the sample's image
 
 
-def channel_sums(image: Image.Image) -> tuple[tuple[int, int, int], int]:
-    pixels = np.asarray(image, dtype=np.uint8).reshape(-1, 3)
-    r, g, b = pixels.sum(axis=0, dtype=np.int64).tolist()
-    return (r, g, b), len(pixels)
+# Pillow's modes of more than 8 bits per channel, which its convert("RGB") clips to 0..255
+# instead of scaling (a 16-bit PNG came out near-white).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def to_rgb_jpeg(data: bytes, quality: int, max_side: int | None) -> Prepared:
-    """Check an image by content and make it a baseline RGB JPEG (re-encoding only if needed)."""
+def rgb_of(image: Image.Image) -> Image.Image:
+    """An RGB image with the input's tones: 16-bit values scaled to 8 bits; alpha dropped."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise Rejected("32-bit floating-point pixels (no defined tone range)")
+    return image.convert("RGB")
+
+
+def channel_means(image: Image.Image) -> tuple[float, float, float]:
+    r, g, b = np.asarray(image, dtype=np.uint8).reshape(-1, 3).mean(axis=0, dtype=np.float64).tolist()
+    return r, g, b
+
+
+def to_rgb_jpeg(data: bytes, conversion: Conversion) -> Prepared:
+    """Check an image by content and make it a baseline RGB JPEG (re-encoding only if needed).
+    Any failure is a `Rejected` with the reason: one bad file is a counted reject, never the
+    end of the run."""
     if not data:
         raise Rejected("empty file")
+    if len(data) > conversion.max_bytes:
+        raise Rejected(f"{len(data)} bytes, over shard.max_bytes {conversion.max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                progressive = bool(image.info.get("progressive") or image.info.get("progression"))
-                too_big = max_side is not None and max(image.size) > max_side
-                if image.format == "JPEG" and image.mode == "RGB" and not progressive and not too_big:
-                    # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
-                    # truncated files at a fraction of the cost of a full decode; the DC
-                    # coefficients it keeps give the exact block means for the pixel mean.
-                    image.draft("RGB", (image.width // 8, image.height // 8))
-                    image.load()
-                    return Prepared(data, None, *channel_sums(image))
-                image.load()
-                if image.format != "JPEG":
-                    converted_from = f"{image.format} {image.mode}"
-                elif image.mode != "RGB":
-                    converted_from = image.mode
-                else:
-                    converted_from = "progressive JPEG" if progressive else None
-                rgb = image.convert("RGB")
+            return _prepare(data, conversion)
+    except Rejected:
+        raise
     except UnidentifiedImageError:
         raise Rejected("not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        reason = "truncated image" if "truncat" in str(e).lower() else f"cannot decode: {e}"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        # Pillow's own check, in Image.open, before ours: it fires above shard.max_pixels.
+        raise Rejected(f"too many pixels: {e}") from None
+    # Pillow's decoders raise almost anything on hostile input (ZeroDivisionError,
+    # RuntimeError, NotImplementedError, MemoryError, ...): each is this file's problem alone.
+    except Exception as e:  # noqa: BLE001
+        message = " ".join(str(e).split())[:200]
+        reason = "truncated image" if "truncat" in message.lower() else f"cannot decode: {type(e).__name__}: {message}"
         raise Rejected(reason) from None
+
+
+def _prepare(data: bytes, conversion: Conversion) -> Prepared:
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if width * height > conversion.max_pixels:
+            raise Rejected(f"{width}x{height} pixels, over shard.max_pixels {conversion.max_pixels}")
+        if min(width, height) < conversion.min_side:
+            raise Rejected(f"{width}x{height}, a side under shard.min_side {conversion.min_side}")
+        progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+        too_big = conversion.max_side is not None and max(width, height) > conversion.max_side
+        if image.format == "JPEG" and image.mode == "RGB" and not progressive and not too_big:
+            # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
+            # truncated files at a fraction of the cost of a full decode; the DC
+            # coefficients it keeps give the block means, and so the image's mean.
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+            return Prepared(data, None, channel_means(image), (width, height))
+        image.load()
+        if image.format != "JPEG":
+            converted_from = f"{image.format} {image.mode}"
+        elif image.mode != "RGB":
+            converted_from = image.mode
+        else:
+            converted_from = "progressive JPEG" if progressive else None
+        rgb = rgb_of(image)
     if too_big:
-        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        rgb.thumbnail((conversion.max_side, conversion.max_side), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    rgb.save(buffer, format="JPEG", quality=quality)
-    return Prepared(buffer.getvalue(), converted_from, *channel_sums(rgb))
+    rgb.save(buffer, format="JPEG", quality=conversion.quality)
+    return Prepared(buffer.getvalue(), converted_from, channel_means(rgb), rgb.size)
+
+
+def size_range(sizes: list[tuple[int, int]]) -> dict[str, Any] | None:
+    """The image sizes of some samples, as the manifest records them per split (the trainer
+    checks them against the arch): None for no samples."""
+    if not sizes:
+        return None
+    return {
+        "min_side": min(min(size) for size in sizes),
+        "max_side": max(max(size) for size in sizes),
+        "uniform": list(sizes[0]) if all(size == sizes[0] for size in sizes) else None,
+    }
+
+
+def merge_size_ranges(ranges: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    ranges = [r for r in ranges if r is not None]
+    if not ranges:
+        return None
+    uniform = ranges[0]["uniform"]
+    return {
+        "min_side": min(r["min_side"] for r in ranges),
+        "max_side": max(r["max_side"] for r in ranges),
+        "uniform": uniform if uniform is not None and all(r["uniform"] == uniform for r in ranges) else None,
+    }
+
+
+def prepare(record: sources.Record, conversion: Conversion) -> Prepared:
+    """One input record as a sample, its size checked before it is read."""
+    size = record.size()
+    if size > conversion.max_bytes:
+        raise Rejected(f"{size} bytes, over shard.max_bytes {conversion.max_bytes}")
+    try:
+        data = record.read()
+    except OSError as e:  # unreadable file: permissions, I/O error, gone since it was listed
+        raise Rejected(f"cannot read: {e.strerror or e}") from None
+    return to_rgb_jpeg(data, conversion)
 
 
 @dataclass(frozen=True)
@@ -99,8 +187,8 @@ class ShardJob:
     split: str
     index: int
     records: tuple[sources.Record, ...]
-    quality: int
-    max_side: int | None
+    conversion: Conversion
+    root: str | None  # data.root: samples record their source relative to it
 
     @property
     def name(self) -> str:
@@ -108,10 +196,14 @@ class ShardJob:
 
     def fingerprint(self) -> str:
         """What the shard is made of, so a rerun can tell a finished shard it may keep."""
-        h = hashlib.sha256(json.dumps([SCHEMA, self.name, self.quality, self.max_side]).encode())
+        h = hashlib.sha256(json.dumps([SCHEMA, self.name, astuple(self.conversion), self.root]).encode())
         for r in self.records:
             h.update(json.dumps([r.key, r.label, r.source, r.size()]).encode())
         return h.hexdigest()
+
+    def source_of(self, record: sources.Record) -> str:
+        """Where a sample came from, as a person finds it: relative to data.root for files."""
+        return os.path.relpath(record.source, self.root) if self.root and record.data is None else record.source
 
 
 def plan(records: list[sources.Record], maxcount: int, maxsize: float) -> list[list[sources.Record]]:
@@ -154,23 +246,28 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             return done["result"]
 
     rejected, converted = [], []
-    sums, num_pixels, num_samples = [0, 0, 0], 0, 0
+    mean_sums, sizes, num_samples = [0.0, 0.0, 0.0], [], 0
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as stream, wds.TarWriter(stream, user="", group="", mtime=0, encoder=False) as tar:
         for r in job.records:
             try:
-                prepared = to_rgb_jpeg(r.read(), job.quality, job.max_side)
+                prepared = prepare(r, job.conversion)
             except Rejected as e:
                 rejected.append({"source": r.source, "reason": str(e)})
                 continue
-            except OSError as e:  # unreadable file: permissions, I/O error
-                rejected.append({"source": r.source, "reason": f"cannot read: {e.strerror or e}"})
-                continue
             if prepared.converted_from:
                 converted.append({"source": r.source, "from": prepared.converted_from})
-            tar.write({"__key__": r.key, "jpg": prepared.jpeg, "cls": str(r.label).encode()})
-            sums = [a + b for a, b in zip(sums, prepared.channel_sums)]
-            num_pixels += prepared.num_pixels
+            # The key is made safe for WebDataset; `.source` keeps the original name.
+            tar.write(
+                {
+                    "__key__": r.key,
+                    "jpg": prepared.jpeg,
+                    "cls": str(r.label).encode(),
+                    "source": job.source_of(r).encode(),
+                }
+            )
+            mean_sums = [a + b for a, b in zip(mean_sums, prepared.channel_means)]
+            sizes.append(prepared.size)
             num_samples += 1
     os.replace(tmp, path)
     result = {
@@ -180,8 +277,8 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
         "sha256": sha256_of(path),
         "rejected": rejected,
         "converted": converted,
-        "channel_sums": sums,
-        "num_pixels": num_pixels,
+        "channel_mean_sums": mean_sums,
+        "image_size": size_range(sizes),
     }
     write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
     return result
@@ -202,7 +299,7 @@ def build_jobs(dataset: sources.Dataset, params: Params) -> list[ShardJob]:
         if split == "train":  # every train shard should mix classes
             records = shuffled(records, params.data.seed)
         for index, group in enumerate(plan(records, params.shard.maxcount, params.shard.maxsize)):
-            jobs.append(ShardJob(split, index, tuple(group), params.shard.jpeg_quality, params.shard.max_side))
+            jobs.append(ShardJob(split, index, tuple(group), Conversion.of(params.shard), params.data.root))
     return jobs
 
 
@@ -234,15 +331,20 @@ def manifest(dataset: sources.Dataset, jobs: list[ShardJob], results: dict[str, 
         splits[split] = {
             "num_samples": sum(e["num_samples"] for e in entries),
             "shards": [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries],
-            "rejected": [r for e in entries for r in e["rejected"]],
+            # What the walk over the files refused (symlinks out of the root, pipes, ...) comes
+            # first, then what could not be read or decoded.
+            "rejected": dataset.rejected.get(split, []) + [r for e in entries for r in e["rejected"]],
             "converted": [c for e in entries for c in e["converted"]],
+            "skipped": dataset.skipped.get(split, []),
+            "image_size": merge_size_ranges([e["image_size"] for e in entries]),
         }
     train = [results[job.name] for job in jobs if job.split == "train"]
-    num_pixels = sum(e["num_pixels"] for e in train)
-    sums = [sum(e["channel_sums"][c] for e in train) for c in range(3)]
+    num_images = sum(e["num_samples"] for e in train)
+    sums = [sum(e["channel_mean_sums"][c] for e in train) for c in range(3)]
     out: dict[str, Any] = {"schema": SCHEMA, "source": dataset.source, "classes": dataset.classes}
-    # The paper subtracts the training set's mean; this is its per-channel form, in [0, 1] units.
-    out["mean"] = [round(s / num_pixels / 255, 6) for s in sums] if num_pixels else [0.0, 0.0, 0.0]
+    # The paper subtracts the training set's mean; this is its per-channel form, in [0, 1]
+    # units, with every image weighing the same whatever its size or format.
+    out["mean"] = [round(s / num_images / 255, 6) for s in sums] if num_images else [0.0, 0.0, 0.0]
     if dataset.class_names:
         out["class_names"] = dataset.class_names
     out.update(dataset.notes)

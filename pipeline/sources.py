@@ -12,10 +12,13 @@ Class index = position in sorted class names (for ImageNet, sorted wnids: torchv
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import pickle
-from dataclasses import dataclass, field
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -42,7 +45,13 @@ class Record:
         return self.data if self.data is not None else Path(self.source).read_bytes()
 
     def size(self) -> int:
-        return len(self.data) if self.data is not None else os.path.getsize(self.source)
+        """Bytes of the input; 0 for a file that cannot be stat'ed (reading it will say why)."""
+        if self.data is not None:
+            return len(self.data)
+        try:
+            return os.path.getsize(self.source)
+        except OSError:
+            return 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class Dataset:
     splits: dict[str, list[Record]]
     class_names: list[str] | None = None  # human-readable, where the data set has them
     notes: dict[str, str] = field(default_factory=dict)  # e.g. where val labels came from
+    # Per split, the entries found that never become records (see `Listing`).
+    rejected: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
@@ -69,7 +81,10 @@ def digits_split(labels: np.ndarray, seed: int, val_fraction: float) -> tuple[np
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
-    train, val = train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
+    try:
+        train, val = train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
+    except ValueError as e:  # e.g. a fraction that leaves a class without a train or val image
+        raise SourceError(f"data.val_fraction: {val_fraction} cannot split {len(labels)} images by class ({e})") from None
     return train, val
 
 
@@ -97,15 +112,52 @@ def digits(seed: int, val_fraction: float, image_size: int) -> Dataset:
 # --- files on disk ----------------------------------------------------------------------------
 
 
+@dataclass
+class Listing:
+    """What a walk over a split's folders found: files to read, and every other entry accounted
+    for: `rejected` (counted against shard.max_reject_fraction) or `skipped` (hidden files)."""
+
+    files: list[Path] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
 def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise SourceError(f"{path}: no such folder (expected {what})")
     return path
 
 
-def list_files(folder: Path) -> list[Path]:
-    """Regular files in a folder, sorted; hidden files (.DS_Store, ._*) are not data."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def walk(folder: Path, root: Path, listing: Listing | None = None) -> Listing:
+    """Every file under `folder`, sub-folders included (as torchvision's ImageFolder reads
+    them), in sorted order. Hidden entries (.DS_Store, ._*, .ipynb_checkpoints/) are not data:
+    skipped, and listed so the count still adds up. A symlink is followed when it points inside
+    `root` (the data set's own links) and rejected when it points outside it or nowhere;
+    pipes, sockets and devices are rejected, never opened (reading a pipe would block)."""
+    listing = listing if listing is not None else Listing()
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            kind = "folder" if path.is_dir() and not path.is_symlink() else "file"
+            listing.skipped.append({"source": str(path), "reason": f"hidden {kind}"})
+            continue
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.exists():
+                listing.rejected.append({"source": str(path), "reason": "broken symlink"})
+                continue
+            if not target.is_relative_to(root.resolve()):
+                listing.rejected.append({"source": str(path), "reason": f"symlink to {target}, outside data.root"})
+                continue
+            if target.is_dir() and (target == folder.resolve() or folder.resolve().is_relative_to(target)):
+                listing.rejected.append({"source": str(path), "reason": "symlink loop"})
+                continue
+        if path.is_dir():
+            walk(path, root, listing)
+        elif path.is_file():
+            listing.files.append(path)
+        else:
+            listing.rejected.append({"source": str(path), "reason": "not a regular file"})
+    return listing
 
 
 def class_folders(split_dir: Path) -> list[Path]:
@@ -115,42 +167,85 @@ def class_folders(split_dir: Path) -> list[Path]:
     return folders
 
 
-def sample_key(path: Path, prefix: str = "") -> str:
-    # WebDataset splits a member name at the first dot of its base name: keys have no dots.
-    return prefix + path.stem.replace(".", "_")
+# WebDataset splits a member name at the first dot of its base name into key and extension, and
+# a slash would make it a path: keys keep letters, digits, '-' and '_', and nothing else.
+_NOT_IN_KEY = re.compile(r"[^\w-]")
 
 
-def check_unique_keys(split: str, records: list[Record]) -> None:
-    seen: dict[str, str] = {}
+def sample_key(relative: Path) -> str:
+    """A WebDataset-safe key from a file's path relative to its split's class folder (or its
+    split folder), without the file's extension: `001.ak47/img 1.jpg` -> `001_ak47_img_1`."""
+    return _NOT_IN_KEY.sub("_", str(relative.with_suffix("")))
+
+
+def unique_keys(records: list[Record]) -> list[Record]:
+    """Two paths that make one key (`a.b.jpg` and `a_b.jpg`, `x.JPEG` and `x.png`) both stay:
+    every record after the first with that key gets a suffix from a hash of its source, which
+    depends on nothing but its own path."""
+    seen: set[str] = set()
+    out = []
     for r in records:
-        if r.key in seen:
-            raise SourceError(f"{split}: duplicate sample key {r.key!r} from {seen[r.key]} and {r.source}")
-        seen[r.key] = r.source
+        key = r.key
+        if key in seen:
+            key = f"{key}_{hashlib.sha256(r.source.encode()).hexdigest()[:10]}"
+            if key in seen:
+                raise SourceError(f"{r.source}: cannot derive a unique sample key")
+            r = replace(r, key=key)
+        seen.add(key)
+        out.append(r)
+    return out
 
 
-def folder_records(split_dir: Path, class_index: dict[str, int], key_by_class: bool) -> list[Record]:
-    records = []
+def folder_split(split_dir: Path, root: Path, class_index: dict[str, int], key_by_class: bool) -> tuple[list[Record], Listing]:
+    """The records of a split laid out as split_dir/<class>/..., and everything else found there."""
+    records: list[Record] = []
+    listing = Listing()
+    for entry in sorted(split_dir.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            # Loose files beside the class folders have no class.
+            if entry.name.startswith("."):
+                listing.skipped.append({"source": str(entry), "reason": "hidden file"})
+            else:
+                listing.rejected.append({"source": str(entry), "reason": "not in a class folder"})
     for folder in class_folders(split_dir):
         if folder.name not in class_index:
             raise SourceError(f"{folder}: class {folder.name!r} has no train folder")
-        prefix = f"{folder.name}_" if key_by_class else ""
-        records += [Record(sample_key(p, prefix), class_index[folder.name], str(p)) for p in list_files(folder)]
-    return records
+        found = walk(folder, root)
+        listing.rejected += found.rejected
+        listing.skipped += found.skipped
+        base = split_dir if key_by_class else folder
+        records += [Record(sample_key(p.relative_to(base)), class_index[folder.name], str(p)) for p in found.files]
+    return unique_keys(records), listing
+
+
+def check_no_empty_classes(split_dir: Path, classes: list[str], records: list[Record]) -> None:
+    """A train class without one file is a class the network can never learn: an error, not a
+    silent 0-sample class (val may lack a class; the train set decides what the classes are)."""
+    counts = Counter(r.label for r in records)
+    empty = [c for i, c in enumerate(classes) if counts[i] == 0]
+    if empty:
+        raise SourceError(
+            f"{split_dir / empty[0]}: an empty class folder ({len(empty)} of {len(classes)} classes have no files)"
+        )
 
 
 def imagefolder(root: Path) -> Dataset:
-    """Any root/{train,val}/<class>/* tree (Imagenette, ImageNet-100, your own)."""
+    """Any root/{train,val}/<class>/... tree (Imagenette, ImageNet-100, your own)."""
     train_dir = require_dir(root / "train", "root/train/<class>/<images>")
     val_dir = require_dir(root / "val", "root/val/<class>/<images>")
     classes = [p.name for p in class_folders(train_dir)]
     index = {c: i for i, c in enumerate(classes)}
-    splits = {
-        "train": folder_records(train_dir, index, key_by_class=True),
-        "val": folder_records(val_dir, index, key_by_class=True),
-    }
-    for split, records in splits.items():
-        check_unique_keys(split, records)
-    return Dataset("imagefolder", classes, splits)
+    splits, listings = {}, {}
+    for split, split_dir in (("train", train_dir), ("val", val_dir)):
+        splits[split], listings[split] = folder_split(split_dir, root, index, key_by_class=True)
+    check_no_empty_classes(train_dir, classes, splits["train"])
+    return Dataset(
+        "imagefolder",
+        classes,
+        splits,
+        rejected={s: listing.rejected for s, listing in listings.items()},
+        skipped={s: listing.skipped for s, listing in listings.items()},
+    )
 
 
 # --- ImageNet (ILSVRC-2012) -------------------------------------------------------------------
@@ -168,32 +263,36 @@ def imagenet(root: Path) -> Dataset:
     val_dir = require_dir(root / "val", "ILSVRC-2012's val/ (flat, or val/<wnid>/ folders)")
     classes = [p.name for p in class_folders(train_dir)]
     index = {wnid: i for i, wnid in enumerate(classes)}
-    train = folder_records(train_dir, index, key_by_class=False)
+    train, train_listing = folder_split(train_dir, root, index, key_by_class=False)
+    check_no_empty_classes(train_dir, classes, train)
 
-    val_has_folders = any(p.is_dir() for p in val_dir.iterdir())
+    val_has_folders = any(p.is_dir() and not p.name.startswith(".") for p in val_dir.iterdir())
     if val_has_folders:
-        if list_files(val_dir):
+        if any(p.is_file() and not p.name.startswith(".") for p in val_dir.iterdir()):
             raise SourceError(f"{val_dir}: holds both class folders and loose files; expected one layout")
-        val, labels_from = folder_records(val_dir, index, key_by_class=False), "val/<wnid>/ folders"
+        val, val_listing = folder_split(val_dir, root, index, key_by_class=False)
+        labels_from = "val/<wnid>/ folders"
     else:
         wnid_of, labels_from = val_labels(root)
+        val_listing = walk(val_dir, root)
         val = []
-        for path in list_files(val_dir):
+        for path in val_listing.files:
             wnid = wnid_of.get(path.stem)
             if wnid is None:
                 raise SourceError(f"{path}: no label for this val image in {labels_from}")
             if wnid not in index:
                 raise SourceError(f"{labels_from}: {path.stem} is labelled {wnid}, which has no train folder")
-            val.append(Record(sample_key(path), index[wnid], str(path)))
+            val.append(Record(sample_key(path.relative_to(val_dir)), index[wnid], str(path)))
+        val = unique_keys(val)
 
-    check_unique_keys("train", train)
-    check_unique_keys("val", val)
     return Dataset(
         "imagenet",
         classes,
         {"train": train, "val": val},
         class_names=imagenet_class_names(root, classes),
         notes={"val_labels": labels_from},
+        rejected={"train": train_listing.rejected, "val": val_listing.rejected},
+        skipped={"train": train_listing.skipped, "val": val_listing.skipped},
     )
 
 
@@ -292,9 +391,32 @@ def read_cifar_batch(path: Path) -> dict[str, object]:
     try:
         with path.open("rb") as f:
             raw = _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise SourceError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    except Exception as e:  # noqa: BLE001 (a malformed pickle raises almost anything: ValueError, IndexError, ...)
+        raise SourceError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, dict):
+        raise SourceError(f"{path}: not a CIFAR-10 python batch (a {type(raw).__name__}, expected a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def cifar_class_names(path: Path) -> list[str]:
+    names = read_cifar_batch(path).get("label_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise SourceError(f"{path}: label_names is not a list of class names")
+    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
+
+
+def cifar_images(path: Path, num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """(N x 32 x 32 x 3 uint8 images, N labels) of one batch, or one line saying what is wrong."""
+    batch = read_cifar_batch(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise SourceError(f"{path}: data is a {what}, expected a uint8 array of shape (N, 3072)")
+    if not isinstance(labels, list) or not all(isinstance(x, int) and 0 <= x < num_classes for x in labels):
+        raise SourceError(f"{path}: labels is not a list of integers in 0..{num_classes - 1}")
+    if len(labels) != len(data):
+        raise SourceError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
 def cifar10(root: Path) -> Dataset:
@@ -304,20 +426,17 @@ def cifar10(root: Path) -> Dataset:
     for name in [*names, "batches.meta"]:
         if not (folder / name).is_file():
             raise SourceError(f"{folder / name}: missing (expected the cifar-10-batches-py folder)")
-    classes = [
-        c.decode() if isinstance(c, bytes) else c for c in read_cifar_batch(folder / "batches.meta")["label_names"]
-    ]
+    # batches.meta lists the class names in label order ("airplane", "automobile", ...).
+    classes = cifar_class_names(folder / "batches.meta")
 
     def records(split: str, batch_names: list[str]) -> list[Record]:
         out = []
         for name in batch_names:
-            batch = read_cifar_batch(folder / name)
-            images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            for i, (pixels, label) in enumerate(zip(images, batch["labels"])):
-                out.append(Record(f"cifar10_{split}_{len(out):05d}", int(label), f"{name}[{i}]", encode_jpeg(pixels)))
+            images, labels = cifar_images(folder / name, len(classes))
+            for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+                out.append(Record(f"cifar10_{split}_{len(out):05d}", label, f"{name}[{i}]", encode_jpeg(pixels)))
         return out
 
-    # batches.meta lists the class names in label order ("airplane", "automobile", ...).
     return Dataset("cifar10", classes, {"train": records("train", names[:5]), "val": records("val", names[5:])})
 
 

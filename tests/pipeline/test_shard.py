@@ -213,11 +213,14 @@ def test_devkit_without_meta_mat_is_an_error(tmp_path):
         sources.imagenet(tree.root)
 
 
-def test_duplicate_keys_are_an_error(tmp_path):
+def test_two_files_with_one_key_are_both_kept(tmp_path):
     tree = imagenet_tree(tmp_path / "raw", val_format="folders", quirks=False)
-    (tree.root / "train" / WNIDS[1] / f"{WNIDS[0]}_1000.JPEG").write_bytes(b"x")
-    with pytest.raises(sources.SourceError, match=f"duplicate sample key '{WNIDS[0]}_1000'"):
-        sources.imagenet(tree.root)
+    twin = tree.root / "train" / WNIDS[1] / f"{WNIDS[0]}_1000.JPEG"
+    twin.write_bytes((tree.root / "train" / WNIDS[0] / f"{WNIDS[0]}_1000.JPEG").read_bytes())
+    records = sources.imagenet(tree.root).splits["train"]
+    keys = [r.key for r in records]
+    assert len(set(keys)) == len(keys) == len(tree.train_labels) + 1
+    assert {r.label for r in records if r.key.startswith(f"{WNIDS[0]}_1000")} == {0, 1}
 
 
 def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path):
@@ -263,24 +266,27 @@ def test_cifar10_reader_refuses_anything_but_arrays(tmp_path):
         sources.cifar10(tmp_path / "raw")
 
 
+CONVERSION = shard.Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
+
+
 def test_to_rgb_jpeg_by_content():
     import numpy as np
 
     pixels = picture(np.random.default_rng(0), 32, 24)
     good = jpeg_bytes(pixels)
-    assert shard.to_rgb_jpeg(good, 95, None)[:2] == (good, None)
-    assert shard.to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), 95, None).converted_from == "CMYK"
-    png = shard.to_rgb_jpeg(png_bytes(pixels), 95, None)
+    assert shard.to_rgb_jpeg(good, CONVERSION)[:2] == (good, None)
+    assert shard.to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), CONVERSION).converted_from == "CMYK"
+    png = shard.to_rgb_jpeg(png_bytes(pixels), CONVERSION)
     assert png.converted_from == "PNG RGB"
-    assert png.num_pixels == 32 * 24
-    assert list(png.channel_sums) == pixels.reshape(-1, 3).sum(axis=0).tolist()
+    assert png.size == (32, 24)
+    assert list(png.channel_means) == pytest.approx(pixels.reshape(-1, 3).mean(axis=0).tolist())
     for data, reason in [
         (b"", "empty file"),
         (b"hello, not an image", "not an image"),
         (good[:200], "truncated image"),
     ]:
         with pytest.raises(shard.Rejected, match=reason):
-            shard.to_rgb_jpeg(data, 95, None)
+            shard.to_rgb_jpeg(data, CONVERSION)
 
 
 def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finishes(tmp_path):
