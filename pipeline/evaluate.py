@@ -41,13 +41,17 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str) -> dict[str,
     """Errors of a checkpoint's model on every val sample, in one process."""
     model = trainer.model_from_checkpoint(checkpoint)
     manifest = loader.read_manifest(params.paths.shards)
+    batch_size = 64 if crop == "single" else 8
+    val = manifest["splits"]["val"]
+    trainer.check_val_shards([shard["num_samples"] for shard in val["shards"]], 1, params.paths.shards)
+    trainer.check_image_size(params.model.arch, "val", val.get("image_size"), batch_size, params.paths.shards)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     batches = loader.make_loader(
         params.paths.shards,
         "val",
         transforms.eval_transform(params.model.arch, crop),
-        batch_size=64 if crop == "single" else 8,
+        batch_size=batch_size,
         num_workers=params.train.loader_workers,
         epoch=0,
         seed=0,

@@ -28,6 +28,7 @@ from typing import Any
 import fsspec
 import torch
 import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 from webdataset.gopen import gopen_schemes
@@ -50,18 +51,113 @@ for _scheme in ("s3", "gcs", "az", "abfs"):
     gopen_schemes[_scheme] = _open_with_fsspec
 
 
+# manifest.json as every stage that reads it relies on it. The shard stage writes it; one edited
+# by hand, cut short or written by something else is refused when it is read, in one line that
+# names the key, rather than as a KeyError in a Ray worker a minute later. Types are strict (a
+# count of "12" or true is an error, not 12 or 1): the stages go on reading the dict itself.
+# Keys beyond these are allowed: the shard stage adds notes (class_names, a source's own) that
+# no stage needs.
+
+
+class _ManifestPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+
+
+class ManifestShard(_ManifestPart):
+    # Relative to the shards folder, and inside it: the loader joins it onto the folder's URL.
+    name: str = Field(pattern=r"^[\w-]+/[\w.-]+\.tar$")
+    num_samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)  # `verify` compares the file with these two
+    sha256: str
+
+
+class ImageSize(_ManifestPart):
+    """The sides of a split's images, in pixels; `uniform` is [width, height] when every image
+    has that size, else null."""
+
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    uniform: list[int] | None = Field(min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ImageSize:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is over max_side {self.max_side}")
+        if self.uniform is not None and not (min(self.uniform) == self.min_side and max(self.uniform) == self.max_side):
+            raise ValueError(
+                f"uniform {self.uniform} disagrees with min_side {self.min_side}, max_side {self.max_side}"
+            )
+        return self
+
+
+class ManifestSplit(_ManifestPart):
+    num_samples: int = Field(ge=0)
+    shards: list[ManifestShard]
+    rejected: list[Any]
+    converted: list[Any]
+    # null for a split without images; absent from manifests written before sizes were recorded
+    image_size: ImageSize | None = None
+
+
+class Manifest(_ManifestPart):
+    source: str
+    classes: list[str] = Field(min_length=1)  # the net's outputs, in label order
+    mean: list[float] = Field(min_length=3, max_length=3)  # per channel, subtracted from every image
+    splits: dict[str, ManifestSplit]
+
+    @field_validator("splits")
+    @classmethod
+    def _train_and_val(cls, splits: dict[str, ManifestSplit]) -> dict[str, ManifestSplit]:
+        for split in ("train", "val"):
+            if split not in splits:
+                raise ValueError(f"no {split!r} split; the shard stage writes train and val")
+        return splits
+
+
 def read_manifest(shards: str) -> dict[str, Any]:
+    """The shards' manifest.json, checked against `Manifest`; any problem is one UsageError
+    line that names the file (and the key)."""
     url = f"{shards.rstrip('/')}/{MANIFEST}"
     try:
-        with fsspec.open(url, "rt") as f:
+        with fsspec.open(url, "rt", encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{url}: missing; run `python -m pipeline.shard` first") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise UsageError(f"{url}: a folder, not a file; run `python -m pipeline.shard` to write the shards") from None
+    except NotADirectoryError:
+        raise UsageError(f"{url}: {shards} is a file, not a folder of shards (paths.shards)") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{url}: not a text file (byte {e.start} is not UTF-8)") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise UsageError(f"{url}: not valid JSON ({e})") from None
-    if manifest.get("schema") != SCHEMA:
-        raise UsageError(f"{url}: schema {manifest.get('schema')!r}, expected {SCHEMA}")
+    except OSError as e:
+        raise UsageError(f"{url}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{url}: a JSON {type(manifest).__name__}, expected an object")
+    if "schema" not in manifest:
+        raise UsageError(f"{url}: schema: missing key; expected {SCHEMA}")
+    schema = manifest["schema"]
+    if type(schema) is not int or schema != SCHEMA:  # `type`: JSON's true is no schema 1
+        raise UsageError(f"{url}: schema: {schema!r}, expected {SCHEMA}")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as e:
+        raise UsageError(f"{url}: {manifest_problem(e.errors()[0])}") from None
     return manifest
+
+
+def manifest_problem(error: dict[str, Any]) -> str:
+    """One pydantic error as `dotted.key: what is wrong (got value)`."""
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"{key}: missing key"
+    message = error["msg"].removeprefix("Value error, ")
+    value = error["input"]
+    if isinstance(value, (dict, list)):  # a whole section: its key says enough
+        return f"{key}: {message}"
+    shown = repr(value)
+    return f"{key}: {message} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
 def shard_list(shards: str, manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
@@ -92,6 +188,59 @@ def batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batc
     )
 
 
+def sure_worker_samples(counts: list[int], world_size: int, num_workers: int) -> int:
+    """Samples that the busiest DataLoader worker of every rank is sure to read, whatever shard
+    order an epoch draws: a lower bound on the worst case over all orders. Each worker batches
+    its own samples, so if this is at least the per-rank batch, every rank makes a full batch in
+    every epoch (`batches_per_epoch` >= 1) and none fails at epoch 5 for an unlucky shuffle.
+
+    Why it is a lower bound. Sort the counts: s_1 <= ... <= s_n. An epoch's order deals its p-th
+    shard to rank p mod W, so a rank gets k = floor(n/W) shards, or one more; the rank's i-th
+    shard goes to its worker i mod L (L = max(num_workers, 1)), so worker w holds
+    m_w = ceil((k - w) / L) of the first k, with m_0 >= m_1 >= ..., and g = min(k, L) workers
+    hold any. A rank with k + 1 shards deals its first k as a k-shard rank does and the extra
+    shard only adds samples, so a bound for every k-shard rank holds for every rank. Any k
+    shards of a rank, sorted, t_1 <= ... <= t_k, have t_i >= s_i (the i-th smallest of some of
+    the counts is at least the i-th smallest of all). Then the busiest worker of the rank holds
+    at least:
+      (a) for each j <= g: a j-th of what the j workers with the most shards hold together,
+          which is M_j = m_0 + ... + m_{j-1} shards, so at least s_1 + ... + s_{M_j} samples
+          (a j-th rounded up, as samples are whole);
+      (b) for each h >= 0 with g*h + 1 <= k: among the rank's g*h + 1 largest shards, h + 1
+          share a worker (pigeonhole over g workers), together at least
+          s_{k-gh} + ... + s_{k-gh+h}; that worker holds c >= h + 1 shards (c the smallest m_w
+          that is), and its other c - h - 1 hold at least s_1 + ... + s_{c-h-1}.
+    The bound is the largest of these. It is exact (some order reaches it, by dealing the k
+    smallest shards to a rank with k) when L = 1 (a, j = 1: s_1 + ... + s_k), when k <= L (b,
+    h = 0: s_k, one shard a worker) and when the shards are all one size (a, j = 1: m_0 * s);
+    elsewhere it may fall short of the true worst case by a little, so the check it makes is
+    sufficient rather than necessary. tests/pipeline/test_preflight.py compares it with every
+    order of small cases. k = 0 (fewer shards than ranks) leaves a rank nothing: 0.
+    """
+    workers = max(num_workers, 1)
+    s = sorted(counts)
+    k = len(s) // world_size
+    if k == 0:
+        return 0
+    m = [len(range(w, k, workers)) for w in range(min(k, workers))]  # shards per worker, descending
+    g = len(m)
+    prefix = [0]
+    for count in s:
+        prefix.append(prefix[-1] + count)  # prefix[i] = s_1 + ... + s_i
+
+    best, held = 0, 0
+    for j in range(1, g + 1):  # (a)
+        held += m[j - 1]
+        best = max(best, -(-prefix[held] // j))
+    for h in range(m[0]):  # (b)
+        if g * h + 1 > k:
+            break
+        c = m[-1] if m[-1] >= h + 1 else m[0]  # m holds at most two sizes, m[0] and m[0] - 1
+        shared = prefix[k - g * h + h] - prefix[k - g * h - 1]
+        best = max(best, shared + prefix[c - h - 1])
+    return best
+
+
 def worker_batch_quotas(counts: list[int], batch_size: int, num_batches: int) -> list[int]:
     """How many of the rank's `num_batches` each worker makes, from its sample `counts`: one
     batch per worker in turn, as DataLoader asks them, skipping a worker that has no full batch left."""
@@ -118,10 +267,30 @@ def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, 
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}") from None
 
 
+# The largest tar member read into memory (by the loader, and by `verify`). A member is read
+# whole, and its header alone says how large it is: a shard someone else wrote can claim 16 GiB
+# in a member that holds a few bytes. The shard stage writes nothing near this: a JPEG passed
+# through is at most shard.max_bytes (64 MiB by default), and one it re-encodes has at most
+# transforms.MAX_PIXELS pixels, ~180 MB even for pure noise at quality 100 (2 bytes a pixel).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+def member_refusal(member: tarfile.TarInfo) -> str | None:
+    """Why a regular tar member must not be read, or None. A sparse member (a GNU tar
+    extension) stores only its data blocks and reads back as its full size with the holes
+    zero-filled: 250 KB in the tar can read as 16 GiB. The shard stage never writes one."""
+    if member.issparse():
+        return f"a sparse file, {member.size} bytes once its holes are filled; shards hold no sparse files"
+    if member.size > MAX_MEMBER_BYTES:
+        return f"{member.size} bytes, over the limit of {MAX_MEMBER_BYTES} bytes for a member"
+    return None
+
+
 def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
     """WebDataset's `tar_file_expander`, reading each member in one piece: WebDataset opens every
     tar in tarfile's stream mode, which copies a member 10 KiB at a time, a tenth of a JPEG's
-    decode. Files and object stores (fsspec) seek; a pipe is read as a stream."""
+    decode. Files and object stores (fsspec) seek; a pipe is read as a stream. A member
+    `member_refusal` refuses is an error, before any of it is read."""
     for source in sources:
         url, stream = source["url"], source["stream"]
         try:
@@ -129,6 +298,11 @@ def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
             with stream, tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
                 for member in tar:
                     if member.isreg():
+                        refusal = member_refusal(member)
+                        if refusal:
+                            raise ValueError(
+                                f"{url}: {member.name}: {refusal}; check the shards with `python -m pipeline.verify`"
+                            )
                         yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
                     tar.members = []  # the headers read so far, which tarfile would keep to the end
         except (tarfile.TarError, EOFError) as error:

@@ -25,6 +25,9 @@ import resnet
 from pipeline.cli import UsageError
 
 IMAGENET_DEPTHS = tuple(spec.depth for spec in resnet.SPECS.values())
+# data.seed goes to scikit-learn's train_test_split, whose random_state (numpy's) takes 0 to
+# 2**32 - 1; train.seed goes to torch, which takes more, but one range for both is one rule.
+MAX_SEED = 2**32 - 1
 
 
 class ParamsError(UsageError):
@@ -45,7 +48,7 @@ class Paths(Section):
 class Data(Section):
     source: Literal["digits", "imagenet", "imagefolder", "cifar10"]
     root: str | None
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     val_fraction: float = Field(gt=0, lt=1)  # digits: the stratified val split
     image_size: int = Field(ge=8)  # digits: the side the 8x8 digits are rendered at
 
@@ -92,7 +95,7 @@ class Train(Section):
     num_workers: int = Field(ge=1)
     use_gpu: bool
     max_failures: int = Field(ge=-1)
-    seed: int
+    seed: int = Field(ge=0, le=MAX_SEED)
     milestones: list[float]  # fractions of training at which the lr is divided by 10
     plateau_patience: int | None = Field(ge=1)  # set: divide on a val-error plateau instead
     warmup_depth: int = Field(ge=1)  # nets this deep start at lr/10 until train error < 80%
@@ -146,21 +149,43 @@ def check_sweep(params: Params) -> None:
 
 
 def load(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
-    """Read a params file, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    """Read a params file, apply `key.path=value` overrides (values parsed as YAML), validate.
+    A file that cannot be read as a mapping of sections is one ParamsError line naming it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such params file") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: a folder, not a params file") from None
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not a text file (byte {e.start} is not UTF-8); expected YAML") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ParamsError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise ParamsError(f"{path}:{yaml_problem(e)}") from None
+    if raw is None:
+        raise ParamsError(f"{path}: empty; expected a mapping of sections ({', '.join(Params.model_fields)})")
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got a {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, source=str(path))
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """` line N not valid YAML (why)`, on one line. A parser error has a problem and a mark; a
+    reader error (a control character such as NUL, as in a binary file) has a reason and a
+    position, and its str() runs over two lines."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f" line {mark.line + 1} not valid YAML ({' '.join(str(error.problem).split())})"
+    if isinstance(error, yaml.reader.ReaderError):
+        code = error.character if isinstance(error.character, int) else ord(error.character)
+        return f" not valid YAML (character #x{code:04x} at position {error.position}: {error.reason})"
+    return f" not valid YAML ({' '.join(str(error).split())})"
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

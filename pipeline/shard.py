@@ -2,16 +2,22 @@
 
     python -m pipeline.shard [--params params.yaml] [--set shard.workers=4] ...
 
-Every image is checked by content: an RGB baseline JPEG passes through byte for byte; CMYK,
-greyscale, progressive JPEGs and other formats (a PNG named .JPEG) are re-encoded as RGB JPEG
-and listed in the manifest's `converted`; empty, truncated and undecodable files are listed in
-`rejected`. The stage fails when a split's rejects exceed `shard.max_reject_fraction`.
+Every file under a split's folders is accounted for (`sources` walks them): a sample, a
+`rejected` entry naming the file and the reason, or a `skipped` hidden file. Every image is
+checked by content, the cheap checks first (file size, then the header's pixel count and sides):
+an RGB baseline JPEG passes through byte for byte; CMYK, greyscale, progressive and other
+non-baseline JPEGs, 16-bit images and other formats (a PNG named .JPEG) are re-encoded as RGB
+JPEG and listed in `converted`; whatever fails to read or decode, for any reason, is rejected.
+The stage fails when a split's rejects exceed `shard.max_reject_fraction`.
 
 Shards are written by `shard.workers` processes into `<paths.shards>.partial/`, each under a
-temporary name renamed when complete, with a small record of what went into it, so a rerun
-after an interruption keeps finished shards and writes the rest. The manifest is written last,
-then the whole folder replaces `paths.shards`: a shard folder without a manifest is never
-complete, and a failed run leaves the previous output as it was.
+temporary name, fsync'd and renamed when complete, with a small record of what went into it, so
+a rerun after an interruption (Ctrl-C stops the stage at once, exit 130) keeps the finished
+shards whose size and sha256 still match their record and writes the rest. The manifest is
+written last, then the whole folder replaces `paths.shards`: a shard folder without a manifest
+is never complete, and a failed run leaves the previous output as it was. The output is
+replaced only when it is absent, empty or this stage's own previous output (`outputs`), a lock
+keeps a second run out, and a link is written through.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,11 +41,12 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import cli, sources
+from pipeline import cli, outputs, sources
 from pipeline.cli import UsageError
-from pipeline.loader import MANIFEST, SCHEMA
+from pipeline.loader import MANIFEST, MAX_MEMBER_BYTES, SCHEMA
 from pipeline.params import Params
 from pipeline.params import Shard as ShardParams
+from pipeline.transforms import MAX_PIXELS
 
 
 class Rejected(Exception):
@@ -88,6 +96,39 @@ def channel_means(image: Image.Image) -> tuple[float, float, float]:
     return r, g, b
 
 
+# JPEG markers: start of image and end of image, start of scan, and the frame headers (SOFn)
+# of every coding process but baseline (SOF0): extended, progressive, lossless, arithmetic.
+SOI, EOI, SOS, SOF0 = 0xD8, 0xD9, 0xDA, 0xC0
+OTHER_FRAMES = {0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field (TEM, RSTn)
+
+
+def is_baseline(data: bytes) -> bool:
+    """Whether the JPEG's first frame, read as libjpeg reads it (from the first SOI, segment
+    by segment), is baseline. Pillow reads past an empty first image (an SOI then an EOI, as
+    in a damaged MPO) and calls arithmetic-coded frames plain JPEG; the loader's decoder and
+    GPU decoders do not, so only a true baseline frame may pass through untouched."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in STANDALONE:
+            at += 2
+            continue
+        if marker == SOF0:
+            return True
+        if marker in OTHER_FRAMES or marker in (SOI, EOI, SOS):
+            return False
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return False
+
+
 def to_rgb_jpeg(data: bytes, conversion: Conversion) -> Prepared:
     """Check an image by content and make it a baseline RGB JPEG (re-encoding only if needed).
     Any failure is a `Rejected` with the reason: one bad file is a counted reject, never the
@@ -124,7 +165,7 @@ def _prepare(data: bytes, conversion: Conversion) -> Prepared:
             raise Rejected(f"{width}x{height}, a side under shard.min_side {conversion.min_side}")
         progressive = bool(image.info.get("progressive") or image.info.get("progression"))
         too_big = conversion.max_side is not None and max(width, height) > conversion.max_side
-        if image.format == "JPEG" and image.mode == "RGB" and not progressive and not too_big:
+        if image.format == "JPEG" and image.mode == "RGB" and is_baseline(data) and not too_big:
             # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
             # truncated files at a fraction of the cost of a full decode; the DC
             # coefficients it keeps give the block means, and so the image's mean.
@@ -136,8 +177,10 @@ def _prepare(data: bytes, conversion: Conversion) -> Prepared:
             converted_from = f"{image.format} {image.mode}"
         elif image.mode != "RGB":
             converted_from = image.mode
+        elif progressive:
+            converted_from = "progressive JPEG"
         else:
-            converted_from = "progressive JPEG" if progressive else None
+            converted_from = None if is_baseline(data) else "non-baseline JPEG"  # None: only shrunk
         rgb = rgb_of(image)
     if too_big:
         rgb.thumbnail((conversion.max_side, conversion.max_side), Image.Resampling.LANCZOS)
@@ -240,10 +283,20 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
     path = staging / job.name
     record_path = path.with_name(path.name + ".json")
     fingerprint = job.fingerprint()
-    if record_path.is_file() and path.is_file():
+    # A shard of an interrupted run is kept only if its record says it was made of these inputs
+    # and the file is still the one recorded, size and sha256: a torn or edited file, or a
+    # record of another plan, means writing the shard again.
+    try:
         done = json.loads(record_path.read_text())
-        if done.get("fingerprint") == fingerprint:
-            return done["result"]
+        kept = done["result"]
+        if (
+            done["fingerprint"] == fingerprint
+            and path.stat().st_size == kept["bytes"]
+            and sha256_of(path) == kept["sha256"]
+        ):
+            return kept
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no shard, no record, or a record that is not one: write the shard
 
     rejected, converted = [], []
     mean_sums, sizes, num_samples = [0.0, 0.0, 0.0], [], 0
@@ -269,6 +322,9 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             mean_sums = [a + b for a, b in zip(mean_sums, prepared.channel_means)]
             sizes.append(prepared.size)
             num_samples += 1
+    # The data reaches the disk before the final name does: after a crash, a shard under its
+    # final name is whole. Its record comes last (write_json_atomic flushes it and the folder).
+    outputs.fsync_file(tmp)
     os.replace(tmp, path)
     result = {
         "name": job.name,
@@ -285,14 +341,29 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename: a reader never sees half a file."""
+    """Write JSON under a temporary name, flushed to disk, then rename: a reader, or a rerun
+    after a crash, never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    with tmp.open("w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    outputs.fsync_dir(path.parent)
+
+
+def check_limits(shard: ShardParams) -> None:
+    """Every sample the stage writes must be one the loader will read: its decoder refuses
+    images over MAX_PIXELS and its tar reader members over MAX_MEMBER_BYTES."""
+    if shard.max_pixels > MAX_PIXELS:
+        raise UsageError(f"shard.max_pixels: {shard.max_pixels} is over the decoder's limit of {MAX_PIXELS}")
+    if shard.max_bytes > MAX_MEMBER_BYTES:
+        raise UsageError(f"shard.max_bytes: {shard.max_bytes} is over the tar reader's limit of {MAX_MEMBER_BYTES}")
 
 
 def build_jobs(dataset: sources.Dataset, params: Params) -> list[ShardJob]:
+    check_limits(params.shard)
     jobs = []
     for split in sources.SPLITS:
         records = dataset.splits[split]
@@ -304,23 +375,33 @@ def build_jobs(dataset: sources.Dataset, params: Params) -> list[ShardJob]:
 
 
 def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, dict[str, Any]]:
-    """Write every shard with a pool of processes, a progress bar over samples."""
+    """Write every shard with a pool of processes, a progress bar over samples.
+
+    Ctrl-C or SIGTERM (see `shard`) stops it at once: the shards not started are cancelled and
+    the workers ended mid-shard; their temporaries are removed, and `outputs.Interrupted` says
+    how many finished shards a rerun will keep. A failing shard ends the pool the same way."""
     for split in {job.split for job in jobs}:
         (staging / split).mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     total = sum(len(job.records) for job in jobs)
-    with tqdm(total=total, unit="img", desc="shard", mininterval=1.0) as bar:
-        if workers == 1:
-            for job in jobs:
-                results[job.name] = write_shard(job, staging)
-                bar.update(len(job.records))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(write_shard, job, staging): job for job in jobs}
-                for future in as_completed(futures):
-                    job = futures[future]
-                    results[job.name] = future.result()
+    try:
+        with tqdm(total=total, unit="img", desc="shard", mininterval=1.0) as bar:
+            if workers == 1:
+                for job in jobs:
+                    results[job.name] = write_shard(job, staging)
                     bar.update(len(job.records))
+            else:
+                with outputs.worker_pool(workers) as pool:
+                    with outputs.deferred_interrupts():  # the workers start here
+                        futures = {pool.submit(write_shard, job, staging): job for job in jobs}
+                    for future in as_completed(futures):
+                        job = futures[future]
+                        results[job.name] = future.result()
+                        bar.update(len(job.records))
+    except KeyboardInterrupt:
+        remove_stale(staging, jobs)
+        kept = sum(1 for job in jobs if (staging / f"{job.name}.json").is_file())
+        raise outputs.Interrupted(f"rerun to resume: {kept} of {len(jobs)} shards kept in {staging}") from None
     return results
 
 
@@ -367,39 +448,58 @@ def check_rejects(manifest_: dict[str, Any], max_fraction: float) -> None:
 
 
 def publish(staging: Path, out: Path) -> None:
-    """Replace `out` by the finished staging folder (the old output stays until then)."""
+    """Replace `out` by the finished staging folder (the old output stays until then). `out`
+    was checked when the run began; it is checked again, as files may have arrived since."""
+    outputs.check_previous_output(out, "paths.shards")
     for record in staging.glob("*/*.tar.json"):
         record.unlink()
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+    with outputs.deferred_interrupts():  # a Ctrl-C between the renames would leave no output
+        if out.exists():
+            os.replace(out, old)
+        os.replace(staging, out)
+        outputs.fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale(staging: Path, jobs: Iterable[ShardJob]) -> None:
-    """Drop temporaries and shards of an earlier plan from an interrupted run."""
+    """Drop what an interrupted run left that a rerun cannot keep: temporaries, a shard without
+    its record or a record without its shard (a worker ended between the two), and shards of
+    an earlier plan. Nothing else is there to drop: `outputs.check_staging` made sure."""
     wanted = {job.name for job in jobs}
     for path in staging.glob("*/*"):
         name = f"{path.parent.name}/{path.name.removesuffix('.json')}"
-        if ".tmp-" in path.name or name not in wanted:
+        other_half = path.with_name(path.name.removesuffix(".json") if path.suffix == ".json" else f"{path.name}.json")
+        if ".tmp-" in path.name or name not in wanted or not other_half.is_file():
             path.unlink()
 
 
 def shard(params: Params) -> dict[str, Any]:
-    dataset = sources.load(
-        params.data.source, params.data.root, params.data.seed, params.data.val_fraction, params.data.image_size
-    )
-    jobs = build_jobs(dataset, params)
-    out = Path(params.paths.shards)
+    """The stage. It replaces `paths.shards` (through a link, where it points) and works in
+    `<paths.shards>.partial` beside it, under the lock `<paths.shards>.lock`, and refuses both
+    folders unless they hold nothing but what it writes. Ctrl-C or SIGTERM: exit code 130."""
+    out = outputs.resolve(params.paths.shards, "paths.shards")
+    outputs.check_apart(out, params.data.root, "paths.shards", "data.root")
     staging = out.with_name(f"{out.name}.partial")
-    staging.mkdir(parents=True, exist_ok=True)
-    remove_stale(staging, jobs)
-    results = run_jobs(jobs, staging, params.shard.workers)
-    result = manifest(dataset, jobs, results)
-    check_rejects(result, params.shard.max_reject_fraction)
-    write_json_atomic(staging / MANIFEST, result)
-    publish(staging, out)
+    try:
+        with outputs.sigterm_as_interrupt(), outputs.locked(out.with_name(f"{out.name}.lock"), "paths.shards"):
+            outputs.check_previous_output(out, "paths.shards")
+            outputs.check_staging(staging, "paths.shards", sources.SPLITS)
+            dataset = sources.load(
+                params.data.source, params.data.root, params.data.seed, params.data.val_fraction, params.data.image_size
+            )
+            jobs = build_jobs(dataset, params)
+            staging.mkdir(parents=True, exist_ok=True)
+            remove_stale(staging, jobs)
+            results = run_jobs(jobs, staging, params.shard.workers)
+            result = manifest(dataset, jobs, results)
+            check_rejects(result, params.shard.max_reject_fraction)
+            write_json_atomic(staging / MANIFEST, result)
+            publish(staging, out)
+    except KeyboardInterrupt as e:
+        # One line and the shell's code for Ctrl-C (128 + SIGINT), not a traceback per process.
+        print(f"interrupted; {e}" if isinstance(e, outputs.Interrupted) else "interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     return result
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import mlflow
+import sqlalchemy.engine
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -27,6 +30,31 @@ def tracking_uri(params: Params) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def redacted(uri: str) -> str:
+    """`uri` fit to print or log: any password in it becomes ***. For showing only: connect with
+    `uri` as it is.
+
+    The SQL store reads a database URI the SQLAlchemy way, where a password may hold an unescaped
+    / ? or #; an HTTP client reads an http(s) URI the URL way, where it may hold an unescaped @.
+    Whichever way a reader would find the password, it is hidden."""
+    try:
+        if urllib.parse.urlsplit(uri).scheme not in ("http", "https"):
+            try:
+                database = sqlalchemy.engine.make_url(uri)
+            except (sqlalchemy.exc.ArgumentError, ValueError):
+                database = None  # not a database URI
+            if database is not None and database.password is not None:
+                uri = database.render_as_string(hide_password=True)
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        # Unparseable (a broken IPv6 host): where a password would be is unknown, so show none of it.
+        return uri.partition("://")[0] + "://***"
+    if parts.password is None:
+        return uri
+    user_info, _, host = parts.netloc.rpartition("@")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user_info.partition(':')[0]}:***@{host}"))
 
 
 def client(uri: str) -> MlflowClient:
@@ -64,9 +92,33 @@ def manifest_sha256(shards: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def quoted(value: str) -> str:
+    """`value` as a string in an MLflow search filter. The filter grammar has no escapes: a string
+    is whatever stands between two single or two double quotes, so it takes the quote that
+    `value` does not contain."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"{value!r} cannot be quoted in an MLflow search filter: it holds both ' and \"")
+
+
 def find_run(mlflow: MlflowClient, experiment: str, run_name: str) -> str | None:
-    runs = mlflow.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
-    return runs[0].info.run_id if runs else None
+    if not ("'" in run_name and '"' in run_name):
+        runs = mlflow.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` = {quoted(run_name)}", max_results=1)
+        return runs[0].info.run_id if runs else None
+    # A name with both quotes cannot be written in a filter. LIKE, with the one-character wildcard
+    # in place of each quote (and of each backslash: LIKE's escape character on PostgreSQL and
+    # MySQL), finds every run that could bear the name; the exact name then picks the one.
+    pattern = "".join("_" if c in "'\"\\" else c for c in run_name)
+    page_token = None
+    while True:
+        page = mlflow.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` LIKE '{pattern}'", page_token=page_token)
+        for run in page:
+            if run.data.tags.get(RUN_NAME_TAG) == run_name:
+                return run.info.run_id
+        page_token = page.token
+        if not page_token:
+            return None
 
 
 def start_or_resume_run(
@@ -89,6 +141,8 @@ def start_or_resume_run(
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.create_run(experiment, run_name=display_name or run_name, tags=tags)
     values = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra_params.items()}}
+    # Params are readable by everyone with access to the experiment, a password is not for them.
+    values["mlflow.tracking_uri"] = redacted(params.mlflow.tracking_uri)
     items = [Param(k, v[:6000]) for k, v in sorted(values.items())]
     for i in range(0, len(items), 100):
         mlflow.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -110,6 +164,6 @@ def has_logged_model(uri: str, run_id: str) -> bool:
     mlflow.set_tracking_uri(uri)
     run = client(uri).get_run(run_id)
     models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = {quoted(run_id)}", output_format="list"
     )
     return bool(models)

@@ -19,6 +19,7 @@ from pipeline.shard import write_json_atomic
 def train(params: Params) -> dict:
     params = trainer.absolute_paths(params)
     manifest = loader.read_manifest(params.paths.shards)  # fail early, before Ray starts
+    trainer.preflight(params, manifest)  # and before an MLflow run is opened for it
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     run_name = params.train.run_name or trainer.default_run_name(params, manifest_sha)
     uri = tracking.tracking_uri(params)
@@ -34,7 +35,7 @@ def train(params: Params) -> dict:
             "git_commit": tracking.git_commit(),
         },
     )
-    print(f"run {run_name}: MLflow run {run_id} at {uri}", flush=True)
+    print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(uri)}", flush=True)
     trainer.ray_init()
     result = trainer.fit(params, run_name, run_id, uri)
     summary = {

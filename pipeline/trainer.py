@@ -32,6 +32,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 import resnet
 from pipeline import loader, recipe, tracking, transforms
+from pipeline.cli import UsageError
 from pipeline.params import Params
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -295,6 +296,85 @@ def log_final_model(net: torch.nn.Module, side: int) -> None:
     model = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
     example = torch.zeros(2, 3, side, side).numpy()
     mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+
+
+def preflight(params: Params, manifest: dict[str, Any]) -> None:
+    """Everything about a run that params and the manifest decide, checked on the driver before
+    Ray starts: otherwise each fails in every Ray worker, after Ray's start-up, as a traceback
+    per worker per retry, or only at the epoch whose shard order happens to expose it.
+    `manifest` is one `loader.read_manifest` accepted."""
+    world_size = params.train.num_workers
+    batch = recipe.per_worker_batch(params.train.batch_size, world_size)
+    splits = manifest["splits"]
+    check_train_batches(
+        [s["num_samples"] for s in splits["train"]["shards"]],
+        world_size,
+        params.train.loader_workers,
+        params.train.batch_size,
+        params.paths.shards,
+    )
+    check_val_shards([s["num_samples"] for s in splits["val"]["shards"]], world_size, params.paths.shards)
+    for split in ("train", "val"):
+        check_image_size(params.model.arch, split, splits[split].get("image_size"), batch, params.paths.shards)
+
+
+def check_train_batches(
+    counts: list[int], world_size: int, loader_workers: int, global_batch: int, shards: str
+) -> None:
+    """Every rank makes at least one full batch in every epoch, whatever the shard order
+    (`loader.sure_worker_samples`); a rank without one would stop the run."""
+    if len(counts) < world_size:
+        raise UsageError(
+            f"train: {len(counts)} shards in {shards} for train.num_workers={world_size} ranks, and every rank "
+            "reads whole shards; reshard with a smaller shard.maxcount or lower train.num_workers"
+        )
+    batch = recipe.per_worker_batch(global_batch, world_size)
+    if sum(counts) < global_batch:
+        raise UsageError(f"train.batch_size: {global_batch} is more than the {sum(counts)} train samples in {shards}")
+    sure = loader.sure_worker_samples(counts, world_size, loader_workers)
+    if sure < batch:
+        raise UsageError(
+            f"train.batch_size: {global_batch} makes batches of {batch} a rank (train.num_workers={world_size}), but "
+            f"some epoch's shard order may leave a rank without one: a rank gets {len(counts) // world_size} of the "
+            f"{len(counts)} train shards in {shards} ({min(counts)} to {max(counts)} samples each), and its busiest "
+            f"loader worker (of {max(loader_workers, 1)}, train.loader_workers={loader_workers}) is sure of only "
+            f"{sure} samples; lower train.batch_size or train.loader_workers, or reshard with a smaller shard.maxcount"
+        )
+
+
+def check_val_shards(counts: list[int], world_size: int, shards: str) -> None:
+    """Evaluation reads every val sample once across the ranks, in batches of whatever is left
+    (no full batch needed), but each rank reads whole shards, and the error rate needs a sample."""
+    if len(counts) < world_size:
+        raise UsageError(
+            f"val: {len(counts)} shards in {shards} for train.num_workers={world_size} ranks, and every rank "
+            "reads whole shards; reshard with a smaller shard.maxcount or lower train.num_workers"
+        )
+    if sum(counts) == 0:
+        raise UsageError(f"val: no samples in {shards}; the val error needs at least one")
+
+
+def check_image_size(arch: str, split: str, size: dict[str, Any] | None, batch: int, shards: str) -> None:
+    """What the arch asks of a split's image sizes (manifest `image_size`; None: not recorded,
+    or no images). ImageNet-size nets scale and crop every image to 224x224, from any size.
+    CIFAR-size nets take each image whole (padded and cropped back to its own size), so a batch
+    stacks images as they are and needs one size throughout; and the net halves the sides twice,
+    so images of 4x4 or less reach its last stage as 1x1, where BatchNorm cannot train on a batch
+    of one (one value per channel)."""
+    if arch != "cifar" or size is None:
+        return
+    if size["uniform"] is None:
+        raise UsageError(
+            f"model.arch: cifar nets take images whole, so a batch needs one image size, but the {split} images in "
+            f"{shards} have sides from {size['min_side']} to {size['max_side']} pixels; use model.arch=imagenet "
+            "(224x224 crops of any size) or resize the images to one size"
+        )
+    width, height = size["uniform"]
+    if split == "train" and batch == 1 and (width + 3) // 4 * ((height + 3) // 4) == 1:
+        raise UsageError(
+            f"train.batch_size: 1 image a rank of {width}x{height} pixels leaves the cifar net's BatchNorm one value "
+            "per channel in its last stage; use at least 2 images a rank, or larger images"
+        )
 
 
 def storage_path(path: str) -> str:

@@ -40,6 +40,17 @@ TRAIN_SHORT_SIDE = (256, 480)
 CROP = 224
 TEST_SHORT_SIDE = 256
 
+# The most pixels a JPEG may claim for `jpegcrop` to decode it. Shards may come from buckets
+# others can write, and a 2 KB JPEG can claim 65500 x 65500 pixels: 13 GB to decode whole, and
+# 13-26 GB of DCT coefficients for a progressive one, even for a small crop. The decoder checks
+# the header against this before it allocates anything of the image's size. At the limit one
+# decode needs at most ~0.8 GB: 3 bytes a pixel of RGB (a whole decode) plus 6 of coefficients
+# (a progressive JPEG). The value is Pillow's Image.MAX_IMAGE_PIXELS, above which the shard
+# stage already refuses an image (it makes Pillow's DecompressionBombWarning an error): no
+# shard it writes is refused here, and its shard.max_pixels must not exceed this.
+MAX_PIXELS = 89_478_485
+jpegcrop.set_max_pixels(MAX_PIXELS)
+
 # AlexNet's PCA lighting noise: the eigen-decomposition of ImageNet's RGB covariance (pixels in
 # [0, 1]), as published with fb.resnet.torch.
 PCA_STD = 0.1
@@ -71,6 +82,10 @@ def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tup
     1/8 scale when the box is at least that many times larger than `size` (libjpeg's DCT scaling,
     as PIL's draft mode). The caller has read `image_size` to place the box."""
     width, height = image_size
+    if size[0] * size[1] > MAX_PIXELS:
+        # The 10-crop resizes the whole image to a short side of 256: a 1 x 34,000 JPEG within
+        # the decoder's limit would become gigabytes of resized pixels.
+        raise ValueError(f"resizing {width} x {height} to {size[0]} x {size[1]} is over the limit of {MAX_PIXELS} pixels")
     left, top, right, bottom = box
     scale_denom = 1
     while scale_denom < 8 and min((right - left) / size[0], (bottom - top) / size[1]) >= 2 * scale_denom:

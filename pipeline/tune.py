@@ -142,11 +142,12 @@ def sweep(params: Params) -> dict[str, Any]:
     check_sweep(params)
     params = trainer.absolute_paths(params)
     manifest = loader.read_manifest(params.paths.shards)
+    trainer.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
     uri = tracking.tracking_uri(params)
     parent = tracking.start_or_resume_run(uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name})
-    print(f"sweep {name}: MLflow run {parent} at {uri}", flush=True)
+    print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(uri)}", flush=True)
 
     trainer.ray_init()
     storage = trainer.storage_path(params.paths.ray_storage)

@@ -2,9 +2,12 @@
 
     python -m pipeline.verify [--params params.yaml]
 
-Checks each shard's sha256, size and sample count, that every sample has a JPEG and an integer
-label within the classes, that the split totals add up, and that no shard lies on disk that the
-manifest does not list. Any mismatch is printed, one line each, and the stage exits 1.
+Checks each shard's sha256, size and sample count, that every sample has a JPEG the loader will
+decode (its header read: no more pixels than `transforms.MAX_PIXELS`) and an integer label
+within the classes, that the split totals add up, and that no shard lies on disk that the
+manifest does not list. A member the loader would refuse to read (sparse, or over
+`loader.MAX_MEMBER_BYTES`) is reported without being read. Any mismatch is printed, one line
+each, and the stage exits 1.
 """
 
 from __future__ import annotations
@@ -15,17 +18,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import jpegcrop
 from pipeline import cli
-from pipeline.loader import read_manifest
+from pipeline.loader import member_refusal, read_manifest
 from pipeline.params import Params
 from pipeline.shard import sha256_of, write_json_atomic
-
-JPEG_MAGIC = b"\xff\xd8\xff"
+from pipeline.transforms import MAX_PIXELS
 
 
 def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
     """(number of samples, problems) of one tar shard."""
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
+    refused: set[str] = set()  # samples with a member left unread: that member's line says it all
     problems = []
     try:
         with tarfile.open(path) as tar:
@@ -34,18 +38,35 @@ def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
                     problems.append(f"{path}: {info.name}: not a regular file")
                     continue
                 key, _, ext = info.name.partition(".")
-                if ext in ("jpg", "cls"):
+                refusal = member_refusal(info)
+                if refusal:
+                    problems.append(f"{path}: {info.name}: {refusal}")
+                    refused.add(key)
+                    members.setdefault(key, {})  # still a sample, for the count
+                elif ext in ("jpg", "cls"):
                     members[key][ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError) as e:
-        return 0, [f"{path}: not a readable tar ({e})"]
+        # What came before still counts: a member claiming more than the tar holds (refused
+        # above) makes tarfile find the tar cut short at the next header.
+        return 0, [*problems, f"{path}: not a readable tar ({e})"]
     for key, sample in members.items():
+        if key in refused:
+            continue
         if "jpg" not in sample or "cls" not in sample:
             problems.append(f"{path}: sample {key} lacks {'jpg' if 'jpg' not in sample else 'cls'}")
             continue
-        if not sample["jpg"].startswith(JPEG_MAGIC):
-            problems.append(f"{path}: sample {key}: .jpg is not a JPEG")
+        try:
+            width, height = jpegcrop.size(sample["jpg"])  # the header only
+        except ValueError as e:
+            problems.append(f"{path}: sample {key}: .jpg: {e}")
+        else:
+            if width * height > MAX_PIXELS:  # the line the loader's error would end with
+                problems.append(
+                    f"{path}: sample {key}: {width} x {height} pixels, over the decoder's limit of {MAX_PIXELS} pixels"
+                )
         label = sample["cls"].decode("ascii", "replace")
-        if not label.isdigit() or int(label) >= num_classes:
+        # A label of thousands of digits is no class, and int() refuses it (Python's digit limit).
+        if not label.isdigit() or len(label) > 9 or int(label) >= num_classes:
             problems.append(f"{path}: sample {key}: label {label!r} not in 0..{num_classes - 1}")
     return len(members), problems
 
@@ -66,6 +87,8 @@ def verify(shards: Path, manifest: dict[str, Any]) -> list[str]:
                 problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
             if sha256_of(path) != entry["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest")
+            # Its samples are checked all the same: nothing the loader would refuse is read, and
+            # the lines say what is wrong beyond "differs".
             count, sample_problems = check_samples(path, num_classes)
             problems += sample_problems
             if count != entry["num_samples"]:

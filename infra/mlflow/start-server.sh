@@ -10,18 +10,42 @@
 set -eu
 : "${MLFLOW_BACKEND_STORE_URI:?}" "${MLFLOW_ARTIFACTS_DESTINATION:?}" "${MLFLOW_AUTH_DATABASE_URI:?}" "${MLFLOW_ADMIN_PASSWORD:?}"
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?}"
-config="$(mktemp -d)/basic_auth.ini"
+
+# No secret goes on a command line, which every local user can read (ps, /proc/<pid>/cmdline);
+# a process's environment only its owner can. `mlflow server` takes each option from the
+# variable of its name (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST,
+# MLFLOW_PORT), the basic-auth app its first admin's password from MLFLOW_AUTH_ADMIN_PASSWORD.
+export MLFLOW_BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION
+export MLFLOW_HOST="${MLFLOW_HOST:-127.0.0.1}" MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+export MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_ADMIN_PASSWORD"
+
+# The auth database's URI can come only from the app's ini file. Every uvicorn worker reads that
+# file as it imports the app, and the supervisor replaces a worker that dies with a fresh one,
+# so removing the file once the server is up would make the next replacement fail. It lives as
+# long as the server, readable by this user alone, and goes when the server stops.
 umask 077
-cat > "$config" <<INI
+config_dir="$(mktemp -d)"
+trap 'rm -rf "$config_dir"' EXIT
+# configparser takes % for the start of a reference: a percent-encoded password needs %%.
+auth_database_uri="$(printf '%s\n' "$MLFLOW_AUTH_DATABASE_URI" | sed 's/%/%%/g')"
+cat > "$config_dir/basic_auth.ini" <<INI
 [mlflow]
 default_permission = READ
-database_uri = ${MLFLOW_AUTH_DATABASE_URI}
+database_uri = ${auth_database_uri}
 admin_username = admin
-admin_password = ${MLFLOW_ADMIN_PASSWORD}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
-export MLFLOW_AUTH_CONFIG_PATH="$config"
-exec mlflow server --app-name basic-auth \
-    --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
-    --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
-    --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}"
+export MLFLOW_AUTH_CONFIG_PATH="$config_dir/basic_auth.ini"
+
+# Not exec: this shell stays to remove the file. A stop (docker stop, Kubernetes, Ctrl-C) it
+# hands on to the server, which hands it on to its workers, then waits for the server's exit.
+mlflow server --app-name basic-auth &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$server" || status=$?
+while kill -0 "$server" 2>/dev/null; do  # the stop cut `wait` short
+    status=0
+    wait "$server" || status=$?
+done
+exit "$status"

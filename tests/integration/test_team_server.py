@@ -5,15 +5,19 @@ written to s3:// and MLflow artifacts landing in the bucket; checked through MLf
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import secrets
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +51,8 @@ def postgres() -> Iterator[str]:
     data = folder / "data"
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres")
-    port, password = free_port(), secrets.token_hex(8)
+    # A password as generated ones are: with characters a URI must percent-encode.
+    port, password = free_port(), secrets.token_hex(8) + "%/@:"
     subprocess.run(as_postgres_user([postgres_binary("initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]), check=True, capture_output=True)
     start = [
         postgres_binary("pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
@@ -59,20 +64,24 @@ def postgres() -> Iterator[str]:
             f"CREATE USER mlflow WITH PASSWORD '{password}'",
             "CREATE DATABASE mlflow OWNER mlflow",
             "CREATE DATABASE mlflow_auth OWNER mlflow",
+            # For a server of one test's own: the first start of the auth app fixes the admin's password.
+            "CREATE DATABASE own OWNER mlflow",
+            "CREATE DATABASE own_auth OWNER mlflow",
         ):
             subprocess.run(
                 as_postgres_user([postgres_binary("psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", statement]),
                 check=True,
                 capture_output=True,
             )
-        yield f"postgresql://mlflow:{password}@127.0.0.1:{port}"
+        yield f"postgresql://mlflow:{urllib.parse.quote(password, safe='')}@127.0.0.1:{port}"
     finally:
         subprocess.run(as_postgres_user([postgres_binary("pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), check=False, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
+@contextlib.contextmanager
+def started_team_server(postgres: str, s3_server: str, log: Path, database: str = "mlflow") -> Iterator[dict]:
+    """infra/mlflow/start-server.sh in a session of its own, up and answering; stopped after."""
     import s3fs
 
     s3fs.S3FileSystem().makedirs("mlflow-artifacts", exist_ok=True)
@@ -80,15 +89,14 @@ def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "MLFLOW_BACKEND_STORE_URI": f"{postgres}/mlflow",
-        "MLFLOW_AUTH_DATABASE_URI": f"{postgres}/mlflow_auth",
+        "MLFLOW_BACKEND_STORE_URI": f"{postgres}/{database}",
+        "MLFLOW_AUTH_DATABASE_URI": f"{postgres}/{database}_auth",
         "MLFLOW_ARTIFACTS_DESTINATION": "s3://mlflow-artifacts/mlartifacts",
         "MLFLOW_ADMIN_PASSWORD": admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_PORT": str(port),
         "MLFLOW_S3_ENDPOINT_URL": s3_server,
     }
-    log = tmp_path_factory.mktemp("mlflow") / "server.log"
     with log.open("w") as out:
         server = subprocess.Popen(["sh", str(REPO / "infra" / "mlflow" / "start-server.sh")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -100,13 +108,66 @@ def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
         except requests.ConnectionError:
             time.sleep(1)
     else:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the script and whatever it started
         raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
     try:
-        yield {"url": url, "admin": ("admin", admin_password)}
+        yield {"url": url, "admin": ("admin", admin_password), "process": server}
     finally:
-        os.killpg(server.pid, 15)
+        with contextlib.suppress(ProcessLookupError):  # a test may have stopped it already
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def team_server(postgres, s3_server, tmp_path_factory) -> Iterator[dict]:
+    with started_team_server(postgres, s3_server, tmp_path_factory.mktemp("mlflow") / "server.log") as server:
+        yield server
+
+
+def session_processes(session: int) -> dict[int, str]:
+    """pid -> command line (arguments joined by spaces) of every process in the session."""
+    found = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat_file.read_text().rpartition(")")[2].split()
+            if int(fields[3]) == session:
+                arguments = (stat_file.parent / "cmdline").read_bytes().split(b"\0")
+                found[int(stat_file.parent.name)] = b" ".join(arguments).decode()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return found
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
+def test_no_secret_on_a_command_line_and_the_auth_config_private_while_it_lasts(postgres, s3_server, tmp_path):
+    with started_team_server(postgres, s3_server, tmp_path / "server.log", database="own") as server:
+        script = server["process"]
+        running = session_processes(script.pid)
+        commands = "\n".join(running.values())
+        assert "mlflow server" in commands and "uvicorn" in commands, commands
+        encoded_password = urllib.parse.urlsplit(postgres).password
+        for secret in (encoded_password, urllib.parse.unquote(encoded_password), server["admin"][1]):
+            assert secret not in commands, "a secret on a command line, readable by any local user"
+
+        config = Path(next(p for p in (environment_of(pid).get("MLFLOW_AUTH_CONFIG_PATH") for pid in running) if p))
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600 and config.stat().st_uid == os.geteuid()
+        assert stat.S_IMODE(config.parent.stat().st_mode) == 0o700
+        assert encoded_password.replace("%", "%%") in config.read_text()  # the auth DB's URI, for configparser
+        assert server["admin"][1] not in config.read_text()  # the admin's password travels in the environment
+
+        # What `docker stop` and Kubernetes do: SIGTERM to the container's first process alone.
+        script.send_signal(signal.SIGTERM)
+        script.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while session_processes(script.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not session_processes(script.pid), "the server outlived its script"
+        assert not config.parent.exists()
 
 
 def api(server: dict, method: str, path: str, auth=None, **kw) -> requests.Response:

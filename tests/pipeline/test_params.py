@@ -113,3 +113,51 @@ def test_sweep_depths_must_suit_the_arch(repo):
         params.check_sweep(load(repo, "tune.depths=[20, 21]"))
     with pytest.raises(params.ParamsError, match="tune.depths: 20: not a depth of the ImageNet nets"):
         params.check_sweep(load(repo, "model.arch=imagenet", "model.depth=50"))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("folder", "a folder, not a params file"),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(128, 256)), "not a text file (byte 8 is not UTF-8); expected YAML"),
+        ("paths: caf\xe9\n".encode("latin-1"), "not a text file (byte 10 is not UTF-8)"),
+        (b"paths:\x00\n", "not valid YAML (character #x0000 at position 6: special characters are not allowed)"),
+        (b"", "empty; expected a mapping of sections (paths, data, shard, model, train, tune, mlflow)"),
+        (b"# nothing but a comment\n", "empty; expected a mapping of sections"),
+        (b"just a string\n", "expected a mapping of sections at the top level, got a str"),
+        (b"!!python/object:os.system {}\n", "line 1 not valid YAML (could not determine a constructor"),
+    ],
+    ids=["folder", "binary", "latin-1", "nul-byte", "empty", "comment-only", "scalar", "python-tag"],
+)
+def test_a_params_file_that_is_not_a_mapping_is_one_line_naming_it(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    if content == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(params.ParamsError) as info:
+        params.load(path)
+    assert str(info.value).startswith(f"{path}: {expected}")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["data.seed", "train.seed"])
+def test_seeds_are_in_the_range_numpy_and_sklearn_take(repo, key):
+    assert load(repo, f"{key}=0") and load(repo, f"{key}={2**32 - 1}")
+    assert f"{key}: Input should be greater than or equal to 0 (got -1)" in error_of(repo, f"{key}=-1")
+    assert f"{key}: Input should be less than or equal to 4294967295 (got 4294967296)" in error_of(
+        repo, f"{key}={2**32}"
+    )
+
+
+def test_a_val_fraction_that_leaves_a_class_without_train_images_is_one_line():
+    """data.val_fraction stays (0, 1) here: how far it may go depends on the data set (digits:
+    10 classes of 1,797 images), and the digits source turns scikit-learn's refusal into a line."""
+    from sklearn.datasets import load_digits
+
+    from pipeline.sources import digits_split
+
+    labels = load_digits().target
+    for fraction in (0.999, 0.001):
+        with pytest.raises(cli.UsageError, match=f"^data.val_fraction: {fraction} cannot split 1797 images by class"):
+            digits_split(labels, 0, fraction)

@@ -345,3 +345,17 @@ def test_verify_counts_samples_by_key(tmp_path):
     manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
     problems = verify.verify(tmp_path / "shards", manifest)
     assert any("samples, manifest says" in p for p in problems)
+
+
+def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
+    """int() refuses over 4,300 digits: a hostile .cls is a problem line, not a traceback."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    path = shards / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.jpg", jpeg_bytes(picture(__import__("numpy").random.default_rng(0), 8, 8))), ("a.cls", b"9" * 5000)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    count, problems = verify.check_samples(path, 10)
+    assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import loader, shard, sources, verify
-from pipeline.transforms import eval_transform
+from pipeline import loader, shard, sources, transforms, verify
 from tests.data_trees import cifar10_tree, jpeg_bytes, picture, png_bytes
 from tests.pipeline.test_shard import CONVERSION, make_params, read_shards, run_stage
 
@@ -54,6 +53,22 @@ def test_sixteen_bit_images_keep_their_tones():
     assert prepared.converted_from == "PNG I;16"
     decoded = np.asarray(Image.open(io.BytesIO(prepared.jpeg)))[0, ::2, 0].astype(int)
     assert np.abs(decoded - [0, 64, 128, 255]).max() <= 2  # not clipped to near-white
+
+
+def test_only_baseline_frames_pass_through_untouched():
+    good = jpeg_bytes(picture(RNG, 24, 20))
+    sof = good.index(b"\xff\xc0")
+    arithmetic = good[:sof] + b"\xff\xc9" + good[sof + 2 :]  # Pillow reads it as a plain JPEG
+    empty_first = b"\xff\xd8\xff\xd9" + good  # libjpeg stops at the first, empty image
+    assert shard.is_baseline(good)
+    for data in (arithmetic, empty_first):
+        assert not shard.is_baseline(data)
+        try:
+            prepared = shard.to_rgb_jpeg(data, CONVERSION)
+        except shard.Rejected:
+            continue
+        assert prepared.jpeg != data and shard.is_baseline(prepared.jpeg)
+        assert transforms.decode(prepared.jpeg).shape == (20, 24, 3)
 
 
 def test_any_decoder_failure_is_a_reject_with_its_reason():
@@ -168,7 +183,7 @@ def test_class_and_file_names_with_dots_shard_verify_and_load(tmp_path):
     assert "001_ak47_ak47_0001" in keys and all("." not in k for k in keys) and len(keys) == 4
     assert verify.verify(tmp_path / "shards", result) == []
     batches = loader.make_loader(
-        str(tmp_path / "shards"), "val", eval_transform("imagenet"), batch_size=4, num_workers=0, epoch=0, seed=0, train=False
+        str(tmp_path / "shards"), "val", transforms.eval_transform("imagenet"), batch_size=4, num_workers=0, epoch=0, seed=0, train=False
     )
     assert sum(len(labels) for _, labels in batches) == 4
 

@@ -1,0 +1,107 @@
+"""pipeline.tracking: tracking URIs shown without their passwords, and runs found again by any
+name, against a real MLflow store (SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import params as params_module
+from pipeline import tracking
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("postgresql://mlflow:s3cret@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("postgresql+psycopg2://mlflow:s3cret@db/mlflow?sslmode=require", "postgresql+psycopg2://mlflow:***@db/mlflow?sslmode=require"),
+        ("mysql://mlflow:s3%40cret@db/mlflow", "mysql://mlflow:***@db/mlflow"),
+        # Generated passwords hold / + =, which SQLAlchemy takes unescaped.
+        ("postgresql://mlflow:s3/cr+et==@db/mlflow", "postgresql://mlflow:***@db/mlflow"),
+        ("http://admin:s3cret@mlflow.example.com:5000", "http://admin:***@mlflow.example.com:5000"),
+        ("https://admin:s3c@ret@mlflow.example.com/prefix", "https://admin:***@mlflow.example.com/prefix"),
+        ("https://admin:s3cret@[::1/prefix", "https://***"),  # unparseable: nothing of it shown
+    ],
+)  # fmt: skip
+def test_a_password_in_a_uri_is_hidden(uri, shown):
+    assert tracking.redacted(uri) == shown
+    assert "s3" not in tracking.redacted(uri)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:////abs/path/mlflow.db",
+        "file:///tmp/mlruns",
+        "./mlruns",
+        "/abs/mlruns",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.com/prefix",
+        "https://admin@mlflow.example.com",  # a user name alone is no secret
+        "postgresql://mlflow@db/mlflow",
+        "databricks",
+    ],
+)
+def test_a_uri_without_a_password_is_shown_as_it_is(uri):
+    assert tracking.redacted(uri) == uri
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [("plain", "'plain'"), ("it's", '"it\'s"'), ('say "hi"', "'say \"hi\"'"), ("back\\slash", "'back\\slash'")],
+)
+def test_quoted_takes_the_quote_the_value_lacks(value, literal):
+    assert tracking.quoted(value) == literal
+
+
+def test_a_value_with_both_quotes_cannot_be_quoted():
+    with pytest.raises(ValueError, match="both"):
+        tracking.quoted('it\'s "it"')
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def params_for(repo, uri: str = "sqlite:///mlflow.db") -> params_module.Params:
+    return params_module.load(repo / "params.yaml", [f"mlflow.tracking_uri={uri}"])
+
+
+# Names that differ from one another only where a quote, a backslash or a LIKE wildcard stands,
+# so a search that treats those as wildcards (or drops an escape) would mix them up.
+NAMES = [
+    "o'brien-run",
+    'the "big" run',
+    'it\'s the "big" one',
+    "it\"s the 'big' one",
+    "it_s the _big_ one",
+    "both ' and \" and \\",
+    "both \" and ' and \\",
+    "50%_done'\"",
+    "trailing backslash\\",
+]
+
+
+def test_runs_are_found_again_by_names_with_quotes(repo, store):
+    params = params_for(repo)
+    client = tracking.client(store)
+    experiment = tracking.experiment_id(client, params.mlflow.experiment)
+    created = {name: tracking.start_or_resume_run(store, params, name, {}) for name in NAMES}
+    assert len(set(created.values())) == len(NAMES)
+    for name, run_id in created.items():
+        assert tracking.find_run(client, experiment, name) == run_id, name
+        assert client.get_run(run_id).data.tags[tracking.RUN_NAME_TAG] == name
+        # A rerun of the same command resumes the run instead of making a second one.
+        assert tracking.start_or_resume_run(store, params, name, {}) == run_id
+    assert tracking.find_run(client, experiment, 'it\'s "not" there') is None
+    assert tracking.find_run(client, experiment, "not there") is None
+
+
+def test_the_logged_params_hold_no_password(repo, store):
+    params = params_for(repo, "postgresql://mlflow:s3cret@db:5432/mlflow")
+    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1})
+    logged = tracking.client(store).get_run(run_id).data.params
+    assert logged["mlflow.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
+    assert logged["mlflow.experiment"] == params.mlflow.experiment and logged["extra"] == "1"
+    assert not [key for key, value in logged.items() if "s3cret" in value]
