@@ -38,7 +38,8 @@ from pipeline.cli import UsageError
 from pipeline.transforms import Transform
 
 MANIFEST = "manifest.json"
-SCHEMA = 1
+# 2: a test split beside train and val (schema 1 had train and val, and val both chose and scored)
+SCHEMA = 2
 SHUFFLE_BUFFER = 1000
 
 
@@ -107,10 +108,10 @@ class Manifest(_ManifestPart):
 
     @field_validator("splits")
     @classmethod
-    def _train_and_val(cls, splits: dict[str, ManifestSplit]) -> dict[str, ManifestSplit]:
-        for split in ("train", "val"):
+    def _train_val_and_test(cls, splits: dict[str, ManifestSplit]) -> dict[str, ManifestSplit]:
+        for split in ("train", "val", "test"):
             if split not in splits:
-                raise ValueError(f"no {split!r} split; the shard stage writes train and val")
+                raise ValueError(f"no {split!r} split; the shard stage writes train, val and test")
         return splits
 
 
@@ -138,7 +139,12 @@ def read_manifest(shards: str) -> dict[str, Any]:
     if "schema" not in manifest:
         raise UsageError(f"{url}: schema: missing key; expected {SCHEMA}")
     schema = manifest["schema"]
-    if type(schema) is not int or schema != SCHEMA:  # `type`: JSON's true is no schema 1
+    if type(schema) is int and 1 <= schema < SCHEMA:  # `type`: JSON's true is no schema 1
+        # Shards of an older shard stage (schema 1: no test split): the stage replaces them.
+        raise UsageError(
+            f"{url}: schema {schema}, expected {SCHEMA}; rerun the shard stage (`python -m pipeline.shard`)"
+        )
+    if type(schema) is not int or schema != SCHEMA:
         raise UsageError(f"{url}: schema: {schema!r}, expected {SCHEMA}")
     try:
         Manifest.model_validate(manifest)

@@ -95,8 +95,9 @@ SHARD_NAME = re.compile(r"[a-z]+/shard-\d{6,}\.tar")
 
 def check_previous_output(out: Path, what: str) -> None:
     """Refuse to replace `out` unless it is absent, empty, or the shard stage's own output: a
-    manifest of this schema, the shards it lists in their split folders (an empty split folder
-    named in the manifest included), and nothing else."""
+    manifest of this schema or an older one (whose shards the stage is asked to replace), the
+    shards it lists in their split folders (an empty split folder named in the manifest
+    included), and nothing else."""
     advice = "choose an empty or new folder"
     folders: set[str] = set()
     files: set[str] = set()
@@ -104,8 +105,9 @@ def check_previous_output(out: Path, what: str) -> None:
     if manifest_path.exists() or manifest_path.is_symlink():
         try:
             manifest = json.loads(manifest_path.read_text())
-            if manifest.get("schema") != SCHEMA:
-                raise ValueError(f"schema {manifest.get('schema')!r}, expected {SCHEMA}")
+            schema = manifest.get("schema")
+            if type(schema) is not int or not 1 <= schema <= SCHEMA:
+                raise ValueError(f"schema {schema!r}, expected {SCHEMA} or older")
             folders = {split for split in manifest["splits"] if SPLIT_NAME.fullmatch(split)}
             names = [s["name"] for info in manifest["splits"].values() for s in info["shards"]]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

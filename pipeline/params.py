@@ -49,8 +49,21 @@ class Data(Section):
     source: Literal["digits", "imagenet", "imagefolder", "cifar10"]
     root: str | None
     seed: int = Field(ge=0, le=MAX_SEED)
-    val_fraction: float = Field(gt=0, lt=1)  # digits: the stratified val split
+    val_fraction: float = Field(gt=0, lt=1)  # digits: the stratified val split, of all images
+    test_fraction: float = Field(gt=0, lt=1)  # digits: the stratified test split, of all images
+    # cifar10, imagenet, and imagefolder without test/: images a class held out of train as val
+    val_per_class: int = Field(ge=1)
     image_size: int = Field(ge=8)  # digits: the side the 8x8 digits are rendered at
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _leaves_a_train_split(cls, test_fraction: float, info: ValidationInfo) -> float:
+        val_fraction = info.data.get("val_fraction")
+        if val_fraction is not None and val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"with data.val_fraction {val_fraction}, leaves no train images (the two must sum under 1)"
+            )
+        return test_fraction
 
 
 class Shard(Section):
@@ -98,7 +111,8 @@ class Train(Section):
     seed: int = Field(ge=0, le=MAX_SEED)
     milestones: list[float]  # fractions of training at which the lr is divided by 10
     plateau_patience: int | None = Field(ge=1)  # set: divide on a val-error plateau instead
-    warmup_depth: int = Field(ge=1)  # nets this deep start at lr/10 until train error < 80%
+    warmup_depth: int = Field(ge=1)  # CIFAR nets this deep start at lr/10 until train error < 80%
+    warmup_epochs: float = Field(ge=0)  # linear lr warm-up over this many epochs (0: none)
     cpus_per_worker: int = Field(ge=1)
     loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
     checkpoints_to_keep: int = Field(ge=1)

@@ -4,14 +4,31 @@
 
 The model is logged (pickle-free `pt2`) into the best trial's MLflow run and registered as a new
 version of `mlflow.registered_model`, with tags a person or a script can filter on and a
-description a person can read in the UI. The alias `mlflow.alias` moves to the new version only
-when its val top-1 error beats the version holding the alias; otherwise the version stays
-registered without it, and the stage says so.
+description a person can read in the UI.
+
+Two splits, two roles. The decision uses val, the split that already chose the trial's best
+epoch and the best trial (`reports/sweep.json`); the test figures (`metrics/eval.json`, from a
+split that chose nothing) are recorded, never compared, so the figure reported stays honest.
+Tags: `val_top1_error`, `val_top5_error`, `val_loss` (the best epoch's) and `test_top1_error`,
+`test_top5_error`; the description says which is which.
+
+The alias `mlflow.alias` moves to the new version only when it beats the version holding the
+alias, in this order (`pipeline.evaluate.val_rank`):
+1. the lower val top-1 error wins;
+2. on equal val top-1 errors, the lower val cross-entropy loss at the best epoch wins (a few
+   hundred val images can all be right: with the error alone, a champion at 0 errors could
+   never be replaced);
+3. equal on both: the champion keeps the alias.
+A champion registered before these tags existed is read from its old `top1_error` tag (its val
+error then) with an unknown loss, ranked +inf: a new version with the same error takes the
+alias, one with a higher error does not. Otherwise the new version stays registered without the
+alias, and the stage says so.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +41,32 @@ from mlflow.exceptions import MlflowException
 import resnet
 from pipeline import cli, loader, tracking, trainer
 from pipeline.cli import UsageError
-from pipeline.evaluate import best_trial, read_sweep
+from pipeline.evaluate import best_trial, read_sweep, val_rank
 from pipeline.params import Params
 from pipeline.shard import write_json_atomic
 
-ERROR_TAG = "top1_error"
+VAL_ERROR_TAG = "val_top1_error"
+VAL_LOSS_TAG = "val_loss"
+OLD_ERROR_TAG = "top1_error"  # versions registered before the test split: their val error
 
 
-def read_eval(metrics: str) -> dict[str, Any]:
+def read_eval(metrics: str, trial: dict[str, Any]) -> dict[str, Any]:
+    """eval.json, checked to be the test figures of this trial's checkpoint."""
     path = Path(metrics) / "eval.json"
     try:
-        return json.loads(path.read_text())
+        evaluation = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{path}: missing; run `python -m pipeline.evaluate` first") from None
+    if evaluation.get("split") != "test":
+        raise UsageError(
+            f"{path}: measured on the {evaluation.get('split')!r} split, expected 'test'; rerun `python -m pipeline.evaluate`"
+        )
+    if evaluation.get("model_uri") != trial["checkpoint"]:
+        raise UsageError(
+            f"{path}: figures of {evaluation.get('model_uri')}, not of the sweep's best trial {trial['checkpoint']}; "
+            "rerun `python -m pipeline.evaluate`"
+        )
+    return evaluation
 
 
 def shards_dvc_hash(shards: str) -> str:
@@ -54,10 +84,14 @@ def description(
     spec = resnet.spec_for(resnet.model_name(params.model.arch, trial["depth"]))
     kind = "plain" if trial["shortcut"] == "none" else f"residual, shortcut option {trial['shortcut']}"
     mean = ", ".join(f"{m:.4f}" for m in manifest["mean"])
+    loss = trial.get("best_val_loss")
     return (
-        f"{spec.depth}-layer ResNet ({kind}) trained on the {manifest['source']} shards; "
-        f"val top-1 error {evaluation['top1_error']:.2%}, top-5 {evaluation['top5_error']:.2%} on "
-        f"{evaluation['num_samples']} images ({evaluation['crop']} crop).\n\n"
+        f"{spec.depth}-layer ResNet ({kind}) trained on the {manifest['source']} shards.\n\n"
+        f"Val (the split that chose its best epoch, its trial and whether it takes the alias): top-1 error "
+        f"{trial['best_val_top1_error']:.2%}, top-5 {trial['best_val_top5_error']:.2%}"
+        f"{f', loss {loss:.4f}' if loss is not None else ''} on {manifest['splits']['val']['num_samples']} images.\n"
+        f"Test (a split that chose nothing: the figure to report): top-1 error {evaluation['top1_error']:.2%}, "
+        f"top-5 {evaluation['top5_error']:.2%} on {evaluation['num_samples']} images ({evaluation['crop']} crop).\n\n"
         f"Input: float32 (N, 3, {side}, {side}), RGB scaled to [0, 1] minus the training mean ({mean}); "
         f"`pipeline.transforms.prepare_batch` makes it from uint8 images.\n"
         f"Output: logits over {len(manifest['classes'])} classes, in the manifest's order: "
@@ -65,17 +99,52 @@ def description(
     )
 
 
-def champion_error(client: mlflow.MlflowClient, name: str, alias: str) -> tuple[str, float] | None:
+def version_rank(tags: dict[str, str]) -> tuple[float, float]:
+    """A registered version's val_rank, from its tags (an old version's: see the docstring)."""
+    error = float(tags.get(VAL_ERROR_TAG, tags.get(OLD_ERROR_TAG, "inf")))
+    loss = float(tags[VAL_LOSS_TAG]) if VAL_LOSS_TAG in tags else None
+    return val_rank(error, loss)
+
+
+def champion_rank(client: mlflow.MlflowClient, name: str, alias: str) -> tuple[str, tuple[float, float]] | None:
+    """(version, its val_rank) of the version holding the alias; None when no version holds it."""
     try:
         version = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-    return version.version, float(version.tags.get(ERROR_TAG, "inf"))
+    return version.version, version_rank(version.tags)
+
+
+def decide(new: tuple[float, float], current: tuple[str, tuple[float, float]] | None) -> tuple[bool, str]:
+    """(whether the new version takes the alias, why): the tie rule of the module's docstring."""
+    if current is None:
+        return True, "no version held it"
+    version, (error, loss) = current
+    new_error, new_loss = new
+    if new_error < error:
+        return True, f"val top-1 error {new_error:.2%} beats version {version}'s {error:.2%}"
+    if new_error > error:
+        return False, f"its val top-1 error {new_error:.2%} does not beat version {version}'s {error:.2%}"
+    shown = lambda value: "unrecorded" if math.isinf(value) else f"{value:.4g}"
+    tie = f"its val top-1 error {new_error:.2%} ties version {version}'s, and its val loss {shown(new_loss)}"
+    if new_loss < loss:
+        return True, f"{tie} beats {shown(loss)}"
+    return False, f"{tie} does not beat version {version}'s {shown(loss)}"
+
+
+def settle_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str) -> tuple[bool, str]:
+    """Move the alias to a newly registered version if it beats the version holding it, both
+    ranked from their registry tags; (whether it moved, the stage's one-line verdict)."""
+    moved, why = decide(version_rank(client.get_model_version(name, version).tags), champion_rank(client, name, alias))
+    if moved:
+        client.set_registered_model_alias(name, alias, version)
+        return True, f"alias '{alias}' -> version {version} ({why})"
+    return False, f"version {version} registered without the alias: {why}, which keeps '{alias}'"
 
 
 def register(params: Params) -> dict[str, Any]:
     trial = best_trial(read_sweep(params.paths.reports))
-    evaluation = read_eval(params.paths.metrics)
+    evaluation = read_eval(params.paths.metrics, trial)
     manifest = loader.read_manifest(params.paths.shards)
     uri = tracking.tracking_uri(params)
     mlflow.set_tracking_uri(uri)
@@ -91,33 +160,23 @@ def register(params: Params) -> dict[str, Any]:
     tags = {
         "depth": str(trial["depth"]),
         "shortcut": trial["shortcut"],
-        ERROR_TAG: repr(evaluation["top1_error"]),
-        "top5_error": repr(evaluation["top5_error"]),
-        "best_val_top1_error_in_training": repr(trial["best_val_top1_error"]),
+        VAL_ERROR_TAG: repr(trial["best_val_top1_error"]),
+        "val_top5_error": repr(trial["best_val_top5_error"]),
+        "test_top1_error": repr(evaluation["top1_error"]),
+        "test_top5_error": repr(evaluation["top5_error"]),
         "manifest_sha256": tracking.manifest_sha256(params.paths.shards),
         "shards_dvc_md5": shards_dvc_hash(params.paths.shards),
         "git_commit": tracking.git_commit(),
         "num_params": str(trial["num_params"]),
     }
+    if trial.get("best_val_loss") is not None:  # a sweep from before val_loss was recorded has none
+        tags[VAL_LOSS_TAG] = repr(trial["best_val_loss"])
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(
         name, version.version, description=description(params, trial, evaluation, manifest, side)
     )
 
-    current = champion_error(client, name, alias)
-    new_error = evaluation["top1_error"]
-    if current is None or new_error < current[1]:
-        client.set_registered_model_alias(name, alias, version.version)
-        verdict = f"alias '{alias}' -> version {version.version}" + (
-            f" (val top-1 error {new_error:.2%} beats version {current[0]}'s {current[1]:.2%})" if current else ""
-        )
-        moved = True
-    else:
-        verdict = (
-            f"version {version.version} registered without the alias: its val top-1 error {new_error:.2%} "
-            f"does not beat version {current[0]}'s {current[1]:.2%}, which keeps '{alias}'"
-        )
-        moved = False
+    moved, verdict = settle_alias(client, name, alias, str(version.version))
     champion = client.get_model_version_by_alias(name, alias)
     return {
         "registered_model": name,
@@ -125,7 +184,10 @@ def register(params: Params) -> dict[str, Any]:
         "alias": alias,
         "alias_moved": moved,
         "champion_version": int(champion.version),
-        "top1_error": new_error,
+        "val_top1_error": trial["best_val_top1_error"],
+        "val_loss": trial.get("best_val_loss"),
+        "test_top1_error": evaluation["top1_error"],
+        "test_top5_error": evaluation["top5_error"],
         "model_uri": f"models:/{name}/{version.version}",
         "message": verdict,
     }

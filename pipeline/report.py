@@ -1,20 +1,27 @@
-"""Stage `report`: pictures and a table of the sweep, beside the paper's numbers.
+"""Stage `report`: pictures and a table of the sweep, beside the paper's numbers and claims.
 
     python -m pipeline.report [--params params.yaml]
 
 Writes to `paths.reports`:
-- `curves.png`: training (dashed) and val (bold) error per epoch, one panel per shortcut type,
-  one line per depth: plain nets beside residual ones, as in the paper's Figures 4 and 6;
-- `final_errors.png`: each trial's best val error, grouped by depth (and the SVC baseline for
-  the digits);
+- `claims.json`: the paper's claims that a depth x shortcut sweep can test, each with its verdict
+  (held, not held, or not tested) and the numbers behind it (`claims`, a pure function of the
+  sweep's records, also run by `benchmarks/claims.py`); a DVC metric;
+- `curves.png`: training (dashed) and val (bold) error per epoch, plain nets in one panel and
+  ResNets in another (one per shortcut option), one line per depth, on a linear axis from 0%:
+  the layout of the paper's Figure 6;
+- `final_errors.png`: each trial's final train error and best val error, grouped by depth, once
+  with every net and once zoomed to the ResNets (a 70% bar beside a 0.3% one leaves the
+  small ones unreadable), each bar labelled with its value, and the SVC baseline for the digits
+  (fitted on their train split, scored on their test split);
 - `results.md`: our table with the paper's number beside each comparable row (Table 6 for
-  CIFAR-size nets, Tables 2 and 3 for ImageNet-size ones) and the champion.
-All three are logged to the sweep's MLflow run; dvc.yaml declares the PNGs as DVC plots.
+  CIFAR-size nets, Tables 2 and 3 for ImageNet-size ones), the champion, and the claims.
+All are logged to the sweep's MLflow run; dvc.yaml declares the PNGs as DVC plots.
 """
 
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display here or on cluster nodes
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import cli, tracking
 from pipeline.evaluate import read_sweep
@@ -36,6 +45,26 @@ PAPER_IMAGENET = {
     (34, "C"): 24.19, (50, "B"): 22.85, (101, "B"): 21.75, (152, "B"): 21.43,
 }  # fmt: skip
 SHORTCUT_LABEL = {"none": "plain", "A": "ResNet (A)", "B": "ResNet (B)", "C": "ResNet (C)"}
+RESIDUAL = ("A", "B", "C")
+
+# The claims' thresholds, errors as fractions of the images (0.02: two points of error).
+# a. Degradation (Sec. 4.1, Fig. 4 left; Sec. 4.2, Fig. 6 left): the deepest plain net's final
+#    train error exceeds the shallowest's by more than this.
+DEGRADATION_MIN_GAP = 0.0
+# b. Residual learning fixes it (Sec. 4.1, Table 2; Fig. 6 middle): at the deepest depth, the
+#    ResNet (A)'s final train error is under this fraction of the plain net's.
+RESIDUAL_MAX_RATIO = 1 / 3
+# c. ResNets gain from depth (Table 6, Fig. 6 middle): the deepest ResNet (A)'s final train
+#    error is at most this much above the shallowest's (or below it).
+DEPTH_TOLERANCE = 0.02
+# d. Shortcut options (Sec. 4.1, Table 3): A, B and C each beat plain (best val error) at a
+#    depth, and their best val errors span at most this much there.
+SHORTCUT_MAX_SPREAD = 0.02
+# Errors are counts over a split (k/n); their differences carry float rounding
+# (0.05 - 0.03 = 0.020000000000000004), which must not decide an at-most comparison.
+ROUNDING = 1e-9
+
+PAPER_FIGURE6_NOTE = "cf. He et al. 2015, Fig. 6"
 
 
 def paper_error(arch: str, depth: int, shortcut: str) -> str:
@@ -46,8 +75,235 @@ def paper_error(arch: str, depth: int, shortcut: str) -> str:
     return f"{value:.2f}% (ImageNet 10-crop, Tables 2-3)" if value else ""
 
 
+def net_name(depth: int, shortcut: str) -> str:
+    """The paper's names: plain-20, ResNet-20 (and the option, where it is not A)."""
+    if shortcut == "none":
+        return f"plain-{depth}"
+    return f"ResNet-{depth}" if shortcut == "A" else f"ResNet-{depth} ({shortcut})"
+
+
+# --- The claims ------------------------------------------------------------------------------
+
+# The sweep's finished trials by (depth, shortcut).
+Nets = dict[tuple[int, str], dict[str, Any]]
+
+
+def claims(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's claims that the sweep's records (reports/sweep.json) can test, in order a-e.
+
+    Each is `{"id", "claim", "held", "evidence"}`: held is True, False, or None when the sweep
+    lacks what the claim needs (then evidence["reason"] says what). A failed trial (a record
+    with "error") is left out, and named in every claim's evidence["skipped_failed_trials"]."""
+    failed = [net_name(t["depth"], t["shortcut"]) for t in trials if "error" in t]
+    nets = {(t["depth"], t["shortcut"]): t for t in trials if "error" not in t}
+    results = [
+        degradation(nets),
+        residual_fixes_degradation(nets),
+        residual_gains_from_depth(nets),
+        shortcut_options(nets),
+        parameter_counts(nets),
+    ]
+    if failed:
+        for result in results:
+            result["evidence"]["skipped_failed_trials"] = failed
+    return results
+
+
+def depths_of(nets: Nets, *shortcuts: str) -> list[int]:
+    """The depths at which the sweep has a finished trial of every one of these shortcuts."""
+    return sorted({d for d, _ in nets if all((d, s) in nets for s in shortcuts)})
+
+
+def verdict(claim_id: str, claim: str, held: bool | None, evidence: dict[str, Any]) -> dict[str, Any]:
+    return {"id": claim_id, "claim": claim, "held": held, "evidence": evidence}
+
+
+def degradation(nets: Nets) -> dict[str, Any]:
+    claim = (
+        "a. Degradation (Sec. 4.1-4.2, Fig. 6 left): the deepest plain net ends training with a higher "
+        "train error than the shallowest one"
+    )
+    depths = depths_of(nets, "none")
+    if len(depths) < 2:
+        reason = f"needs finished plain nets at two depths or more; the sweep has them at {depths or 'none'}"
+        return verdict("degradation", claim, None, {"reason": reason, "plain_depths": depths})
+    shallow = nets[(depths[0], "none")]["final_train_top1_error"]
+    deep = nets[(depths[-1], "none")]["final_train_top1_error"]
+    evidence = {
+        "shallow_depth": depths[0],
+        "deep_depth": depths[-1],
+        "plain_shallow_final_train_error": shallow,
+        "plain_deep_final_train_error": deep,
+        "gap": deep - shallow,
+        "min_gap": DEGRADATION_MIN_GAP,
+    }
+    return verdict("degradation", claim, deep - shallow > DEGRADATION_MIN_GAP, evidence)
+
+
+def residual_fixes_degradation(nets: Nets) -> dict[str, Any]:
+    claim = (
+        "b. Residual learning fixes it (Sec. 4.1-4.2, Fig. 6): at the deepest depth, ResNet (A) ends "
+        f"training with under {Fraction(RESIDUAL_MAX_RATIO).limit_denominator(100)} of the plain net's train error"
+    )
+    depths = depths_of(nets, "none", "A")
+    if not depths:
+        reason = "needs a finished plain net and ResNet (A) at the same depth; the sweep has none"
+        return verdict("residual_fixes_degradation", claim, None, {"reason": reason})
+    depth = depths[-1]
+    plain = nets[(depth, "none")]["final_train_top1_error"]
+    resnet = nets[(depth, "A")]["final_train_top1_error"]
+    evidence = {
+        "depth": depth,
+        "plain_final_train_error": plain,
+        "resnet_A_final_train_error": resnet,
+        "ratio": resnet / plain if plain > 0 else None,
+        "max_ratio": RESIDUAL_MAX_RATIO,
+    }
+    return verdict("residual_fixes_degradation", claim, resnet < RESIDUAL_MAX_RATIO * plain, evidence)
+
+
+def residual_gains_from_depth(nets: Nets) -> dict[str, Any]:
+    claim = (
+        "c. ResNets gain from depth (Table 6, Fig. 6 middle): the deepest ResNet (A) ends training with a "
+        f"train error at most {DEPTH_TOLERANCE:.0%} above the shallowest one's, or below it"
+    )
+    depths = depths_of(nets, "A")
+    if len(depths) < 2:
+        reason = f"needs finished ResNets (A) at two depths or more; the sweep has them at {depths or 'none'}"
+        return verdict("residual_gains_from_depth", claim, None, {"reason": reason, "resnet_A_depths": depths})
+    shallow = nets[(depths[0], "A")]["final_train_top1_error"]
+    deep = nets[(depths[-1], "A")]["final_train_top1_error"]
+    evidence = {
+        "shallow_depth": depths[0],
+        "deep_depth": depths[-1],
+        "resnet_A_shallow_final_train_error": shallow,
+        "resnet_A_deep_final_train_error": deep,
+        "difference": deep - shallow,
+        "tolerance": DEPTH_TOLERANCE,
+    }
+    return verdict("residual_gains_from_depth", claim, deep - shallow <= DEPTH_TOLERANCE + ROUNDING, evidence)
+
+
+def incomplete_depths(nets: Nets, complete: list[int]) -> list[int]:
+    return sorted({d for d, _ in nets} - set(complete))
+
+
+def shortcut_options(nets: Nets) -> dict[str, Any]:
+    claim = (
+        "d. Shortcut options (Sec. 4.1, Table 3): at each depth, ResNets with options A, B and C all beat the plain "
+        f"net (best val error) and differ among themselves by at most {SHORTCUT_MAX_SPREAD:.0%}"
+    )
+    depths = depths_of(nets, "none", *RESIDUAL)
+    if not depths:
+        reason = "needs finished plain, A, B and C nets at the same depth; the sweep has no such depth"
+        return verdict("shortcut_options", claim, None, {"reason": reason})
+    rows = []
+    for depth in depths:
+        errors = {s: nets[(depth, s)]["best_val_top1_error"] for s in ("none", *RESIDUAL)}
+        residual = [errors[s] for s in RESIDUAL]
+        spread = max(residual) - min(residual)
+        beat_plain = all(e < errors["none"] for e in residual)
+        rows.append(
+            {
+                "depth": depth,
+                **{f"{'plain' if s == 'none' else s}_best_val_error": e for s, e in errors.items()},
+                "spread": spread,
+                "all_beat_plain": beat_plain,
+                "held": beat_plain and spread <= SHORTCUT_MAX_SPREAD + ROUNDING,
+            }
+        )
+    evidence = {"depths": rows, "max_spread": SHORTCUT_MAX_SPREAD, "untested_depths": incomplete_depths(nets, depths)}
+    return verdict("shortcut_options", claim, all(r["held"] for r in rows), evidence)
+
+
+def parameter_counts(nets: Nets) -> dict[str, Any]:
+    claim = (
+        "e. Parameters (Sec. 3.3 and 4.1, Table 3): at each depth, option A (zero-padding identity shortcuts) adds "
+        "no parameters to the plain net; B (projections where dimensions grow) and C (all projections) "
+        "add some, C more than B"
+    )
+    depths = depths_of(nets, "none", *RESIDUAL)
+    if not depths:
+        reason = "needs finished plain, A, B and C nets at the same depth; the sweep has no such depth"
+        return verdict("parameter_counts", claim, None, {"reason": reason})
+    rows = []
+    for depth in depths:
+        plain, a, b, c = (nets[(depth, s)]["num_params"] for s in ("none", *RESIDUAL))
+        rows.append(
+            {
+                "depth": depth,
+                "plain_num_params": plain,
+                "A_num_params": a,
+                "B_num_params": b,
+                "C_num_params": c,
+                "held": a == plain and c > b > a,
+            }
+        )
+    evidence = {"depths": rows, "untested_depths": incomplete_depths(nets, depths)}
+    return verdict("parameter_counts", claim, all(r["held"] for r in rows), evidence)
+
+
+VERDICT = {True: "held", False: "**not held**", None: "not tested"}
+
+
+def format_value(key: str, value: Any) -> str:
+    """A number of the evidence as a reader wants it: errors and margins in %, counts with commas."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if "num_params" in key else str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if "ratio" in key else f"{value:.2%}"
+    if isinstance(value, dict):
+        return format_evidence(value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            return "; ".join(format_row(v) for v in value)
+        return ", ".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One depth of a per-depth claim: `20 layers (plain best val error: 3.33%, ...)`."""
+    rest = {k: v for k, v in row.items() if k != "depth"}
+    return f"{row['depth']} layers ({format_evidence(rest)})" if "depth" in row else format_evidence(row)
+
+
+def format_evidence(evidence: dict[str, Any]) -> str:
+    return ", ".join(f"{key.replace('_', ' ')}: {format_value(key, value)}" for key, value in evidence.items())
+
+
+def claims_section(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "## The paper's claims, checked on this sweep",
+        "",
+        "| claim | verdict | evidence |",
+        "|---|---|---|",
+    ]
+    for c in results:
+        evidence = {k: v for k, v in c["evidence"].items() if k != "skipped_failed_trials"}
+        lines.append(f"| {c['claim']} | {VERDICT[c['held']]} | {format_evidence(evidence)} |")
+    held = sum(c["held"] is True for c in results)
+    not_held = sum(c["held"] is False for c in results)
+    lines += ["", f"{held} held, {not_held} not held, {len(results) - held - not_held} not tested."]
+    failed = results[0]["evidence"].get("skipped_failed_trials") if results else None
+    if failed:
+        lines.append(f"Failed trials, left out of every claim: {', '.join(failed)}.")
+    lines.append(
+        "Errors are fractions of this data set's splits after this run's epochs; the paper's claims are "
+        "about trends (deeper, residual, shortcut option), which is what is checked here, not its numbers."
+    )
+    return "\n".join(lines) + "\n"
+
+
+# --- The baseline ----------------------------------------------------------------------------
+
+
 def svc_baseline(params: Params) -> float | None:
-    """scikit-learn's SVC on the same digits split: the fair non-deep baseline."""
+    """scikit-learn's SVC, fitted on the digits' train split and scored on their test split (the
+    split the champion's reported error comes from, metrics/eval.json): the non-deep baseline."""
     if params.data.source != "digits":
         return None
     from sklearn.datasets import load_digits
@@ -56,65 +312,147 @@ def svc_baseline(params: Params) -> float | None:
     from pipeline.sources import digits_split
 
     bunch = load_digits()
-    train, val = digits_split(bunch.target, params.data.seed, params.data.val_fraction)
+    train, _, test = digits_split(bunch.target, params.data.seed, params.data.val_fraction, params.data.test_fraction)
     svc = SVC(gamma=0.001).fit(bunch.data[train], bunch.target[train])
-    return float((svc.predict(bunch.data[val]) != bunch.target[val]).mean())
+    return float((svc.predict(bunch.data[test]) != bunch.target[test]).mean())
 
 
-def plot_curves(trials: list[dict[str, Any]], path: Path) -> None:
-    shortcuts = [s for s in SHORTCUT_LABEL if any(t["shortcut"] == s for t in trials)]
+# --- The pictures ----------------------------------------------------------------------------
+
+
+def present_shortcuts(trials: list[dict[str, Any]]) -> list[str]:
+    return [s for s in SHORTCUT_LABEL if any(t["shortcut"] == s for t in trials)]
+
+
+def depth_colours(depths: list[int]) -> dict[int, Any]:
+    # The same colour for a depth in every panel, so plain-56 and ResNet-56 are read as a pair.
+    return {d: plt.cm.tab10(i % 10) for i, d in enumerate(depths)}
+
+
+def percent_ceiling(values: list[float]) -> float:
+    """The top of a linear % axis from 0: a bit above the largest value, so no line or bar
+    leaves the plot; 1% when everything is 0, so a flat line still has an axis to sit on."""
+    finite = [v for v in values if np.isfinite(v)]
+    return max(max(finite, default=0.0) * 1.12, 1.0)
+
+
+def plot_curves(trials: list[dict[str, Any]], path: Path) -> plt.Figure:
+    """The paper's Figure 6: per epoch, train error dashed and val error bold (the paper's test
+    error); plain nets left, ResNets right (one panel per shortcut option in the sweep), one
+    line per depth; a linear axis from 0% shared by all panels."""
+    trials = [t for t in trials if t.get("curve") and t["curve"]["epoch"]]
+    shortcuts = present_shortcuts(trials) or ["none"]
     depths = sorted({t["depth"] for t in trials})
-    colours = dict(zip(depths, plt.cm.viridis(np.linspace(0.1, 0.85, len(depths)))))
-    fig, axes = plt.subplots(1, len(shortcuts), figsize=(5 * len(shortcuts), 4), sharey=True, squeeze=False)
-    for ax, shortcut in zip(axes[0], shortcuts):
+    colours = depth_colours(depths)
+    top = percent_ceiling(
+        [100 * v for t in trials for key in ("train_top1_error", "val_top1_error") for v in t["curve"][key]]
+    )
+    # In a row as the paper's three panels; four (plain, A, B, C) as a 2 x 2 grid, not a strip.
+    ncols = len(shortcuts) if len(shortcuts) <= 3 else 2
+    nrows = -(-len(shortcuts) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 4 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(shortcuts) :]:
+        ax.set_visible(False)
+    for ax, shortcut in zip(axes.flat, shortcuts):
         for t in (t for t in trials if t["shortcut"] == shortcut):
             curve, colour = t["curve"], colours[t["depth"]]
             epochs = [e + 1 for e in curve["epoch"]]
-            ax.plot(epochs, np.array(curve["train_top1_error"]) * 100, "--", color=colour, linewidth=1)
+            # clip_on=False: a net at 0% error draws its line on the axis, not half under it.
+            ax.plot(epochs, np.array(curve["train_top1_error"]) * 100, "--", color=colour, linewidth=1, clip_on=False)
             ax.plot(
                 epochs,
                 np.array(curve["val_top1_error"]) * 100,
                 "-",
                 color=colour,
-                linewidth=2,
-                label=f"{t['depth']}-layer",
+                linewidth=2.2,
+                label=net_name(t["depth"], shortcut),
+                clip_on=False,
             )
-        ax.set_title(SHORTCUT_LABEL[shortcut])
+        ax.set_title("plain" if shortcut == "none" else f"ResNet (option {shortcut})")
         ax.set_xlabel("epoch")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="bold: val, dashed: train")
-    axes[0][0].set_ylabel("top-1 error (%)")
-    fig.suptitle("Training and val error per epoch: plain vs residual nets")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, top)
+        ax.grid(True, alpha=0.3)
+        styles = [
+            Line2D([], [], color="black", linestyle="--", linewidth=1, label="train (dashed)"),
+            Line2D([], [], color="black", linestyle="-", linewidth=2.2, label="val (bold)"),
+        ]
+        handles, _ = ax.get_legend_handles_labels()
+        ax.legend(handles=handles + styles, fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("top-1 error (%)")
+    fig.suptitle(f"Training (dashed) and val (bold) error: plain vs ResNet ({PAPER_FIGURE6_NOTE})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt.close(fig)  # out of pyplot's registry; the Figure stays readable
+    return fig
 
 
-def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path: Path) -> None:
-    shortcuts = [s for s in SHORTCUT_LABEL if any(t["shortcut"] == s for t in trials)]
-    depths = sorted({t["depth"] for t in trials})
+SHORTCUT_COLOUR = {"none": "0.55", "A": "tab:blue", "B": "tab:orange", "C": "tab:green"}
+
+
+def bar_panel(
+    ax: plt.Axes, trials: list[dict[str, Any]], depths: list[int], shortcuts: list[str], key: str, extra: list[float]
+) -> None:
+    """Bars of one error per (depth, shortcut), each labelled with its value; `extra` values
+    (the baseline) are kept inside the axis too."""
     width = 0.8 / len(shortcuts)
-    fig, ax = plt.subplots(figsize=(2 + 1.8 * len(depths), 4))
+    shown = []
     for i, shortcut in enumerate(shortcuts):
         values = [
-            next(
-                (t["best_val_top1_error"] * 100 for t in trials if t["depth"] == d and t["shortcut"] == shortcut),
-                np.nan,
-            )
+            next((100 * t[key] for t in trials if t["depth"] == d and t["shortcut"] == shortcut), np.nan)
             for d in depths
         ]
-        bars = ax.bar(np.arange(len(depths)) + i * width, values, width, label=SHORTCUT_LABEL[shortcut])
-        ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    if baseline is not None:
-        ax.axhline(baseline * 100, color="grey", linestyle=":", label=f"SVC baseline ({baseline:.2%})")
+        bars = ax.bar(
+            np.arange(len(depths)) + i * width,
+            values,
+            width,
+            label=SHORTCUT_LABEL[shortcut],
+            color=SHORTCUT_COLOUR[shortcut],
+        )
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}%" for v in values], fontsize=7, padding=2)
+        shown += values
     ax.set_xticks(np.arange(len(depths)) + width * (len(shortcuts) - 1) / 2, [f"{d} layers" for d in depths])
-    ax.set_ylabel("best val top-1 error (%)")
-    ax.set_title("Best val error of each trial")
-    ax.legend()
-    fig.tight_layout()
+    # Room above the tallest bar for its label.
+    ax.set_ylim(0, percent_ceiling(shown + [100 * v for v in extra]) * 1.08)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path: Path) -> plt.Figure:
+    """Final train error (top row: degradation is a training-error effect, Sec. 4.1) and best
+    val error (bottom row) of each trial. Left: every net on one linear axis; right, when the
+    sweep has plain nets beside ResNets: the ResNets alone, on an axis scaled to them."""
+    shortcuts = present_shortcuts(trials) or ["none"]
+    residual = [s for s in shortcuts if s != "none"]
+    depths = sorted({t["depth"] for t in trials})
+    columns = [("plain and ResNets", shortcuts)]
+    if residual and "none" in shortcuts:
+        columns.append(("ResNets only (zoomed)", residual))
+    rows = [("final_train_top1_error", "final train error"), ("best_val_top1_error", "best val error")]
+    widths = [1.5 + 0.65 * max(len(depths), 1) * len(group) for _, group in columns]
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(sum(widths), 7.5), squeeze=False, gridspec_kw={"width_ratios": widths}
+    )
+    for r, (key, what) in enumerate(rows):
+        for c, (title, group) in enumerate(columns):
+            ax = axes[r][c]
+            with_baseline = baseline is not None and key == "best_val_top1_error"
+            bar_panel(ax, trials, depths, group, key, [baseline] if with_baseline else [])
+            if with_baseline:
+                ax.axhline(baseline * 100, color="black", linestyle=":", label=f"SVC baseline, test ({baseline:.2%})")
+            ax.set_title(f"{what}: {title}")
+            ax.set_ylabel(f"{what} (%)")
+    # One legend for all panels, above them: inside a panel it would hide a tall bar.
+    handles, labels = axes[-1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(labels), fontsize=8)
+    fig.suptitle("Final errors of each trial: plain vs ResNet")
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt.close(fig)  # out of pyplot's registry; the Figure stays readable
+    return fig
+
+
+# --- The table -------------------------------------------------------------------------------
 
 
 def results_table(
@@ -123,31 +461,35 @@ def results_table(
     lines = [
         f"# Sweep results: {params.data.source}, {params.model.arch}-style nets",
         "",
-        "| depth | shortcut | params | best val top-1 | final train top-1 | epochs | wall time | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| depth | shortcut | params | best val top-1 | final train top-1 | final val top-1 | epochs | wall time | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in trials:
         if "error" in t:
-            lines.append(f"| {t['depth']} | {t['shortcut']} | failed | | | | | |")
+            lines.append(f"| {t['depth']} | {SHORTCUT_LABEL.get(t['shortcut'], t['shortcut'])} | failed | | | | | | |")
             continue
         lines.append(
             f"| {t['depth']} | {SHORTCUT_LABEL[t['shortcut']]} | {t['num_params']:,} | {t['best_val_top1_error']:.2%} "
-            f"| {t['final_train_top1_error']:.2%} | {t['epochs']} | {t['wall_time_s']:.0f} s "
-            f"| {paper_error(params.model.arch, t['depth'], t['shortcut'])} |"
+            f"| {t['final_train_top1_error']:.2%} | {t['final_val_top1_error']:.2%} | {t['epochs']} "
+            f"| {t['wall_time_s']:.0f} s | {paper_error(params.model.arch, t['depth'], t['shortcut'])} |"
         )
-    if baseline is not None:
-        lines.append(f"| | SVC (scikit-learn, gamma=0.001) | | {baseline:.2%} | | | | |")
     lines.append("")
     if evaluation:
         e = evaluation
         lines.append(
-            f"Best trial ({e['depth']}-layer, shortcut {e['shortcut']}) on {e['num_samples']} val images, "
-            f"{e['crop']} crop: top-1 error {e['top1_error']:.2%}, top-5 error {e['top5_error']:.2%}."
+            f"Best trial ({e['depth']}-layer, shortcut {e['shortcut']}) on {e['num_samples']} "
+            f"{e.get('split', 'val')} images, {e['crop']} crop: top-1 error {e['top1_error']:.2%}, "
+            f"top-5 error {e['top5_error']:.2%}."
         )
         if "ten_crop" in e:
             lines.append(
                 f"10-crop: top-1 error {e['ten_crop']['top1_error']:.2%}, top-5 error {e['ten_crop']['top5_error']:.2%}."
             )
+    if baseline is not None:
+        lines.append(
+            f"SVC baseline (scikit-learn, gamma=0.001), fitted on the same train split, on the test split: "
+            f"top-1 error {baseline:.2%}."
+        )
     if registry:
         lines.append("")
         lines.append(f"Registry: {registry['registered_model']} version {registry['version']}; {registry['message']}.")
@@ -157,35 +499,59 @@ def results_table(
         "rows of the same architecture: a guide to the trend across depth and shortcut, not a target "
         "for another data set."
     )
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    lines.append(claims_section(claims(trials)))
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def read_optional(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def main(argv: list[str] | None = None) -> None:
-    params = cli.parse("report", "Plots and tables of the sweep, beside the paper's numbers.", argv)
-    trials = read_sweep(params.paths.reports)
+OUTPUTS = ("claims.json", "curves.png", "final_errors.png", "results.md")
+
+
+def write_report(
+    out: Path,
+    params: Params,
+    trials: list[dict[str, Any]],
+    evaluation: dict | None,
+    registry: dict | None,
+    baseline: float | None,
+) -> list[dict[str, Any]]:
+    """Every output of the stage under `out`, from the records alone (no MLflow); the claims."""
+    out.mkdir(parents=True, exist_ok=True)
     finished = [t for t in trials if "error" not in t]
-    out = Path(params.paths.reports)
-    baseline = svc_baseline(params)
+    results = claims(trials)
+    (out / "claims.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_curves(finished, out / "curves.png")
     plot_final_errors(finished, baseline, out / "final_errors.png")
+    (out / "results.md").write_text(results_table(params, trials, evaluation, registry, baseline))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    params = cli.parse("report", "Plots, tables and claims of the sweep, beside the paper's.", argv)
+    trials = read_sweep(params.paths.reports)
+    out = Path(params.paths.reports)
+    baseline = svc_baseline(params)
     evaluation = read_optional(Path(params.paths.metrics) / "eval.json")
     registry = read_optional(Path(params.paths.metrics) / "registry.json")
-    (out / "results.md").write_text(results_table(params, trials, evaluation, registry, baseline))
+    results = write_report(out, params, trials, evaluation, registry, baseline)
 
     mlflow = tracking.client(tracking.tracking_uri(params))
+    finished = [t for t in trials if "error" not in t]
     if finished:
         parent = mlflow.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
         if parent:
-            for name in ("curves.png", "final_errors.png", "results.md"):
+            for name in OUTPUTS:
                 mlflow.log_artifact(parent, str(out / name), artifact_path="report")
+            mlflow.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
+            mlflow.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
             if baseline is not None:
-                mlflow.log_metric(parent, "svc_baseline_val_top1_error", baseline)
+                mlflow.log_metric(parent, "svc_baseline_test_top1_error", baseline)
     print((out / "results.md").read_text())
-    print(f"wrote {out / 'curves.png'}, {out / 'final_errors.png'}, {out / 'results.md'}")
+    print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
 
 
 if __name__ == "__main__":

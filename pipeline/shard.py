@@ -2,6 +2,9 @@
 
     python -m pipeline.shard [--params params.yaml] [--set shard.workers=4] ...
 
+Three splits, `${paths.shards}/{train,val,test}/shard-%06d.tar`: val chooses (epochs, trials, the
+champion), test is only reported; `sources` says where each comes from, per data set.
+
 Every file under a split's folders is accounted for (`sources` walks them): a sample, a
 `rejected` entry naming the file and the reason, or a `skipped` hidden file. Every image is
 checked by content, the cheap checks first (file size, then the header's pixel count and sides):
@@ -485,9 +488,7 @@ def shard(params: Params) -> dict[str, Any]:
         with outputs.sigterm_as_interrupt(), outputs.locked(out.with_name(f"{out.name}.lock"), "paths.shards"):
             outputs.check_previous_output(out, "paths.shards")
             outputs.check_staging(staging, "paths.shards", sources.SPLITS)
-            dataset = sources.load(
-                params.data.source, params.data.root, params.data.seed, params.data.val_fraction, params.data.image_size
-            )
+            dataset = sources.load(params.data)
             jobs = build_jobs(dataset, params)
             staging.mkdir(parents=True, exist_ok=True)
             remove_stale(staging, jobs)

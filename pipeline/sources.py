@@ -2,7 +2,26 @@
 
 Sources: `digits` (scikit-learn's 1,797 handwritten digits, rendered as small RGB JPEGs),
 `imagenet` (the raw ILSVRC-2012 layout, three ways of labelling val), `imagefolder`
-(`root/{train,val}/<class>/*`) and `cifar10` (the `cifar-10-batches-py` folder).
+(`root/{train,val,test}/<class>/*`) and `cifar10` (the `cifar-10-batches-py` folder).
+
+Three splits, so that the figure reported is not the one that chose the model: `val` picks the
+best epoch, the best trial and the registry's champion; `test` is only measured. Where the data
+set has no split of its own for choosing, val is held out of train, as the paper does on
+CIFAR-10 (He et al. 2015, Sec. 4.2: 45k/5k train/val, the 10k test set for the results):
+
+| source | train | val | test |
+|---|---|---|---|
+| digits | the rest | stratified `data.val_fraction` | stratified `data.test_fraction` |
+| cifar10 | data_batch_1..5 less val | `data.val_per_class` a class, of data_batch_1..5 | test_batch |
+| imagenet | train/ less val | `data.val_per_class` a class, of train/ | the official val/ |
+| imagefolder, val/ and test/ | train/ | val/ | test/ |
+| imagefolder, val/ or test/ alone | train/ less val | `data.val_per_class` a class, of train/ | that folder |
+
+Every holdout is seeded by `data.seed` and the class, nothing else (`holdout`): the same params
+and data give the same split, and the shards are byte-identical. A held-out record keeps its key, label and source. A
+file the walk over train/ could not make a record of (a broken symlink, a hidden file, a loose
+file) stays in train's `rejected` or `skipped`: it was found in train's folders and held out of
+nothing, so every file is still accounted for exactly once.
 
 Nothing here decodes a file from disk: records point at files (or carry bytes, for the sources
 that ship arrays), and the shard stage checks and converts each image by its content.
@@ -16,18 +35,22 @@ import hashlib
 import io
 import os
 import pickle
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from pipeline.cli import UsageError
 
-SPLITS = ("train", "val")
+if TYPE_CHECKING:
+    from pipeline.params import Data
+
+SPLITS = ("train", "val", "test")
 
 
 class SourceError(UsageError):
@@ -76,24 +99,38 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 95) -> bytes:
 # --- digits ---------------------------------------------------------------------------------
 
 
-def digits_split(labels: np.ndarray, seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices): stratified, seeded; the report's SVC baseline uses it too."""
+def digits_split(
+    labels: np.ndarray, seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test) indices: stratified, seeded, disjoint and complete; each fraction is of
+    all the images. The report's SVC baseline uses it too, so it is fitted on the same train."""
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
+    # Test first, then val out of the rest; scikit-learn rounds a fraction's count up, and val's
+    # count is passed as a number so that it stays a fraction of all the images, not of the rest.
+    num_val = int(np.ceil(val_fraction * len(labels)))
     try:
-        train, val = train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=seed)
-    except ValueError as e:  # e.g. a fraction that leaves a class without a train or val image
-        raise SourceError(f"data.val_fraction: {val_fraction} cannot split {len(labels)} images by class ({e})") from None
-    return train, val
+        rest, test = train_test_split(indices, test_size=test_fraction, stratify=labels, random_state=seed)
+    except ValueError as e:  # e.g. a fraction that leaves a class without a test image
+        raise SourceError(
+            f"data.test_fraction: {test_fraction} cannot split {len(labels)} images by class ({e})"
+        ) from None
+    try:
+        train, val = train_test_split(rest, test_size=num_val, stratify=labels[rest], random_state=seed)
+    except ValueError as e:  # ... or without a train or val image
+        raise SourceError(
+            f"data.val_fraction: {val_fraction} cannot split {len(labels)} images by class ({e})"
+        ) from None
+    return train, val, test
 
 
-def digits(seed: int, val_fraction: float, image_size: int) -> Dataset:
+def digits(seed: int, val_fraction: float, test_fraction: float, image_size: int) -> Dataset:
     """scikit-learn's digits (8x8, 17 grey levels) as image_size^2 RGB JPEGs, stratified split."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    train_idx, val_idx = digits_split(bunch.target, seed, val_fraction)
+    train_idx, val_idx, test_idx = digits_split(bunch.target, seed, val_fraction, test_fraction)
 
     def render(i: int) -> bytes:
         grey = Image.fromarray(np.round(bunch.images[i] * (255 / 16)).astype(np.uint8), "L")
@@ -106,7 +143,42 @@ def digits(seed: int, val_fraction: float, image_size: int) -> Dataset:
             for i in sorted(idx)
         ]
 
-    return Dataset("digits", [str(d) for d in range(10)], {"train": records(train_idx), "val": records(val_idx)})
+    splits = {"train": records(train_idx), "val": records(val_idx), "test": records(test_idx)}
+    return Dataset("digits", [str(d) for d in range(10)], splits)
+
+
+# --- val held out of train ----------------------------------------------------------------------
+
+
+def holdout(
+    records: list[Record], classes: list[str], seed: int, per_class: int, where: str
+) -> tuple[list[Record], list[Record]]:
+    """(train, val): `per_class` records of each class drawn into val, seeded by `seed` and the
+    class, so that a class's draw depends on its own records alone (in the order they arrive:
+    sorted paths, or batch order), not on the other classes. Both keep the records' order. A
+    class that would keep no train record is one line: the net could never learn it. `where`
+    names the records for that line (the train folder, the CIFAR batches)."""
+    by_class: dict[int, list[int]] = {}
+    for position, record in enumerate(records):
+        by_class.setdefault(record.label, []).append(position)
+    held: set[int] = set()
+    for label, name in enumerate(classes):
+        positions = by_class.get(label, [])
+        if len(positions) <= per_class:
+            raise SourceError(
+                f"data.val_per_class: {per_class} would leave class {name!r} of {where} with no train image "
+                f"(it has {len(positions)}); lower data.val_per_class"
+            )
+        # Python's seeded Random, as the shard stage's shuffle: its draws do not change with numpy.
+        held.update(random.Random(f"val holdout:{seed}:{label}").sample(positions, per_class))
+    train = [r for i, r in enumerate(records) if i not in held]
+    val = [r for i, r in enumerate(records) if i in held]
+    return train, val
+
+
+def holdout_note(per_class: int, seed: int, of: str) -> str:
+    images = "image" if per_class == 1 else "images"
+    return f"{per_class} {images} a class held out of {of} (data.val_per_class), seeded by data.seed {seed}"
 
 
 # --- files on disk ----------------------------------------------------------------------------
@@ -196,7 +268,9 @@ def unique_keys(records: list[Record]) -> list[Record]:
     return out
 
 
-def folder_split(split_dir: Path, root: Path, class_index: dict[str, int], key_by_class: bool) -> tuple[list[Record], Listing]:
+def folder_split(
+    split_dir: Path, root: Path, class_index: dict[str, int], key_by_class: bool
+) -> tuple[list[Record], Listing]:
     """The records of a split laid out as split_dir/<class>/..., and everything else found there."""
     records: list[Record] = []
     listing = Listing()
@@ -229,22 +303,40 @@ def check_no_empty_classes(split_dir: Path, classes: list[str], records: list[Re
         )
 
 
-def imagefolder(root: Path) -> Dataset:
-    """Any root/{train,val}/<class>/... tree (Imagenette, ImageNet-100, your own)."""
+def imagefolder(root: Path, *, seed: int, val_per_class: int) -> Dataset:
+    """Any root/{train,val,test}/<class>/... tree (Imagenette, ImageNet-100, your own), each
+    split from its folder. A tree with one held-out folder (val/ or test/) tests on it, and val
+    is `val_per_class` images a class held out of train/: most such trees call their one
+    held-out folder val, and it must not also choose the model."""
     train_dir = require_dir(root / "train", "root/train/<class>/<images>")
-    val_dir = require_dir(root / "val", "root/val/<class>/<images>")
+    present = {name for name in ("val", "test") if (root / name).exists() or (root / name).is_symlink()}
+    if not present:
+        raise SourceError(f"{root}: no val/ or test/ folder (expected root/val/<class>/<images>, root/test/ or both)")
+    folders = {"train": train_dir}
+    if present == {"val", "test"}:
+        folders |= {split: require_dir(root / split, f"root/{split}/<class>/<images>") for split in ("val", "test")}
+    else:
+        (only,) = present
+        folders["test"] = require_dir(root / only, f"root/{only}/<class>/<images>")
     classes = [p.name for p in class_folders(train_dir)]
     index = {c: i for i, c in enumerate(classes)}
     splits, listings = {}, {}
-    for split, split_dir in (("train", train_dir), ("val", val_dir)):
+    for split, split_dir in folders.items():
         splits[split], listings[split] = folder_split(split_dir, root, index, key_by_class=True)
     check_no_empty_classes(train_dir, classes, splits["train"])
+    notes = {}
+    if "val" not in folders:
+        # What the walk over train/ refused stays train's (see the module's docstring).
+        splits["train"], splits["val"] = holdout(splits["train"], classes, seed, val_per_class, str(train_dir))
+        listings["val"] = Listing()
+        notes = {"val_split": holdout_note(val_per_class, seed, "train/"), "test_split": f"{folders['test'].name}/"}
     return Dataset(
         "imagefolder",
         classes,
-        splits,
-        rejected={s: listing.rejected for s, listing in listings.items()},
-        skipped={s: listing.skipped for s, listing in listings.items()},
+        {split: splits[split] for split in SPLITS},
+        notes=notes,
+        rejected={s: listings[s].rejected for s in SPLITS},
+        skipped={s: listings[s].skipped for s in SPLITS},
     )
 
 
@@ -256,9 +348,12 @@ GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 SYNSET_MAPPING = "LOC_synset_mapping.txt"
 
 
-def imagenet(root: Path) -> Dataset:
+def imagenet(root: Path, *, seed: int, val_per_class: int) -> Dataset:
     """train/<wnid>/*.JPEG; val as val/<wnid>/ folders, or flat with labels from Kaggle's
-    LOC_val_solution.csv or the devkit's ground truth + meta.mat (ILSVRC2012_ID order)."""
+    LOC_val_solution.csv or the devkit's ground truth + meta.mat (ILSVRC2012_ID order).
+
+    The official val set is the test split (the paper reports on it: He et al. 2015, Tables 2-4);
+    the val split that chooses is `val_per_class` images a class held out of train/."""
     train_dir = require_dir(root / "train", "ILSVRC-2012's train/<wnid>/*.JPEG")
     val_dir = require_dir(root / "val", "ILSVRC-2012's val/ (flat, or val/<wnid>/ folders)")
     classes = [p.name for p in class_folders(train_dir)]
@@ -270,29 +365,36 @@ def imagenet(root: Path) -> Dataset:
     if val_has_folders:
         if any(p.is_file() and not p.name.startswith(".") for p in val_dir.iterdir()):
             raise SourceError(f"{val_dir}: holds both class folders and loose files; expected one layout")
-        val, val_listing = folder_split(val_dir, root, index, key_by_class=False)
+        test, test_listing = folder_split(val_dir, root, index, key_by_class=False)
         labels_from = "val/<wnid>/ folders"
     else:
         wnid_of, labels_from = val_labels(root)
-        val_listing = walk(val_dir, root)
-        val = []
-        for path in val_listing.files:
+        test_listing = walk(val_dir, root)
+        test = []
+        for path in test_listing.files:
             wnid = wnid_of.get(path.stem)
             if wnid is None:
                 raise SourceError(f"{path}: no label for this val image in {labels_from}")
             if wnid not in index:
                 raise SourceError(f"{labels_from}: {path.stem} is labelled {wnid}, which has no train folder")
-            val.append(Record(sample_key(path.relative_to(val_dir)), index[wnid], str(path)))
-        val = unique_keys(val)
+            test.append(Record(sample_key(path.relative_to(val_dir)), index[wnid], str(path)))
+        test = unique_keys(test)
 
+    # Held out once every file is listed and labelled: a bad label file is reported as such. What
+    # the walk over train/ refused stays train's (see the module's docstring).
+    train, val = holdout(train, classes, seed, val_per_class, str(train_dir))
     return Dataset(
         "imagenet",
         classes,
-        {"train": train, "val": val},
+        {"train": train, "val": val, "test": test},
         class_names=imagenet_class_names(root, classes),
-        notes={"val_labels": labels_from},
-        rejected={"train": train_listing.rejected, "val": val_listing.rejected},
-        skipped={"train": train_listing.skipped, "val": val_listing.skipped},
+        notes={
+            "val_split": holdout_note(val_per_class, seed, "train/"),
+            "test_split": "the official val/",
+            "test_labels": labels_from,
+        },
+        rejected={"train": train_listing.rejected, "val": [], "test": test_listing.rejected},
+        skipped={"train": train_listing.skipped, "val": [], "test": test_listing.skipped},
     )
 
 
@@ -419,8 +521,10 @@ def cifar_images(path: Path, num_classes: int) -> tuple[np.ndarray, list[int]]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def cifar10(root: Path) -> Dataset:
-    """cifar-10-batches-py: data_batch_1..5 -> train, test_batch -> val (the paper tests on it)."""
+def cifar10(root: Path, *, seed: int, val_per_class: int) -> Dataset:
+    """cifar-10-batches-py: data_batch_1..5 -> train and val, test_batch -> test. The paper's
+    protocol (He et al. 2015, Sec. 4.2): 45k train / 5k val out of the training batches (500
+    images a class: `val_per_class`), results on the 10k test images."""
     folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
     for name in [*names, "batches.meta"]:
@@ -437,17 +541,26 @@ def cifar10(root: Path) -> Dataset:
                 out.append(Record(f"cifar10_{split}_{len(out):05d}", label, f"{name}[{i}]", encode_jpeg(pixels)))
         return out
 
-    return Dataset("cifar10", classes, {"train": records("train", names[:5]), "val": records("val", names[5:])})
+    # Every batch is read (and checked) before the holdout; held-out records keep their
+    # `cifar10_train_*` keys.
+    train, test = records("train", names[:5]), records("test", names[5:])
+    train, val = holdout(train, classes, seed, val_per_class, f"{folder}/data_batch_1..5")
+    return Dataset(
+        "cifar10",
+        classes,
+        {"train": train, "val": val, "test": test},
+        notes={"val_split": holdout_note(val_per_class, seed, "data_batch_1..5"), "test_split": "test_batch"},
+    )
 
 
-def load(source: str, root: str | None, seed: int, val_fraction: float, image_size: int) -> Dataset:
+def load(data: Data) -> Dataset:
     """The data set named by params' data section."""
-    if source == "digits":
-        return digits(seed, val_fraction, image_size)
-    if root is None:
-        raise SourceError(f"data.root: required for data.source={source} (the folder holding the raw data set)")
-    path = Path(root).expanduser()
+    if data.source == "digits":
+        return digits(data.seed, data.val_fraction, data.test_fraction, data.image_size)
+    if data.root is None:
+        raise SourceError(f"data.root: required for data.source={data.source} (the folder holding the raw data set)")
+    path = Path(data.root).expanduser()
     if not path.is_dir():
         raise SourceError(f"data.root: {path}: no such folder")
     readers = {"imagenet": imagenet, "imagefolder": imagefolder, "cifar10": cifar10}
-    return readers[source](path)
+    return readers[data.source](path, seed=data.seed, val_per_class=data.val_per_class)

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import mlflow
@@ -98,11 +100,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def run_epoch(model, batches, optimizer, device, mean, lighting, autocast) -> tuple[float, float, int]:
-    """One training epoch on this rank: (sum of losses, number of errors, samples)."""
+def run_epoch(model, batches, optimizer, device, mean, lighting, autocast, lr_at) -> tuple[float, float, int]:
+    """One training epoch on this rank: (sum of losses, number of errors, samples). `lr_at`
+    gives each step's lr from how far through the epoch it is (0..1]: a warm-up moves per step."""
     model.train()
     loss_sum, errors, seen, images = 0.0, 0, 0, None
-    for pixels, labels in batches:
+    steps = len(batches)
+    for step, (pixels, labels) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at((step + 1) / steps)
         # The last step's input buffer is reused: its backward pass is done.
         images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting, out=images)
         labels = labels.to(device, non_blocking=True)
@@ -118,24 +124,36 @@ def run_epoch(model, batches, optimizer, device, mean, lighting, autocast) -> tu
     return loss_sum, errors, seen
 
 
+class Scores(NamedTuple):
+    """Sums over some images, so that ranks and batches add up: divide by `seen`."""
+
+    top1: int  # top-1 errors
+    top5: int  # top-5 errors
+    loss_sum: float  # cross-entropy (nats): the val loss breaks ties between equal error counts
+    seen: int  # images
+
+
 @torch.no_grad()
-def evaluate(model, batches, device, mean, autocast) -> tuple[int, int, int]:
-    """(top-1 errors, top-5 errors, samples) on this rank's share of the val shards.
-    A (N, 10, ...) batch of 10-crops is scored on the mean of its crops' softmax."""
+def evaluate(model, batches, device, mean, autocast) -> Scores:
+    """Errors and cross-entropy on this rank's share of a split's shards.
+    A (N, 10, ...) batch of 10-crops is scored on the mean of its crops' softmax, and its loss is
+    that mean's: -log of the label's mean probability (one crop: the plain cross-entropy)."""
     model.eval()
-    top1, top5, seen, images = 0, 0, 0, None
+    top1, top5, loss_sum, seen, images = 0, 0, 0.0, 0, None
     for pixels, labels in batches:
         crops = pixels.shape[1] if pixels.dim() == 5 else 1
         images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting=False, out=images)
         labels = labels.to(device)
         with autocast:
             logits = model(images).float()
-        probs = logits.softmax(1).view(len(labels), crops, -1).mean(1)
-        best5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        # log of the crops' mean softmax, from log-probabilities: no log(0) for a confident net
+        log_probs = torch.logsumexp(logits.log_softmax(1).view(len(labels), crops, -1), dim=1) - math.log(crops)
+        best5 = log_probs.topk(min(5, log_probs.shape[1]), dim=1).indices
         top1 += (best5[:, 0] != labels).sum().item()
         top5 += (~(best5 == labels[:, None]).any(1)).sum().item()
+        loss_sum -= log_probs.gather(1, labels[:, None]).sum().item()
         seen += len(labels)
-    return top1, top5, seen
+    return Scores(top1, top5, loss_sum, seen)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -220,17 +238,17 @@ def train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, params.train.epochs):
         torch.manual_seed(epoch_seed(params.train.seed, epoch, rank))
-        lr = schedule.lr(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule.lr(epoch)  # at the epoch's end, for the record
         started = time.perf_counter()
         train_batches = epoch_batches("train", epoch)
-        loss_sum, errors, seen = run_epoch(model, train_batches, optimizer, device, mean, arch == "imagenet", autocast)
+        loss_sum, errors, seen = run_epoch(
+            model, train_batches, optimizer, device, mean, arch == "imagenet", autocast, partial(schedule.lr, epoch)
+        )
         train_seconds = time.perf_counter() - started
         loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], device)
 
         val_batches = epoch_batches("val", epoch)
-        top1, top5, val_seen = all_reduce_sum(
+        top1, top5, val_loss_sum, val_seen = all_reduce_sum(
             list(evaluate(getattr(model, "module", model), val_batches, device, mean, autocast)), device
         )
         metrics = {
@@ -239,6 +257,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "train_top1_error": errors / seen,
             "val_top1_error": top1 / val_seen,
             "val_top5_error": top5 / val_seen,
+            "val_loss": val_loss_sum / val_seen,  # the registry's tie-break (pipeline.register)
             "lr": lr,
             "images_per_s": seen / train_seconds,
             "epoch_time_s": time.perf_counter() - started,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ def run_trial(config: dict[str, Any]) -> None:
     mlflow = tracking.client(uri)
     # What the sweep table needs beyond the per-epoch metrics Tune already has.
     mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
-    best = result.get_best_checkpoint(metric=trainer.METRIC, mode="min") or result.checkpoint
+    # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
+    kept = [(metrics[trainer.METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
+    best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
     mlflow.set_tag(run_id, "best_checkpoint", trainer.checkpoint_uri(best))
     mlflow.set_terminated(run_id, "FINISHED")
 
@@ -100,7 +103,12 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, ep
             continue
         rows = history[history["val_top1_error"].notna()].sort_values("epoch")
         run = mlflow.get_run(tracking.find_run(mlflow, experiment, f"{sweep}-{result.metrics['trial_id']}"))
-        best = rows["val_top1_error"].idxmin()
+        # The best epoch: the lowest val error, then the lowest val loss (the registry's tie rule,
+        # pipeline.register); a run from before val_loss was recorded ranks by error alone.
+        if "val_loss" not in rows:
+            rows = rows.assign(val_loss=float("nan"))
+        best = rows.sort_values(["val_top1_error", "val_loss", "epoch"], na_position="last", kind="stable").index[0]
+        best_loss = float(rows.loc[best, "val_loss"])
         out.append(
             {
                 "depth": config["depth"],
@@ -108,6 +116,7 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, ep
                 "num_params": int(run.data.params["num_params"]),
                 "best_val_top1_error": float(rows.loc[best, "val_top1_error"]),
                 "best_val_top5_error": float(rows.loc[best, "val_top5_error"]),
+                "best_val_loss": None if math.isnan(best_loss) else best_loss,
                 "final_train_top1_error": float(rows["train_top1_error"].iloc[-1]),
                 "final_val_top1_error": float(rows["val_top1_error"].iloc[-1]),
                 "epochs": int(rows["epoch"].max()) + 1,

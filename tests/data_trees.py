@@ -148,9 +148,15 @@ def write_meta_mat(path: Path) -> None:
     savemat(path, {"synsets": synsets})
 
 
-def imagefolder_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 3, seed: int = 0) -> None:
+def imagefolder_tree(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog"),
+    per_class: int = 3,
+    seed: int = 0,
+    splits: tuple[str, ...] = ("train", "val"),
+) -> None:
     rng = np.random.default_rng(seed)
-    for split in ("train", "val"):
+    for split in splits:
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)
@@ -159,15 +165,18 @@ def imagefolder_tree(root: Path, classes: tuple[str, ...] = ("cat", "dog"), per_
 
 
 def cifar10_tree(root: Path, per_batch: int = 6, seed: int = 0) -> Path:
-    """A cifar-10-batches-py folder in the real format (python-2 era pickles of numpy arrays)."""
+    """A cifar-10-batches-py folder in the real format (python-2 era pickles of numpy arrays).
+    As in the real one, the classes are balanced over the five training batches (each class
+    has 5 x per_batch / 10 images, give or take one), in shuffled order within each batch."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
-    for name in names:
+    for number, name in enumerate(names):
+        labels = [(number * per_batch + i) % 10 for i in range(per_batch)]
         batch = {
             b"batch_label": name.encode(),
-            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"labels": [int(x) for x in rng.permutation(labels)],
             b"data": rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8),
             b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
         }

@@ -37,13 +37,13 @@ def set_params(repo: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def champion_error_on_val(repo: Path, uri: str) -> float:
+def champion_error_on(split: str, repo: Path, uri: str) -> float:
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model("models:/resnet-digits@champion")
     shards = str(repo / "data" / "shards")
     manifest = loader.read_manifest(shards)
     batches = loader.make_loader(
-        shards, "val", transforms.eval_transform("cifar"),
+        shards, split, transforms.eval_transform("cifar"),
         batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
     )  # fmt: skip
     errors = seen = 0
@@ -62,9 +62,11 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     trials = json.loads((clone / "reports" / "sweep.json").read_text())
     assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
     for t in trials:
-        assert {"num_params", "best_val_top1_error", "final_train_top1_error", "epochs", "wall_time_s"} <= set(t)
+        assert {"num_params", "best_val_top1_error", "best_val_loss", "final_train_top1_error", "epochs", "wall_time_s"} <= set(t)
+        assert t["best_val_loss"] > 0
+    # The val split chose the trial; the figures reported are the test split's.
     evaluation = json.loads((clone / "metrics" / "eval.json").read_text())
-    assert evaluation["split"] == "val" and evaluation["crop"] == "single" and evaluation["num_samples"] == 360
+    assert evaluation["split"] == "test" and evaluation["crop"] == "single" and evaluation["num_samples"] == 360
     registry = json.loads((clone / "metrics" / "registry.json").read_text())
     assert registry["version"] == 1 and registry["alias_moved"] and registry["champion_version"] == 1
     for picture in ("curves.png", "final_errors.png"):
@@ -75,10 +77,16 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     assert "top1_error" in run(["dvc", "metrics", "show"], clone)
 
     uri = f"sqlite:///{clone / 'mlflow.db'}"
-    assert champion_error_on_val(clone, uri) == pytest.approx(evaluation["top1_error"])
+    assert champion_error_on("test", clone, uri) == pytest.approx(evaluation["top1_error"])
     client = MlflowClient(uri)
     version = client.get_model_version("resnet-digits", "1")
     assert version.tags["depth"] == "8" and len(version.tags["manifest_sha256"]) == 64
+    best = min(trials, key=lambda t: (t["best_val_top1_error"], t["best_val_loss"]))
+    assert float(version.tags["val_top1_error"]) == best["best_val_top1_error"] == registry["val_top1_error"]
+    assert float(version.tags["val_loss"]) == best["best_val_loss"]
+    assert float(version.tags["test_top1_error"]) == evaluation["top1_error"] == registry["test_top1_error"]
+    assert float(version.tags["test_top5_error"]) == evaluation["top5_error"]
+    assert "Val (the split that chose" in version.description and "Test (a split that chose nothing" in version.description
     assert version.tags["shards_dvc_md5"] != "unknown" and version.description
 
     # A worse model (one epoch) gets registered, but the champion alias stays where it was.

@@ -50,8 +50,12 @@ def history(uri: str, run_id: str, key: str = "val_top1_error") -> list[tuple[in
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_rerunning_the_same_command_resumes_into_the_same_run(tmp_path, shards):
+def test_rerunning_the_same_command_resumes_into_the_same_run(tmp_path, shards, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # MLflow samples system metrics every 10 s by default, longer than these 2 epochs may take;
+    # the Ray workers inherit the environment of the cluster this test starts.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         first = train(tiny_params(tmp_path, shards, "train.epochs=2"))

@@ -28,7 +28,7 @@ MEAN = (0.5, 0.4, 0.3)
 
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory) -> Path:
-    """Digits with 9 train shards of at most 170: an odd count, uneven sizes."""
+    """Digits with 7 train shards of at most 170: an odd count, uneven sizes."""
     tmp = tmp_path_factory.mktemp("digits")
     shard.shard(make_params(tmp, "shard.maxcount=170"))
     return tmp / "shards"
@@ -210,7 +210,7 @@ def one_shard_loader(shards: Path, samples: list[dict[str, bytes]]) -> loader.Ba
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     manifest = {
-        "schema": 1,
+        "schema": loader.SCHEMA,
         "classes": [str(i) for i in range(10)],
         "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": len(samples)}]}},
     }

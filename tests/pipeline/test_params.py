@@ -160,4 +160,17 @@ def test_a_val_fraction_that_leaves_a_class_without_train_images_is_one_line():
     labels = load_digits().target
     for fraction in (0.999, 0.001):
         with pytest.raises(cli.UsageError, match=f"^data.val_fraction: {fraction} cannot split 1797 images by class"):
-            digits_split(labels, 0, fraction)
+            digits_split(labels, 0, fraction, 0.2)
+        with pytest.raises(cli.UsageError, match=f"^data.test_fraction: {fraction} cannot split 1797 images by class"):
+            digits_split(labels, 0, 0.2, fraction)
+
+
+def test_val_and_test_fractions_must_leave_train_images(repo):
+    assert load(repo, "data.val_fraction=0.3", "data.test_fraction=0.3")
+    assert (
+        "data.test_fraction: with data.val_fraction 0.5, leaves no train images (the two must sum under 1) (got 0.5)"
+        in error_of(repo, "data.val_fraction=0.5", "data.test_fraction=0.5")
+    )
+    assert "data.val_per_class: Input should be greater than or equal to 1 (got 0)" in error_of(
+        repo, "data.val_per_class=0"
+    )

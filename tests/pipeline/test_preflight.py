@@ -199,7 +199,7 @@ def test_the_image_size_rule_is_the_nets():
 
 @pytest.fixture(scope="module")
 def digit_shards(tmp_path_factory) -> Path:
-    """The digits at shard.maxcount=358: train shards of 358 x 4 and 5, val 358 and 2."""
+    """The digits at shard.maxcount=358: train shards of 358 x 3 and 3, val and test 358 and 2."""
     tmp = tmp_path_factory.mktemp("digits")
     shard.shard(load_params(f"paths.shards={tmp / 'shards'}", "shard.maxcount=358", "shard.workers=1"))
     return tmp / "shards"
@@ -211,14 +211,14 @@ def load_params(*overrides: str) -> params_module.Params:
 
 def test_preflight_accepts_the_shard_stages_manifest_with_the_default_params(digit_shards):
     manifest = loader.read_manifest(str(digit_shards))
-    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [358, 358, 358, 358, 5]
+    assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [358, 358, 358, 3]
     trainer.preflight(load_params(f"paths.shards={digit_shards}"), manifest)
 
 
 def test_preflight_checks_the_batch_split_first(digit_shards):
     manifest = loader.read_manifest(str(digit_shards))
     with pytest.raises(UsageError, match="^train.batch_size: 129 does not split evenly over train.num_workers=2"):
-        trainer.preflight(load_params(f"paths.shards={digit_shards}", "train.batch_size=129"), manifest)
+        trainer.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=129"), manifest)
 
 
 # --- manifest.json ----------------------------------------------------------------------------
@@ -241,9 +241,10 @@ def edited(manifest: dict, path: str, value: object = KeyError) -> dict:
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        ("schema", KeyError, "schema: missing key; expected 1"),
-        ("schema", 2, "schema: 2, expected 1"),
-        ("schema", True, "schema: True, expected 1"),
+        ("schema", KeyError, "schema: missing key; expected 2"),
+        ("schema", 1, "schema 1, expected 2; rerun the shard stage (`python -m pipeline.shard`)"),
+        ("schema", 3, "schema: 3, expected 2"),
+        ("schema", True, "schema: True, expected 2"),
         ("classes", KeyError, "classes: missing key"),
         ("classes", "0123456789", "classes: Input should be a valid list (got '0123456789')"),
         ("classes", [], "classes: List should have at least 1 item"),
@@ -252,6 +253,7 @@ def edited(manifest: dict, path: str, value: object = KeyError) -> dict:
         ("splits", KeyError, "splits: missing key"),
         ("splits", [], "splits: Input should be a valid dictionary"),
         ("splits.val", KeyError, "splits: no 'val' split"),
+        ("splits.test", KeyError, "splits: no 'test' split; the shard stage writes train, val and test"),
         ("splits.train.shards", KeyError, "splits.train.shards: missing key"),
         ("splits.train.shards", {"name": "x"}, "splits.train.shards: Input should be a valid list"),
         ("splits.train.shards.3.name", KeyError, "splits.train.shards.3.name: missing key"),
@@ -350,8 +352,8 @@ def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Pa
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["train.batch_size=129"], "train.batch_size: 129 does not split evenly over train.num_workers=2"),
-        (["train.batch_size=800", "train.seed=2"], "some epoch's shard order may leave a rank without one"),
+        (["train.num_workers=2", "train.batch_size=129"], "train.batch_size: 129 does not split evenly over train.num_workers=2"),
+        (["train.num_workers=2", "train.batch_size=800", "train.seed=2"], "some epoch's shard order may leave a rank without one"),
     ],
     ids=["indivisible-batch", "shuffle-dependent-batch"],
 )

@@ -11,7 +11,9 @@ from tests.conftest import REPO
 
 
 def load(*overrides):
-    return params_module.load(REPO / "params.yaml", overrides)
+    """The paper's CIFAR recipe (batch 128, no linear warm-up), then the overrides."""
+    paper = ("train.batch_size=128", "train.num_workers=2", "train.warmup_epochs=0")
+    return params_module.load(REPO / "params.yaml", [*paper, *overrides])
 
 
 def test_global_batch_splits_evenly_or_is_an_error():
@@ -42,6 +44,24 @@ def test_deep_nets_warm_up_until_train_error_below_80_percent():
     s.step(train_error=0.75, val_error=0.8)
     assert s.lr(2) == pytest.approx(0.1)
     assert not recipe.schedule(load("model.depth=56")).warmup
+
+
+def test_the_paper_warm_up_is_for_deep_cifar_nets_only():
+    """Sec. 4.2 describes it for ResNet-110 on CIFAR-10; the ImageNet nets train without it."""
+    assert recipe.schedule(load("model.depth=110")).warmup
+    assert recipe.schedule(load("model.depth=1202")).warmup
+    for depth in (101, 152):
+        assert not recipe.schedule(load("model.arch=imagenet", f"model.depth={depth}")).warmup
+
+
+def test_linear_warm_up_rises_per_step_then_follows_the_milestones():
+    s = recipe.schedule(load("train.warmup_epochs=2", "train.epochs=8"))  # milestones at epochs 4, 6
+    assert s.lr(0, 0.25) == pytest.approx(0.1 * 0.125)
+    assert s.lr(0, 1.0) == pytest.approx(0.05)
+    assert s.lr(1, 0.5) == pytest.approx(0.075)
+    assert [s.lr(e) for e in (1, 2, 3, 4, 6)] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.001])
+    assert recipe.schedule(load()).lr(0, 0.01) == pytest.approx(0.1)  # warmup_epochs=0: none
+    assert recipe.schedule(params_module.load(REPO / "params.yaml")).lr(0, 0.5) == pytest.approx(0.025 * 0.5)
 
 
 def test_plateau_schedule_divides_when_val_error_stalls():

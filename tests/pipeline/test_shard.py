@@ -36,15 +36,21 @@ def make_params(tmp_path: Path, *overrides: str):
 
 
 def imagenet_params(tmp_path: Path, root: Path, *overrides: str):
-    # The tiny trees reject 2 of ~18 train files on purpose.
+    # The tiny trees reject 2 of ~18 train files on purpose, and have 6 files a train class: val
+    # holds out 1 of them.
     return make_params(
         tmp_path,
         "data.source=imagenet",
         f"data.root={root}",
+        "data.val_per_class=1",
         "shard.maxcount=4",
         "shard.max_reject_fraction=0.2",
         *overrides,
     )
+
+
+def imagenet_source(root: Path) -> sources.Dataset:
+    return sources.imagenet(root, seed=0, val_per_class=1)
 
 
 def read_shards(shards: Path, split: str) -> dict[str, tuple[int, bytes]]:
@@ -75,11 +81,12 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
     out = tmp_path / "shards"
 
     assert result["classes"] == WNIDS  # sorted wnids: torchvision's index
-    for split, expected in (("train", tree.train_labels), ("val", tree.val_labels)):
-        info = result["splits"][split]
-        seen = sum(1 for _ in (tree.root / split).rglob("*.JPEG"))
-        assert info["num_samples"] + len(info["rejected"]) == seen
-        samples = read_shards(out, split)
+    # train/ holds train and the val held out of it; the official val/ is the test split.
+    for folder, splits, expected in (("train", ("train", "val"), tree.train_labels), ("val", ("test",), tree.val_labels)):
+        infos = [result["splits"][split] for split in splits]
+        seen = sum(1 for _ in (tree.root / folder).rglob("*.JPEG"))
+        assert sum(info["num_samples"] + len(info["rejected"]) for info in infos) == seen
+        samples = {k: v for split in splits for k, v in read_shards(out, split).items()}
         assert {k: WNIDS[label] for k, (label, _) in samples.items()} == expected
         for _, jpeg in samples.values():
             with Image.open(io.BytesIO(jpeg)) as image:
@@ -91,7 +98,7 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
     assert rejected[f"{WNIDS[2]}_empty"] == "empty file"
     assert rejected[f"{WNIDS[1]}_truncated"] == "truncated image"
     converted = {
-        Path(c["source"]).stem: c["from"] for split in ("train", "val") for c in result["splits"][split]["converted"]
+        Path(c["source"]).stem: c["from"] for split in sources.SPLITS for c in result["splits"][split]["converted"]
     }
     assert converted == tree.converted
     on_disk = json.loads((out / shard.MANIFEST).read_text())
@@ -101,23 +108,23 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
 
 def test_imagenet_class_names_are_kept(tmp_path):
     tree = imagenet_tree(tmp_path / "raw", val_format="devkit", quirks=False)
-    dataset = sources.imagenet(tree.root)
+    dataset = imagenet_source(tree.root)
     assert dataset.class_names == ["tench, Tinca tinca", "English springer", "chain saw, chainsaw"]
-    assert dataset.notes["val_labels"].endswith("ILSVRC2012_validation_ground_truth.txt")
+    assert dataset.notes["test_labels"].endswith("ILSVRC2012_validation_ground_truth.txt")
 
 
 def test_the_three_val_label_formats_agree(tmp_path):
     labels = []
     for fmt in ("loc_csv", "devkit", "folders"):
-        dataset = sources.imagenet(imagenet_tree(tmp_path / fmt, val_format=fmt, quirks=False).root)
-        labels.append({r.key: r.label for r in dataset.splits["val"]})
+        dataset = imagenet_source(imagenet_tree(tmp_path / fmt, val_format=fmt, quirks=False).root)
+        labels.append({r.key: r.label for r in dataset.splits["test"]})
     assert labels[0] == labels[1] == labels[2]
 
 
 def test_passes_good_jpegs_through_untouched(tmp_path):
     tree = imagenet_tree(tmp_path / "raw", quirks=False)
     shard.shard(imagenet_params(tmp_path, tree.root))
-    samples = read_shards(tmp_path / "shards", "train")
+    samples = {**read_shards(tmp_path / "shards", "train"), **read_shards(tmp_path / "shards", "val")}
     for key, wnid in tree.train_labels.items():
         assert samples[key][1] == (tree.root / "train" / wnid / f"{key}.JPEG").read_bytes()
 
@@ -133,14 +140,14 @@ def test_train_shards_mix_classes(tmp_path):
 
 def test_digits_split_is_stratified_and_complete(tmp_path):
     result = shard.shard(make_params(tmp_path))
-    assert result["splits"]["train"]["num_samples"] == 1437
-    assert result["splits"]["val"]["num_samples"] == 360
+    assert [result["splits"][split]["num_samples"] for split in ("train", "val", "test")] == [1077, 360, 360]
     assert all(0.05 < m < 0.5 for m in result["mean"])  # mostly black digits, white strokes
-    val = read_shards(tmp_path / "shards", "val")
-    counts = Counter(label for label, _ in val.values())
-    assert set(counts) == set(range(10)) and all(35 <= n <= 37 for n in counts.values())
+    val, test = read_shards(tmp_path / "shards", "val"), read_shards(tmp_path / "shards", "test")
+    for split in (val, test):
+        counts = Counter(label for label, _ in split.values())
+        assert set(counts) == set(range(10)) and all(35 <= n <= 37 for n in counts.values())
     train_keys = set(read_shards(tmp_path / "shards", "train"))
-    assert not train_keys & set(val)
+    assert not train_keys & set(val) and not train_keys & set(test) and not set(val) & set(test)
     with Image.open(io.BytesIO(next(iter(val.values()))[1])) as image:
         assert image.size == (16, 16) and image.mode == "RGB"
 
@@ -175,6 +182,7 @@ def test_too_many_rejects_fail_and_keep_the_previous_output(tmp_path):
         f"paths.shards={tmp_path / 'shards'}",
         "data.source=imagenet",
         f"data.root={tree.root}",
+        "data.val_per_class=1",
         "shard.maxcount=4",
     ]
     ok = run_stage("shard", *[a for o in base + ["shard.max_reject_fraction=0.2"] for a in ("--set", o)])
@@ -195,29 +203,30 @@ def test_bad_val_labels_are_errors_not_guesses(tmp_path):
 
     csv.write_text(original.replace(f"{WNIDS[0]} 10", "n09999999 10", 1))
     with pytest.raises(sources.SourceError, match="n09999999, which has no train folder"):
-        sources.imagenet(tree.root)
+        imagenet_source(tree.root)
 
     csv.write_text("\n".join(original.splitlines()[:-1]) + "\n")
     with pytest.raises(sources.SourceError, match="no label for this val image"):
-        sources.imagenet(tree.root)
+        imagenet_source(tree.root)
 
     csv.unlink()
     with pytest.raises(sources.SourceError, match="no val labels; expected val/<wnid>/ folders"):
-        sources.imagenet(tree.root)
+        imagenet_source(tree.root)
 
 
 def test_devkit_without_meta_mat_is_an_error(tmp_path):
     tree = imagenet_tree(tmp_path / "raw", val_format="devkit", quirks=False)
     (tree.root / "ILSVRC2012_devkit_t12" / "data" / "meta.mat").unlink()
     with pytest.raises(sources.SourceError, match="meta.mat: missing"):
-        sources.imagenet(tree.root)
+        imagenet_source(tree.root)
 
 
 def test_two_files_with_one_key_are_both_kept(tmp_path):
     tree = imagenet_tree(tmp_path / "raw", val_format="folders", quirks=False)
     twin = tree.root / "train" / WNIDS[1] / f"{WNIDS[0]}_1000.JPEG"
     twin.write_bytes((tree.root / "train" / WNIDS[0] / f"{WNIDS[0]}_1000.JPEG").read_bytes())
-    records = sources.imagenet(tree.root).splits["train"]
+    dataset = imagenet_source(tree.root)
+    records = dataset.splits["train"] + dataset.splits["val"]
     keys = [r.key for r in records]
     assert len(set(keys)) == len(keys) == len(tree.train_labels) + 1
     assert {r.label for r in records if r.key.startswith(f"{WNIDS[0]}_1000")} == {0, 1}
@@ -242,28 +251,34 @@ def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path):
 
 def test_imagefolder_source(tmp_path):
     imagefolder_tree(tmp_path / "raw")
-    result = shard.shard(make_params(tmp_path, "data.source=imagefolder", f"data.root={tmp_path / 'raw'}"))
+    result = shard.shard(
+        make_params(tmp_path, "data.source=imagefolder", f"data.root={tmp_path / 'raw'}", "data.val_per_class=1")
+    )
     assert result["classes"] == ["cat", "dog"]
-    assert set(read_shards(tmp_path / "shards", "val")) == {
+    # No test/: val/ is the test split (tests/pipeline/test_splits.py has the rest).
+    assert set(read_shards(tmp_path / "shards", "test")) == {
         f"{c}/img_{i}".replace("/", "_") for c in ("cat", "dog") for i in range(3)
     }
     (tmp_path / "raw" / "val" / "bird").mkdir()
     with pytest.raises(sources.SourceError, match="class 'bird' has no train folder"):
-        sources.imagefolder(tmp_path / "raw")
+        sources.imagefolder(tmp_path / "raw", seed=0, val_per_class=1)
 
 
 def test_cifar10_source(tmp_path):
     cifar10_tree(tmp_path / "raw", per_batch=4)
-    result = shard.shard(make_params(tmp_path, "data.source=cifar10", f"data.root={tmp_path / 'raw'}"))
+    result = shard.shard(
+        make_params(tmp_path, "data.source=cifar10", f"data.root={tmp_path / 'raw'}", "data.val_per_class=1")
+    )
     assert result["classes"][:2] == ["airplane", "automobile"]
-    assert result["splits"]["train"]["num_samples"] == 20 and result["splits"]["val"]["num_samples"] == 4
+    counts = [result["splits"][split]["num_samples"] for split in ("train", "val", "test")]
+    assert counts == [10, 10, 4]  # 2 images a class in the training batches, 1 held out as val
 
 
 def test_cifar10_reader_refuses_anything_but_arrays(tmp_path):
     folder = cifar10_tree(tmp_path / "raw", per_batch=2)
     (folder / "test_batch").write_bytes(pickle.dumps({b"labels": [0], b"data": Path("x")}))
     with pytest.raises(sources.SourceError, match="refusing to load pathlib"):
-        sources.cifar10(tmp_path / "raw")
+        sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
 CONVERSION = shard.Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
@@ -294,9 +309,9 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finis
     reference = shard.shard(imagenet_params(tmp_path / "ref", tree.root))
 
     params = imagenet_params(tmp_path, tree.root)
-    jobs = shard.build_jobs(sources.imagenet(tree.root), params)
+    jobs = shard.build_jobs(sources.load(params.data), params)
     staging = tmp_path / "shards.partial"
-    for split in ("train", "val"):
+    for split in sources.SPLITS:
         (staging / split).mkdir(parents=True)
     kept = shard.write_shard(jobs[0], staging)  # one shard finished before the "crash"
     (staging / "train" / "shard-000001.tar.tmp-999").write_bytes(b"half a shard")
@@ -315,7 +330,8 @@ def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
     ok = run_stage("verify", *overrides)
     assert ok.returncode == 0, ok.stderr
     metrics = json.loads((tmp_path / "metrics" / "shards.json").read_text())
-    assert metrics["train"]["num_samples"] == 1437 and metrics["val"]["num_shards"] == 2
+    assert metrics["train"]["num_samples"] == 1077 and metrics["val"]["num_shards"] == 2
+    assert metrics["test"] == {"num_samples": 360, "num_shards": 2, "rejected": 0, "converted": 0}
 
     victim = tmp_path / "shards" / "val" / "shard-000001.tar"
     data = bytearray(victim.read_bytes())

@@ -33,8 +33,15 @@ def tree(tmp_path: Path, per_class: int = 3) -> Path:
 
 
 def params_for(tmp_path: Path, root: Path, out: Path, *overrides: str):
+    # The tree has no test/: its val/ is the test split and val is 1 image a class of train/.
     return make_params(
-        tmp_path, "data.source=imagefolder", f"data.root={root}", f"paths.shards={out}", "shard.maxcount=2", *overrides
+        tmp_path,
+        "data.source=imagefolder",
+        f"data.root={root}",
+        "data.val_per_class=1",
+        f"paths.shards={out}",
+        "shard.maxcount=2",
+        *overrides,
     )
 
 
@@ -100,7 +107,7 @@ def test_a_link_stays_a_link_and_the_shards_land_where_it_points(tmp_path):
         result = shard.shard(params_for(tmp_path, root, link))
         assert link.is_symlink() and link.resolve() == target
         assert json.loads((target / "manifest.json").read_text()) == result
-        assert len(read_shards(target, "train")) == 6
+        assert len(read_shards(target, "train")) == 4  # 3 images a class, 1 held out as val
         assert sorted(p.name for p in tmp_path.iterdir()) == ["other_disk", "raw", "shards"]
         assert sorted(p.name for p in target.parent.iterdir()) == ["shards"]  # no staging, lock or old copy left
 
@@ -135,7 +142,7 @@ def test_a_torn_or_altered_shard_left_by_an_interrupted_run_is_written_again(tmp
     out = tmp_path / "shards"
     params = params_for(tmp_path, root, out)
     staging = tmp_path / "shards.partial"
-    jobs = shard.build_jobs(sources.imagefolder(root), params)
+    jobs = shard.build_jobs(sources.load(params.data), params)
     for job in jobs[:2]:  # two shards finished before the crash ...
         (staging / job.split).mkdir(parents=True, exist_ok=True)
         shard.write_shard(job, staging)
@@ -215,6 +222,7 @@ def test_an_interrupt_stops_at_once_leaves_complete_shards_and_a_rerun_resumes(t
     overrides = [
         "data.source=imagefolder",
         f"data.root={root}",
+        "data.val_per_class=1",
         f"paths.shards={out}",
         "shard.maxcount=1",
         "shard.workers=2",

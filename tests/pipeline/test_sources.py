@@ -29,6 +29,7 @@ def image_file(path: Path, data: bytes | None = None) -> Path:
 
 
 def folder_params(tmp_path: Path, root: Path, *overrides: str):
+    """An imagefolder tree; the tests below give it a test/ folder, so that train/ is all train."""
     return make_params(
         tmp_path, "data.source=imagefolder", f"data.root={root}", "shard.max_reject_fraction=1", *overrides
     )
@@ -107,6 +108,7 @@ def test_the_mean_weighs_every_image_the_same(tmp_path):
     image_file(root / "train" / "a" / "red.jpg", jpeg_bytes(red))  # passes through
     image_file(root / "train" / "a" / "blue.png", png_bytes(blue))  # converted
     image_file(root / "val" / "a" / "x.jpg")
+    image_file(root / "test" / "a" / "t.jpg")
     result = shard.shard(folder_params(tmp_path, root))
     assert result["mean"] == pytest.approx([0.5, 0.0, 0.5], abs=0.01)
     assert result["splits"]["train"]["image_size"] == {"min_side": 16, "max_side": 64, "uniform": None}
@@ -131,6 +133,7 @@ def test_every_file_is_a_sample_a_reject_or_a_counted_skip(tmp_path):
     os.mkfifo(train / "dog" / "pipe.jpg")  # reading it would block forever
     image_file(train / "loose.jpg")  # beside the class folders: no class
     image_file(root / "val" / "cat" / "v.jpg")
+    image_file(root / "test" / "cat" / "t.jpg")
 
     result = shard.shard(folder_params(tmp_path, root))
     split = result["splits"]["train"]
@@ -173,7 +176,7 @@ def folder_args(tmp_path: Path, root: Path) -> list[str]:
 def test_class_and_file_names_with_dots_shard_verify_and_load(tmp_path):
     """Caltech-256 and CUB-200 name classes `001.ak47`: WebDataset splits keys at a dot."""
     root = tmp_path / "raw"
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):
         for cls in ("001.ak47", "002.american-flag"):
             image_file(root / split / cls / f"{cls[4:]}.0001.jpg")
             image_file(root / split / cls / f"{cls[4:]}_0001.jpg")  # the same key once dots go
@@ -192,6 +195,7 @@ def test_each_sample_keeps_its_original_path(tmp_path):
     root = tmp_path / "raw"
     image_file(root / "train" / "001.ak47" / "x.y.jpg")
     image_file(root / "val" / "001.ak47" / "v.jpg")
+    image_file(root / "test" / "001.ak47" / "t.jpg")
     shard.shard(folder_params(tmp_path, root))
     with tarfile.open(tmp_path / "shards" / "train" / "shard-000000.tar") as tar:
         assert sorted(tar.getnames()) == ["001_ak47_x_y.cls", "001_ak47_x_y.jpg", "001_ak47_x_y.source"]
@@ -220,7 +224,7 @@ def test_malformed_cifar_batches_are_one_line_errors(tmp_path, change, message):
     folder = cifar10_tree(tmp_path / "raw", per_batch=3)
     rewrite_batch(folder, "data_batch_2", **change)
     with pytest.raises(sources.SourceError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sources.cifar10(tmp_path / "raw")
+        sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
 def test_a_truncated_cifar_pickle_is_one_line_and_exit_2(tmp_path):

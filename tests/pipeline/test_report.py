@@ -1,0 +1,382 @@
+"""The report: the paper's claims checked on hand-made sweep records, the Claims section of
+results.md, and the pictures (Figure 6's layout; bars readable from 0.3% to 70%). No Ray, no
+training: records as pipeline.tune writes them, numbers chosen so each verdict is known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import params as params_module
+from pipeline import report
+from tests.conftest import REPO
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# num_params as the options make them: A (zero-padding identity) adds nothing to plain, B adds
+# projections where dimensions grow, C projections on every shortcut.
+EXTRA_PARAMS = {"none": 0, "A": 0, "B": 500, "C": 4000}
+
+
+def record(depth: int, shortcut: str, train: float, val: float, num_params: int | None = None) -> dict:
+    """One finished trial of reports/sweep.json (pipeline.tune.records), its curve ending at
+    (train, val) after 4 epochs."""
+    return {
+        "depth": depth,
+        "shortcut": shortcut,
+        "num_params": 1000 * depth + EXTRA_PARAMS[shortcut] if num_params is None else num_params,
+        "best_val_top1_error": val,
+        "best_val_top5_error": val / 4,
+        "best_val_loss": 0.1,
+        "final_train_top1_error": train,
+        "final_val_top1_error": val,
+        "epochs": 4,
+        "planned_epochs": 4,
+        "wall_time_s": 12.0,
+        "curve": {
+            "epoch": [0, 1, 2, 3],
+            "train_top1_error": [0.9, 0.5, (0.5 + train) / 2, train],
+            "val_top1_error": [0.9, 0.6, (0.6 + val) / 2, val],
+        },
+        "checkpoint": f"file:///ckpt/{depth}-{shortcut}",
+        "mlflow_run_id": f"run-{depth}-{shortcut}",
+    }
+
+
+def failed(depth: int, shortcut: str) -> dict:
+    return {"depth": depth, "shortcut": shortcut, "error": "RayTaskError: worker died"}
+
+
+# (depth, shortcut): (final train error, best val error), a sweep where every claim holds:
+# plain-56 trains worse than plain-20 (a); ResNet-56 (A) trains to under a third of plain-56 (b)
+# and no worse than ResNet-20 (A) (c); A, B, C beat plain and lie within 1 point (d).
+HELD = {
+    (20, "none"): (0.05, 0.08),
+    (20, "A"): (0.02, 0.05),
+    (20, "B"): (0.02, 0.045),
+    (20, "C"): (0.015, 0.04),
+    (56, "none"): (0.30, 0.33),
+    (56, "A"): (0.01, 0.04),
+    (56, "B"): (0.01, 0.035),
+    (56, "C"): (0.008, 0.03),
+}
+
+
+def sweep(errors: dict = HELD, **changes: tuple[float, float]) -> list[dict]:
+    """Records of `errors`, with changes such as plain_56=(train, val), in tune's order."""
+    errors = dict(errors)
+    for key, value in changes.items():
+        shortcut, depth = key.split("_")
+        errors[(int(depth), "none" if shortcut == "plain" else shortcut)] = value
+    return [record(d, s, *errors[(d, s)]) for d, s in sorted(errors, key=lambda k: (k[0], "none ABC".index(k[1])))]
+
+
+def by_id(results: list[dict]) -> dict[str, dict]:
+    return {c["id"]: c for c in results}
+
+
+IDS = ["degradation", "residual_fixes_degradation", "residual_gains_from_depth", "shortcut_options", "parameter_counts"]
+
+
+def test_every_claim_holds_on_a_sweep_that_shows_the_papers_picture():
+    results = report.claims(sweep())
+    assert [c["id"] for c in results] == IDS
+    assert [c["held"] for c in results] == [True] * 5
+    assert all(set(c) == {"id", "claim", "held", "evidence"} for c in results)
+    json.dumps(results)  # claims.json: plain JSON
+    c = by_id(results)
+    assert c["degradation"]["evidence"] == {
+        "shallow_depth": 20,
+        "deep_depth": 56,
+        "plain_shallow_final_train_error": 0.05,
+        "plain_deep_final_train_error": 0.30,
+        "gap": pytest.approx(0.25),
+        "min_gap": report.DEGRADATION_MIN_GAP,
+    }
+    assert c["residual_fixes_degradation"]["evidence"]["ratio"] == pytest.approx(0.01 / 0.30)
+    rows = c["shortcut_options"]["evidence"]["depths"]
+    assert [(r["depth"], r["spread"], r["all_beat_plain"]) for r in rows] == [
+        (20, pytest.approx(0.01), True),
+        (56, pytest.approx(0.01), True),
+    ]
+    assert c["parameter_counts"]["evidence"]["depths"][0] == {
+        "depth": 20,
+        "plain_num_params": 20000,
+        "A_num_params": 20000,
+        "B_num_params": 20500,
+        "C_num_params": 24000,
+        "held": True,
+    }
+
+
+def test_thresholds_are_the_issues():
+    assert report.DEGRADATION_MIN_GAP == 0.0
+    assert report.RESIDUAL_MAX_RATIO == pytest.approx(1 / 3)
+    assert report.DEPTH_TOLERANCE == 0.02
+    assert report.SHORTCUT_MAX_SPREAD == 0.02
+
+
+def test_a_not_held_when_the_deeper_plain_net_trains_better():
+    c = by_id(report.claims(sweep(plain_56=(0.04, 0.33))))
+    assert c["degradation"]["held"] is False
+    evidence = c["degradation"]["evidence"]
+    assert (evidence["plain_shallow_final_train_error"], evidence["plain_deep_final_train_error"]) == (0.05, 0.04)
+    assert evidence["gap"] == pytest.approx(-0.01)
+    assert c["residual_fixes_degradation"]["held"] is True  # 1% < 4% / 3: the others still hold
+
+
+def test_a_not_held_on_a_tie():
+    # "Deeper trains worse" needs a gap above DEGRADATION_MIN_GAP (0): equal errors do not show it.
+    c = by_id(report.claims(sweep(plain_56=(0.05, 0.33))))
+    assert c["degradation"]["held"] is False
+
+
+def test_b_not_held_when_the_deep_resnet_trains_no_better_than_a_third_of_plain():
+    c = by_id(report.claims(sweep(A_20=(0.14, 0.05), A_56=(0.15, 0.04))))
+    assert c["residual_fixes_degradation"]["held"] is False
+    evidence = c["residual_fixes_degradation"]["evidence"]
+    assert evidence["depth"] == 56
+    assert (evidence["plain_final_train_error"], evidence["resnet_A_final_train_error"]) == (0.30, 0.15)
+    assert evidence["ratio"] == pytest.approx(0.5)
+    assert evidence["max_ratio"] == pytest.approx(1 / 3)
+    assert c["residual_gains_from_depth"]["held"] is True  # 15% vs 14%: within 2 points
+
+
+def test_b_when_plain_reaches_zero():
+    # Nothing is under a third of 0: no degradation to fix, and the claim cannot be seen.
+    c = by_id(report.claims(sweep(plain_20=(0.0, 0.08), plain_56=(0.0, 0.33), A_56=(0.0, 0.04))))
+    assert c["residual_fixes_degradation"]["held"] is False
+    assert c["residual_fixes_degradation"]["evidence"]["ratio"] is None
+
+
+def test_c_not_held_when_the_deeper_resnet_trains_more_than_2_points_worse():
+    c = by_id(report.claims(sweep(A_20=(0.02, 0.05), A_56=(0.05, 0.04))))
+    assert c["residual_gains_from_depth"]["held"] is False
+    evidence = c["residual_gains_from_depth"]["evidence"]
+    assert (evidence["resnet_A_shallow_final_train_error"], evidence["resnet_A_deep_final_train_error"]) == (0.02, 0.05)
+    assert evidence["difference"] == pytest.approx(0.03)
+    assert evidence["tolerance"] == 0.02
+    assert c["residual_fixes_degradation"]["held"] is True  # 5% < 30% / 3
+
+
+def test_c_holds_at_exactly_2_points_despite_float_rounding():
+    # 0.05 - 0.03 is 0.020000000000000004 in floats: still "within 2 points".
+    c = by_id(report.claims(sweep(A_20=(0.03, 0.05), A_56=(0.05, 0.04))))
+    assert c["residual_gains_from_depth"]["held"] is True
+
+
+def test_d_not_held_when_an_option_does_not_beat_plain():
+    c = by_id(report.claims(sweep(B_56=(0.01, 0.40))))
+    assert c["shortcut_options"]["held"] is False
+    rows = {r["depth"]: r for r in c["shortcut_options"]["evidence"]["depths"]}
+    assert rows[20]["held"] is True
+    assert rows[56]["plain_best_val_error"] == 0.33 and rows[56]["B_best_val_error"] == 0.40
+    assert rows[56]["all_beat_plain"] is False and rows[56]["held"] is False
+
+
+def test_d_not_held_when_the_options_differ_by_more_than_2_points():
+    c = by_id(report.claims(sweep(C_20=(0.015, 0.01))))
+    assert c["shortcut_options"]["held"] is False
+    row = c["shortcut_options"]["evidence"]["depths"][0]
+    assert row["depth"] == 20 and row["all_beat_plain"] is True
+    assert (row["A_best_val_error"], row["C_best_val_error"]) == (0.05, 0.01)
+    assert row["spread"] == pytest.approx(0.04)
+    assert c["shortcut_options"]["evidence"]["max_spread"] == 0.02
+
+
+@pytest.mark.parametrize(
+    ("shortcut", "num_params"),
+    [("A", 20010), ("B", 20000), ("C", 20400)],  # A adds some; B adds none; C fewer than B
+)
+def test_e_not_held_when_the_parameter_counts_break_the_order(shortcut, num_params):
+    trials = sweep()
+    trial = next(t for t in trials if (t["depth"], t["shortcut"]) == (20, shortcut))
+    trial["num_params"] = num_params
+    if shortcut == "C":
+        next(t for t in trials if (t["depth"], t["shortcut"]) == (20, "B"))["num_params"] = 20500
+    c = by_id(report.claims(trials))
+    assert c["parameter_counts"]["held"] is False
+    rows = {r["depth"]: r for r in c["parameter_counts"]["evidence"]["depths"]}
+    assert rows[20][f"{shortcut}_num_params"] == num_params and rows[20]["held"] is False
+    assert rows[56]["held"] is True
+
+
+def test_not_tested_on_one_depth():
+    results = by_id(report.claims([t for t in sweep() if t["depth"] == 20]))
+    assert results["degradation"]["held"] is None
+    assert "two depths" in results["degradation"]["evidence"]["reason"]
+    assert results["degradation"]["evidence"]["plain_depths"] == [20]
+    assert results["residual_gains_from_depth"]["held"] is None
+    # One depth still compares plain with A, and the options with each other.
+    assert results["residual_fixes_degradation"]["evidence"]["depth"] == 20
+    assert results["shortcut_options"]["held"] is True
+    assert results["parameter_counts"]["held"] is True
+
+
+def test_not_tested_without_plain_nets():
+    results = by_id(report.claims([t for t in sweep() if t["shortcut"] != "none"]))
+    for claim in ("degradation", "residual_fixes_degradation", "shortcut_options", "parameter_counts"):
+        assert results[claim]["held"] is None and results[claim]["evidence"]["reason"]
+    assert results["residual_gains_from_depth"]["held"] is True
+
+
+def test_not_tested_without_option_a_or_without_b_and_c():
+    no_a = by_id(report.claims([t for t in sweep() if t["shortcut"] != "A"]))
+    assert [no_a[i]["held"] for i in IDS] == [True, None, None, None, None]
+    plain_and_a = by_id(report.claims([t for t in sweep() if t["shortcut"] in ("none", "A")]))
+    assert [plain_and_a[i]["held"] for i in IDS] == [True, True, True, None, None]
+    assert "A, B and C" in plain_and_a["shortcut_options"]["evidence"]["reason"]
+
+
+def test_not_tested_on_an_empty_sweep():
+    assert [c["held"] for c in report.claims([])] == [None] * 5
+
+
+def test_failed_trials_are_skipped_and_named():
+    # B failed at 56 (its record has "error" in place of the numbers), and a 110-layer plain net.
+    trials = [failed(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
+    trials.append(failed(110, "none"))
+    results = by_id(report.claims(trials))
+    for c in results.values():
+        assert c["evidence"]["skipped_failed_trials"] == ["ResNet-56 (B)", "plain-110"]
+    assert results["degradation"]["held"] is True
+    assert results["degradation"]["evidence"]["deep_depth"] == 56  # not the failed 110
+    # Depth 56 lost its B: the options are compared at 20 only, and 56 is named as untested.
+    assert [r["depth"] for r in results["shortcut_options"]["evidence"]["depths"]] == [20]
+    assert results["shortcut_options"]["evidence"]["untested_depths"] == [56]
+    assert "skipped_failed_trials" not in report.claims(sweep())[0]["evidence"]
+
+
+@pytest.fixture
+def params():
+    return params_module.load(REPO / "params.yaml", ["data.source=digits"])
+
+
+def test_results_md_lists_every_claim_with_its_verdict(tmp_path, params):
+    # a not held (plain-56 trains better), b and c held, d and e not tested (no B, C); a failure.
+    trials = [t for t in sweep(plain_56=(0.04, 0.33)) if t["shortcut"] in ("none", "A")] + [failed(56, "B")]
+    results = report.write_report(tmp_path, params, trials, None, None, 0.0111)
+    assert json.loads((tmp_path / "claims.json").read_text()) == results
+    text = (tmp_path / "results.md").read_text()
+    section = text[text.index("## The paper's claims") :]
+    verdicts = {"degradation": "**not held**", "residual_fixes_degradation": "held"}
+    verdicts |= {
+        "residual_gains_from_depth": "held",
+        "shortcut_options": "not tested",
+        "parameter_counts": "not tested",
+    }
+    for c in results:
+        row = next(line for line in section.splitlines() if line.startswith(f"| {c['claim']} |"))
+        assert row.split(" | ")[1] == verdicts[c["id"]]
+    assert "plain deep final train error: 4.00%" in section  # the numbers, in %
+    assert "ratio: 0.250" in section
+    assert "2 held, 1 not held, 2 not tested." in section
+    assert "Failed trials, left out of every claim: ResNet-56 (B)." in section
+    assert "| 56 | ResNet (B) | failed |" in text
+    assert "SVC baseline" in text and "1.11%" in text
+
+
+def test_dvc_declares_claims_json_a_metric_of_the_report_stage():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
+    assert {"${paths.reports}/claims.json": {"cache": False}} in stage["metrics"]
+
+
+# Zeros and 70% side by side: what the default digits sweep produces after 20 epochs.
+EXTREMES = {
+    (20, "none"): (0.0, 0.0333),
+    (20, "A"): (0.0, 0.0028),
+    (20, "B"): (0.0, 0.0083),
+    (56, "none"): (0.70, 0.69),
+    (56, "A"): (0.0, 0.003),
+    (56, "B"): (0.004, 0.053),
+}
+
+
+def test_the_pictures_are_written(tmp_path, params):
+    trials = sweep(EXTREMES)
+    report.write_report(tmp_path, params, trials + [failed(56, "C")], None, None, 0.0111)
+    for name in ("curves.png", "final_errors.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == PNG and len(data) > 10_000
+
+
+def test_curves_are_figure_6_plain_beside_resnet_on_a_linear_axis_from_0(tmp_path):
+    trials = sweep(EXTREMES)
+    fig = report.plot_curves(trials, tmp_path / "curves.png")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["plain", "ResNet (option A)", "ResNet (option B)"]
+    top = max(100 * v for t in trials for k in ("train_top1_error", "val_top1_error") for v in t["curve"][k])
+    for ax in axes:
+        assert ax.get_yscale() == "linear"
+        bottom, ceiling = ax.get_ylim()
+        assert bottom == 0 and top <= ceiling <= 1.2 * top  # 0% drawn, no line above the plot
+    plain = axes[0]
+    styles = {line.get_label(): line.get_linestyle() for line in plain.get_lines()}
+    assert styles["plain-20"] == "-" and styles["plain-56"] == "-"  # val: bold, named
+    dashed = [line for line in plain.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 2 and all(line.get_linewidth() < 2 for line in dashed)  # train: dashed, thin
+    assert [t.get_text() for t in plain.get_legend().get_texts()][:2] == ["plain-20", "plain-56"]
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()][:2] == ["ResNet-20", "ResNet-56"]
+
+
+def bar_labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts if t.get_text()]
+
+
+def test_final_errors_read_from_70_percent_down_to_0(tmp_path):
+    fig = report.plot_final_errors(sweep(EXTREMES), 0.0111, tmp_path / "final_errors.png")
+    (train_all, train_zoom, val_all, val_zoom) = fig.axes[:4]
+    assert "plain and ResNets" in train_all.get_title() and "ResNets only" in train_zoom.get_title()
+    for ax in fig.axes[:4]:
+        assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0
+    # Every bar with its value; 70% on the full axis, and the zoomed axis scaled to the ResNets.
+    assert bar_labels(train_all) == ["0.00%", "70.00%", "0.00%", "0.00%", "0.00%", "0.40%"]
+    assert bar_labels(train_zoom) == ["0.00%", "0.00%", "0.00%", "0.40%"]
+    assert train_all.get_ylim()[1] > 70
+    assert 0.4 < train_zoom.get_ylim()[1] < 5
+    assert bar_labels(val_zoom) == ["0.28%", "0.30%", "0.83%", "5.30%"]
+    assert 5.3 < val_zoom.get_ylim()[1] < 10
+    # The SVC baseline on the val panels, named with its value in the one legend.
+    for ax in (val_all, val_zoom):
+        assert [line.get_ydata()[0] for line in ax.get_lines()] == [pytest.approx(1.11)]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(legend) == ["ResNet (A)", "ResNet (B)", "SVC baseline, test (1.11%)", "plain"]
+
+
+def test_svc_baseline_is_fitted_on_train_and_scored_on_test(monkeypatch):
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    from pipeline import sources
+
+    split = sources.digits_split
+    calls = []
+
+    def recording(*args):
+        calls.append(split(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(sources, "digits_split", recording)
+    # data.seed 1: a split whose val and test errors differ, so the test can tell them apart.
+    params = params_module.load(REPO / "params.yaml", ["data.source=digits", "data.seed=1"])
+    error = report.svc_baseline(params)
+    (train, val, test) = calls[0]
+    assert len(test) == pytest.approx(params.data.test_fraction * 1797, abs=1)
+    bunch = load_digits()
+    svc = SVC(gamma=0.001).fit(bunch.data[train], bunch.target[train])
+    on = {
+        name: (svc.predict(bunch.data[idx]) != bunch.target[idx]).mean() for name, idx in (("val", val), ("test", test))
+    }
+    assert on["val"] != on["test"]
+    assert error == on["test"] and 0 <= error < 0.05
+
+    other = params_module.load(REPO / "params.yaml", ["data.source=cifar10", "data.root=/nowhere"])
+    assert report.svc_baseline(other) is None
+
+
+def test_claims_json_is_a_list_a_benchmark_can_read(tmp_path, params):
+    results = report.write_report(tmp_path, params, sweep(), None, None, None)
+    written = json.loads(Path(tmp_path / "claims.json").read_text())
+    assert isinstance(written, list) and [c["held"] for c in written] == [True] * 5 == [c["held"] for c in results]
