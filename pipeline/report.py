@@ -57,8 +57,10 @@ RESIDUAL_MAX_RATIO = 1 / 3
 # c. ResNets gain from depth (Table 6, Fig. 6 middle): the deepest ResNet (A)'s final train
 #    error is at most this much above the shallowest's (or below it).
 DEPTH_TOLERANCE = 0.02
-# d. Shortcut options (Sec. 4.1, Table 3): A, B and C each beat plain (best val error) at a
-#    depth, and their best val errors span at most this much there.
+# d. Shortcut options (Sec. 4.1, Table 3): A, B and C each beat plain (best val error) at the
+#    deepest depth, where plain nets degrade (Table 3 compares at 34 layers; at 18 the paper
+#    finds plain and residual "comparably accurate", Table 2), and at every depth their best
+#    val errors span at most this much.
 SHORTCUT_MAX_SPREAD = 0.02
 # Errors are counts over a split (k/n); their differences carry float rounding
 # (0.05 - 0.03 = 0.020000000000000004), which must not decide an at-most comparison.
@@ -190,8 +192,8 @@ def incomplete_depths(nets: Nets, complete: list[int]) -> list[int]:
 
 def shortcut_options(nets: Nets) -> dict[str, Any]:
     claim = (
-        "d. Shortcut options (Sec. 4.1, Table 3): at each depth, ResNets with options A, B and C all beat the plain "
-        f"net (best val error) and differ among themselves by at most {SHORTCUT_MAX_SPREAD:.0%}"
+        "d. Shortcut options (Sec. 4.1, Table 3): at the deepest depth, ResNets with options A, B and C all beat "
+        f"the plain net (best val error), and at each depth they differ among themselves by at most {SHORTCUT_MAX_SPREAD:.0%}"
     )
     depths = depths_of(nets, "none", *RESIDUAL)
     if not depths:
@@ -203,13 +205,14 @@ def shortcut_options(nets: Nets) -> dict[str, Any]:
         residual = [errors[s] for s in RESIDUAL]
         spread = max(residual) - min(residual)
         beat_plain = all(e < errors["none"] for e in residual)
+        must_beat_plain = depth == depths[-1]
         rows.append(
             {
                 "depth": depth,
                 **{f"{'plain' if s == 'none' else s}_best_val_error": e for s, e in errors.items()},
                 "spread": spread,
                 "all_beat_plain": beat_plain,
-                "held": beat_plain and spread <= SHORTCUT_MAX_SPREAD + ROUNDING,
+                "held": (beat_plain or not must_beat_plain) and spread <= SHORTCUT_MAX_SPREAD + ROUNDING,
             }
         )
     evidence = {"depths": rows, "max_spread": SHORTCUT_MAX_SPREAD, "untested_depths": incomplete_depths(nets, depths)}
