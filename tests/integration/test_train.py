@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -178,7 +179,13 @@ def test_ray_job_submit_with_token_auth(tmp_path, shards):
             "--runtime-env-json", json.dumps({"excludes": [".venv", "data", ".git", "mlflow.db", "mlartifacts", "reports", "metrics"]}),
             "--", "python", "-m", "pipeline.train", *[a for o in overrides for a in ("--set", o)],
         ]  # fmt: skip
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, check=False)
+        # The head's job agent starts a few seconds after `ray start` returns, later on a busy
+        # machine; until then Ray answers "No available agent to submit job, please try again later".
+        for _ in range(30):
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, check=False)
+            if "No available agent to submit job" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
     finally:
