@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "claims.json")
     args = parser.parse_args()
 
-    runs = []
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="claims-") as tmp:
         work = Path(tmp)
         stage("shard", work)
@@ -80,17 +80,21 @@ def main() -> None:
             for claim in runs[-1]["claims"]:
                 verdict = {True: "held", False: "NOT HELD", None: "not tested"}[claim["held"]]
                 print(f"  {verdict:10}  {claim['claim']}", flush=True)
+            write(args.out, runs)  # after every seed: a long run stopped halfway keeps what it did
 
+
+def write(out: Path, runs: list[dict]) -> None:
     all_held = all(c["held"] is True for run in runs for c in run["claims"])
     result = {
         "command": "python -m benchmarks.claims " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "seeds_done": [run["seed"] for run in runs],
         "all_claims_held_for_every_seed": all_held,
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"every claim held for every seed: {all_held}; wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"every claim held for every seed so far: {all_held}; wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
