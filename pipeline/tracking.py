@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import urllib.parse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,12 @@ import fsspec
 import mlflow
 import sqlalchemy.engine
 import sqlalchemy.exc
-from mlflow.entities import Metric, Param
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
 from pipeline.loader import MANIFEST
 from pipeline.params import Params
@@ -126,27 +131,46 @@ def start_or_resume_run(
     params: Params,
     run_name: str,
     extra_params: dict[str, Any],
+    commit: str,
     parent_run_id: str | None = None,
     display_name: str | None = None,
+    omit: tuple[str, ...] = (),
 ) -> str:
     """The MLflow run of this training run: found by its name if an earlier attempt made it,
-    else created with the whole resolved config as params."""
+    else created with the resolved config as params (less the keys in `omit`) and `commit`, the
+    code's git commit, which the stage's driver reads (`git_commit`): Ray's workers and Tune's
+    trials run in folders without the repository."""
     mlflow = client(uri)
     experiment = experiment_id(mlflow, params.mlflow.experiment)
     existing = find_run(mlflow, experiment, run_name)
     if existing:
         return existing
-    tags = {RUN_NAME_TAG: run_name, "mlflow.source.git.commit": git_commit()}
+    tags = {RUN_NAME_TAG: run_name, "mlflow.source.git.commit": commit}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.create_run(experiment, run_name=display_name or run_name, tags=tags)
-    values = {**flatten(params.model_dump(mode="json")), **{k: str(v) for k, v in extra_params.items()}}
+    config = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if k not in omit}
+    values = {**config, **{k: str(v) for k, v in extra_params.items()}}
     # Params are readable by everyone with access to the experiment, a password is not for them.
     values["mlflow.tracking_uri"] = redacted(params.mlflow.tracking_uri)
     items = [Param(k, v[:6000]) for k, v in sorted(values.items())]
     for i in range(0, len(items), 100):
         mlflow.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def log_shards_input(uri: str, run_id: str, shards: str, manifest_sha: str, source: str) -> None:
+    """The run's training data on its MLflow page (the Datasets column): the shards' location,
+    with the manifest's sha256 as digest (cut to the 36 characters MLflow stores; the run's
+    `manifest_sha256` param has it whole). Logging it again, on a resume, adds nothing."""
+    with warnings.catch_warnings():
+        # MLflow registers its local-files source under two names, then warns that a local path
+        # "can be interpreted in multiple ways": the two are the same class.
+        warnings.simplefilter("ignore", UserWarning)
+        location = resolve_dataset_source(shards)
+    dataset = MetaDataset(location, name=f"{source}-shards", digest=manifest_sha[:MAX_DATASET_DIGEST_SIZE])
+    context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
+    client(uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
 
 
 def logged_steps(mlflow: MlflowClient, run_id: str, key: str) -> set[int]:

@@ -32,9 +32,10 @@ def train(params: Params) -> dict:
             "num_params": num_params,
             "manifest_sha256": manifest_sha,
             "run_name": run_name,
-            "git_commit": tracking.git_commit(),
         },
+        commit=tracking.git_commit(),
     )
+    tracking.log_shards_input(uri, run_id, params.paths.shards, manifest_sha, manifest["source"])
     print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(uri)}", flush=True)
     trainer.ray_init()
     result = trainer.fit(params, run_name, run_id, uri)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.execution import context as train_context
 
 import resnet
 from pipeline import loader, recipe, tracking, transforms
@@ -156,8 +158,18 @@ def evaluate(model, batches, device, mean, autocast) -> Scores:
     return Scores(top1, top5, loss_sum, seen)
 
 
+def quiet_worker_logs() -> None:
+    """Keep the console to the epoch lines; Ray's log files keep everything."""
+    # Ray Train logs every `ray.train.report` at INFO, a whole TrainingReport a line, under a
+    # logger named by its file's path: outside "ray.train", so LoggingConfig's level misses it.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker training function of the TorchTrainer."""
+    quiet_worker_logs()
     params = Params.model_validate(config["params"])
     run_id: str = config["mlflow_run_id"]
     context = ray.train.get_context()
@@ -281,10 +293,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
-        if rank == 0:
-            if epoch not in logged:
-                tracking.log_epoch(mlflow_client, run_id, epoch, metrics, int(time.time() * 1000))
-                logged.add(epoch)
+        if rank == 0 and epoch not in logged:
+            tracking.log_epoch(mlflow_client, run_id, epoch, metrics, int(time.time() * 1000))
+            logged.add(epoch)
+        if rank == 0 and config["say_epochs"]:
             say(
                 f"epoch {epoch + 1}/{params.train.epochs}  lr {lr:.4g}  train loss {metrics['train_loss']:.4f}"
                 f"  train err {metrics['train_top1_error']:.2%}  val err {metrics['val_top1_error']:.2%}"
@@ -408,14 +420,17 @@ def fit(
     uri: str,
     log_model: bool = True,
     callbacks: list | None = None,
+    say_epochs: bool = True,
 ) -> ray.train.Result:
-    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback and leave the
-    model to the register stage (log_model=False)."""
+    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback, leave the
+    model to the register stage (log_model=False) and the epoch lines to the sweep's driver,
+    which prints one line per trial-epoch (say_epochs=False)."""
     config = {
         "params": params.model_dump(mode="json"),
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": uri,
         "log_model": log_model,
+        "say_epochs": say_epochs,
     }
     trainer = TorchTrainer(
         train_loop,
@@ -472,5 +487,13 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
 
 def ray_init() -> None:
     """Join the cluster RAY_ADDRESS names, else start a local one (dashboard on 127.0.0.1)."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
+    # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
+    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})

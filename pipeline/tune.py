@@ -31,6 +31,35 @@ from pipeline.params import Params, check_sweep
 from pipeline.shard import write_json_atomic
 
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
+# MLflow params that would misdescribe a run: the parent run is the whole grid, not the one
+# (model.depth, model.shortcut) of params.yaml; a trial is one point of it, not the grid.
+SWEEP_OMITS = ("model.depth", "model.shortcut")
+TRIAL_OMITS = ("tune.depths", "tune.shortcuts")
+
+
+class EpochLines(ray.tune.Callback):
+    """One console line per trial-epoch, printed by the sweep's driver: Tune's own tables and
+    config boxes are off (verbose=0) and the trials' workers print nothing; Ray's logs and
+    MLflow keep the detail."""
+
+    def __init__(self, arch: str, epochs: int):
+        self.arch, self.epochs = arch, epochs
+
+    def label(self, trial) -> str:
+        return trial_label(self.arch, trial.config["depth"], trial.config["shortcut"])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if trainer.METRIC not in result:
+            return
+        print(
+            f"{self.label(trial):<22} epoch {int(result['epoch']) + 1}/{self.epochs}"
+            f"  train err {result['train_top1_error']:7.2%}  val err {result[trainer.METRIC]:7.2%}"
+            f"  {result['images_per_s']:5.0f} img/s",
+            flush=True,
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        print(f"{self.label(trial):<22} failed; its traceback: {trial.error_file}", flush=True)
 
 
 class SweepInterrupted(Exception):
@@ -42,6 +71,11 @@ def trial_params(base: dict[str, Any], depth: int, shortcut: str, run_name: str)
     model = params.model.model_copy(update={"depth": depth, "shortcut": shortcut})
     train = params.train.model_copy(update={"run_name": run_name})
     return params.model_copy(update={"model": model, "train": train})
+
+
+def trial_label(arch: str, depth: int, shortcut: str) -> str:
+    """A trial's name for people: its MLflow run name and its console lines."""
+    return f"{resnet.model_name(arch, depth)}-{shortcut}"
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -56,11 +90,16 @@ def run_trial(config: dict[str, Any]) -> None:
         params,
         run_name,
         {"num_params": num_params, "manifest_sha256": config["manifest_sha256"], "trial_id": trial_id},
+        commit=config["git_commit"],
         parent_run_id=config["parent_run_id"],
-        display_name=f"{resnet.model_name(params.model.arch, config['depth'])}-{config['shortcut']}",
+        display_name=trial_label(params.model.arch, config["depth"], config["shortcut"]),
+        omit=TRIAL_OMITS,
     )
+    tracking.log_shards_input(uri, run_id, params.paths.shards, config["manifest_sha256"], config["data_source"])
     started = time.time()
-    result = trainer.fit(params, run_name, run_id, uri, log_model=False, callbacks=[TuneReportCallback()])
+    result = trainer.fit(
+        params, run_name, run_id, uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
+    )
     mlflow = tracking.client(uri)
     # What the sweep table needs beyond the per-epoch metrics Tune already has.
     mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
@@ -92,8 +131,8 @@ def concurrent_trials(params: Params) -> int:
 
 
 def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, epochs: int) -> list[dict[str, Any]]:
-    """reports/sweep.json: one record per trial (DESIGN.md contract), plus its curve, its best
-    checkpoint and its MLflow run."""
+    """reports/sweep.json: one record per trial (what evaluate, register and report read), with
+    its curve, its best epoch and checkpoint, and its MLflow run."""
     mlflow = tracking.client(uri)
     out = []
     for result in grid:
@@ -117,6 +156,7 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, ep
                 "best_val_top1_error": float(rows.loc[best, "val_top1_error"]),
                 "best_val_top5_error": float(rows.loc[best, "val_top5_error"]),
                 "best_val_loss": None if math.isnan(best_loss) else best_loss,
+                "best_epoch": int(rows.loc[best, "epoch"]),
                 "final_train_top1_error": float(rows["train_top1_error"].iloc[-1]),
                 "final_val_top1_error": float(rows["val_top1_error"].iloc[-1]),
                 "epochs": int(rows["epoch"].max()) + 1,
@@ -155,7 +195,10 @@ def sweep(params: Params) -> dict[str, Any]:
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
     uri = tracking.tracking_uri(params)
-    parent = tracking.start_or_resume_run(uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name})
+    commit = tracking.git_commit()
+    parent = tracking.start_or_resume_run(
+        uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, omit=SWEEP_OMITS
+    )
     print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(uri)}", flush=True)
 
     trainer.ray_init()
@@ -186,6 +229,8 @@ def sweep(params: Params) -> dict[str, Any]:
                 "tracking_uri": uri,
                 "parent_run_id": parent,
                 "manifest_sha256": manifest_sha,
+                "data_source": manifest["source"],
+                "git_commit": commit,
                 "num_classes": len(manifest["classes"]),
             },
             tune_config=ray.tune.TuneConfig(
@@ -194,7 +239,9 @@ def sweep(params: Params) -> dict[str, Any]:
                 scheduler=scheduler,
                 max_concurrent_trials=concurrent_trials(params),
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=storage),
+            run_config=ray.tune.RunConfig(
+                name=name, storage_path=storage, verbose=0, callbacks=[EpochLines(params.model.arch, params.train.epochs)]
+            ),
         )
     grid = tuner.fit()
     if not finished(grid, params):

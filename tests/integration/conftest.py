@@ -22,15 +22,13 @@ def run(cmd: list[str], cwd: Path) -> str:
     return result.stdout
 
 
-@pytest.fixture
-def clone(tmp_path) -> Path:
-    """The committed pipeline plus this checkout's working copy of its code."""
-    target = tmp_path / "repo"
+def make_clone(target: Path) -> Path:
+    """A git clone of the committed pipeline plus this checkout's working copy of its code."""
     subprocess.run(["git", "clone", "-q", str(REPO), str(target)], check=True)
     # `dvc exp run` commits experiments: give the clone an identity of its own.
     for key, value in (("user.name", "pipeline tests"), ("user.email", "tests@localhost")):
         subprocess.run(["git", "-C", str(target), "config", key, value], check=True)
-    for path in ("pipeline", "resnet", "dvc.yaml", "params.yaml"):
+    for path in ("pipeline", "resnet", "dvc.yaml", "params.yaml", "README.md"):
         source = REPO / path
         if source.is_dir():
             shutil.rmtree(target / path)
@@ -39,3 +37,8 @@ def clone(tmp_path) -> Path:
             shutil.copy2(source, target / path)
     (target / "dvc.lock").unlink(missing_ok=True)
     return target
+
+
+@pytest.fixture
+def clone(tmp_path) -> Path:
+    return make_clone(tmp_path / "repo")

@@ -54,11 +54,29 @@ def champion_error_on(split: str, repo: Path, uri: str) -> float:
     return errors / seen
 
 
+def console_of(cmd: list[str], repo: Path) -> str:
+    """What a person sees: stdout and stderr together."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    result = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}"
+    return result.stdout
+
+
 def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(clone):
     set_params(clone, TINY)
-    out = run(["dvc", "repro"], clone)
+    out = console_of(["dvc", "repro"], clone)
     for stage in ("shard", "verify", "tune", "evaluate", "register", "report"):
         assert f"Running stage '{stage}'" in out
+    # The sweep's console: one line per trial-epoch from the driver, and the final table; no
+    # Tune tables or config dumps, no Ray Train report lines, no error-level lines.
+    sweep = out[out.index("Running stage 'tune'") : out.index("Running stage 'evaluate'")].splitlines()
+    for label in ("cifar_resnet8-none", "cifar_resnet8-A"):
+        for epoch in range(1, 5):
+            assert len([line for line in sweep if line.startswith(f"{label} ") and f" epoch {epoch}/4 " in line]) == 1
+    for noise in ("Current best trial", "Trial status", "config", "Reporting training result", "PreemptionWatcher", " E "):
+        assert not [line for line in sweep if noise in line], noise
+    assert len(sweep) <= 2 * 4 + 30, "\n".join(sweep)
     trials = json.loads((clone / "reports" / "sweep.json").read_text())
     assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
     for t in trials:
@@ -79,6 +97,16 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     uri = f"sqlite:///{clone / 'mlflow.db'}"
     assert champion_error_on("test", clone, uri) == pytest.approx(evaluation["top1_error"])
     client = MlflowClient(uri)
+    # MLflow pages that tell the truth: the commit on every run, the shards as every training
+    # run's dataset, and the sweep's run described by its grid rather than by one trial.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+    runs = client.search_runs([client.get_experiment_by_name("resnet").experiment_id])
+    assert len(runs) == 3 and all(r.data.tags["mlflow.source.git.commit"] == commit for r in runs)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["tune.depths"] == "[8]" and "model.depth" not in parent.data.params
+    for trial_run in (r for r in runs if r is not parent):
+        (dataset,) = [i.dataset for i in trial_run.inputs.dataset_inputs]
+        assert dataset.name == "digits-shards" and trial_run.data.params["manifest_sha256"].startswith(dataset.digest)
     version = client.get_model_version("resnet-digits", "1")
     assert version.tags["depth"] == "8" and len(version.tags["manifest_sha256"]) == 64
     best = min(trials, key=lambda t: (t["best_val_top1_error"], t["best_val_loss"]))

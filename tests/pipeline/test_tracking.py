@@ -3,6 +3,8 @@ name, against a real MLflow store (SQLite)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline import params as params_module
@@ -87,21 +89,46 @@ def test_runs_are_found_again_by_names_with_quotes(repo, store):
     params = params_for(repo)
     client = tracking.client(store)
     experiment = tracking.experiment_id(client, params.mlflow.experiment)
-    created = {name: tracking.start_or_resume_run(store, params, name, {}) for name in NAMES}
+    created = {name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee") for name in NAMES}
     assert len(set(created.values())) == len(NAMES)
     for name, run_id in created.items():
         assert tracking.find_run(client, experiment, name) == run_id, name
         assert client.get_run(run_id).data.tags[tracking.RUN_NAME_TAG] == name
         # A rerun of the same command resumes the run instead of making a second one.
-        assert tracking.start_or_resume_run(store, params, name, {}) == run_id
+        assert tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee") == run_id
     assert tracking.find_run(client, experiment, 'it\'s "not" there') is None
     assert tracking.find_run(client, experiment, "not there") is None
 
 
 def test_the_logged_params_hold_no_password(repo, store):
     params = params_for(repo, "postgresql://mlflow:s3cret@db:5432/mlflow")
-    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1})
+    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1}, commit="c0ffee")
     logged = tracking.client(store).get_run(run_id).data.params
     assert logged["mlflow.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
     assert logged["mlflow.experiment"] == params.mlflow.experiment and logged["extra"] == "1"
     assert not [key for key, value in logged.items() if "s3cret" in value]
+
+
+def test_a_run_records_the_commit_it_is_given_and_leaves_out_the_omitted_params(repo, store):
+    params = params_for(repo)
+    run_id = tracking.start_or_resume_run(
+        store, params, "a sweep", {"sweep": "a sweep"}, commit="0123abcd", omit=("model.depth", "model.shortcut")
+    )
+    run = tracking.client(store).get_run(run_id)
+    assert run.data.tags["mlflow.source.git.commit"] == "0123abcd"
+    assert "model.depth" not in run.data.params and "model.shortcut" not in run.data.params
+    assert run.data.params["tune.depths"] == str(params.tune.depths) and run.data.params["model.arch"] == params.model.arch
+
+
+def test_the_shards_are_the_runs_dataset_once_whatever_the_resumes(repo, store, tmp_path):
+    params = params_for(repo)
+    run_id = tracking.start_or_resume_run(store, params, "a training run", {}, commit="c0ffee")
+    sha = "ab" * 32
+    for _ in range(2):  # a resumed run logs it again
+        tracking.log_shards_input(store, run_id, str(tmp_path / "shards"), sha, "digits")
+    inputs = tracking.client(store).get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert dataset.name == "digits-shards" and sha.startswith(dataset.digest) and len(dataset.digest) == 36
+    assert json.loads(dataset.source) == {"uri": str(tmp_path / "shards")}
+    assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "training")]

@@ -17,7 +17,7 @@ from resnet.summary import count_params, summarize
 IMAGENET = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 CIFAR = [f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110)]  # 1202 has tests of its own
 
-# torchvision 0.29's documented parameter counts (REFERENCE.md).
+# torchvision 0.29's documented parameter counts (the num_params of its ResNet weights' docs).
 TORCHVISION_PARAMS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
