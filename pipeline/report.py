@@ -14,13 +14,24 @@ Writes to `paths.reports`:
   small ones unreadable), each bar labelled with its value, and the SVC baseline for the digits
   (fitted on their train split, scored on their test split);
 - `results.md`: our table with the paper's number beside each comparable row (Table 6 for
-  CIFAR-size nets, Tables 2 and 3 for ImageNet-size ones), the champion, and the claims.
-All are logged to the sweep's MLflow run; dvc.yaml declares the PNGs as DVC plots.
+  CIFAR-size nets, Tables 2 and 3 for ImageNet-size ones), the champion, and the claims;
+- `trials.json`: each finished trial's best val and final train top-1 error under its name
+  (`plain-20`, `resnet-56-A`), a DVC metric, so that `dvc exp show` compares every trial across
+  experiments;
+- `curves/<trial>.csv`: each finished trial's train and val top-1 error per epoch, the data of
+  a DVC plot (dvc.yaml, top-level `plots:`), so that `dvc plots diff` overlays two revisions'
+  curves.
+All are logged to the sweep's MLflow run. A failed trial (a record with "error") has no numbers
+to give: it is left out of trials.json and curves/, and named in results.md and claims.json.
+Each file is written under a temporary name and then renamed, so DVC, Git or a reader never sees
+half a file; none holds a path of this machine.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -33,8 +44,8 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline import cli, tracking
-from pipeline.evaluate import read_sweep
+from pipeline import cli, outputs, tracking
+from pipeline.cli import UsageError
 from pipeline.params import Params
 
 # Paper, Table 6: CIFAR-10 test error (%) of the residual nets (option A).
@@ -323,6 +334,18 @@ def svc_baseline(params: Params) -> float | None:
 # --- The pictures ----------------------------------------------------------------------------
 
 
+def save_png(fig: plt.Figure, path: Path) -> None:
+    """Save under a temporary name, flushed to disk, then rename, as the text outputs are
+    (write_text_atomic). DVC caches the PNGs: where its cache.type links cached files into the
+    workspace, writing here would go through the link into the cache; a rename replaces the link."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        fig.savefig(f, dpi=110, format="png")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def present_shortcuts(trials: list[dict[str, Any]]) -> list[str]:
     return [s for s in SHORTCUT_LABEL if any(t["shortcut"] == s for t in trials)]
 
@@ -386,7 +409,7 @@ def plot_curves(trials: list[dict[str, Any]], path: Path) -> plt.Figure:
         row[0].set_ylabel("top-1 error (%)")
     fig.suptitle(f"Training (dashed) and val (bold) error: plain vs ResNet ({PAPER_FIGURE6_NOTE})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)  # out of pyplot's registry; the Figure stays readable
     return fig
 
@@ -450,9 +473,81 @@ def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(labels), fontsize=8)
     fig.suptitle("Final errors of each trial: plain vs ResNet")
     fig.tight_layout(rect=(0, 0, 1, 0.92))
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)  # out of pyplot's registry; the Figure stays readable
     return fig
+
+
+# --- For DVC: each trial's errors and curves, comparable across experiments ------------------
+
+TRIALS_METRICS = "trials.json"
+CURVES = "curves"
+
+
+def trial_key(depth: int, shortcut: str) -> str:
+    """A trial's name in trials.json and curves/: `plain-20`, `resnet-56-A`. Letters, digits and
+    dashes only: it is a column of `dvc exp show` and a file name."""
+    return f"plain-{depth}" if shortcut == "none" else f"resnet-{depth}-{shortcut}"
+
+
+def trial_metrics(trials: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """trials.json: `{"plain-20": {"best_val_error": ..., "final_train_error": ...}, ...}` for the
+    finished trials, in the sweep's order. DVC flattens nested keys with dots, so `dvc exp show`
+    has one column per trial and error (`plain-20.best_val_error`), and an experiment without a
+    trial shows `-` there."""
+    return {
+        trial_key(t["depth"], t["shortcut"]): {
+            "best_val_error": t["best_val_top1_error"],
+            "final_train_error": t["final_train_top1_error"],
+        }
+        for t in trials
+        if "error" not in t
+    }
+
+
+def curve_csv(trial: dict[str, Any]) -> str:
+    """One trial's curve as CSV: `epoch,train_error,val_error`, epochs counted from 1 as in
+    curves.png (the sweep's records count them from 0). DVC plots read CSV by column names
+    (https://dvc.org/doc/user-guide/experiment-management/visualizing-plots)."""
+    curve = trial["curve"]
+    rows = ["epoch,train_error,val_error"]
+    rows += [
+        f"{epoch + 1},{float(train)!r},{float(val)!r}"
+        for epoch, train, val in zip(curve["epoch"], curve["train_top1_error"], curve["val_top1_error"])
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write under a temporary name, flushed to disk, then rename (as pipeline.shard's
+    write_json_atomic does for JSON): DVC, Git or a rerun after a crash never sees half a file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    outputs.fsync_dir(path.parent)
+
+
+def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
+    """`out/curves/`, one CSV per finished trial with a curve, replaced as a whole: the new files
+    are written into a staging folder that then takes the old one's place, so a trial that an
+    earlier sweep had and this one has not leaves no file behind for `dvc plots` to draw."""
+    final = out / CURVES
+    staging = out / f"{CURVES}.tmp-{os.getpid()}"
+    previous = out / f"{CURVES}.old-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for t in trials:
+        if "error" not in t and t.get("curve") and t["curve"]["epoch"]:
+            write_text_atomic(staging / f"{trial_key(t['depth'], t['shortcut'])}.csv", curve_csv(t))
+    # A folder cannot be renamed onto a folder that holds files: move the old one aside first.
+    if final.exists():
+        os.replace(final, previous)
+    os.replace(staging, final)
+    outputs.fsync_dir(out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 # --- The table -------------------------------------------------------------------------------
@@ -507,11 +602,21 @@ def results_table(
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def read_sweep(reports: str) -> list[dict[str, Any]]:
+    """reports/sweep.json. Read here rather than with pipeline.evaluate's reader: importing that
+    module imports the trainer, and with it Ray, which the report has no use for."""
+    path = Path(reports) / "sweep.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; run `python -m pipeline.tune` first") from None
+
+
 def read_optional(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-OUTPUTS = ("claims.json", "curves.png", "final_errors.png", "results.md")
+OUTPUTS = ("claims.json", TRIALS_METRICS, "curves.png", "final_errors.png", "results.md")
 
 
 def write_report(
@@ -526,10 +631,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     finished = [t for t in trials if "error" not in t]
     results = claims(trials)
-    (out / "claims.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "claims.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / TRIALS_METRICS, json.dumps(trial_metrics(trials), indent=1) + "\n")
+    write_curves(out, trials)
     plot_curves(finished, out / "curves.png")
     plot_final_errors(finished, baseline, out / "final_errors.png")
-    (out / "results.md").write_text(results_table(params, trials, evaluation, registry, baseline))
+    write_text_atomic(out / "results.md", results_table(params, trials, evaluation, registry, baseline))
     return results
 
 
@@ -549,12 +656,13 @@ def main(argv: list[str] | None = None) -> None:
         if parent:
             for name in OUTPUTS:
                 mlflow.log_artifact(parent, str(out / name), artifact_path="report")
+            mlflow.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
             mlflow.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
             mlflow.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
             if baseline is not None:
                 mlflow.log_metric(parent, "svc_baseline_test_top1_error", baseline)
     print((out / "results.md").read_text())
-    print("wrote " + ", ".join(str(out / name) for name in OUTPUTS))
+    print("wrote " + ", ".join([*(str(out / name) for name in OUTPUTS), f"{out / CURVES}/"]))
 
 
 if __name__ == "__main__":

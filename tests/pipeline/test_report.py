@@ -293,6 +293,85 @@ def test_dvc_declares_claims_json_a_metric_of_the_report_stage():
     assert {"${paths.reports}/claims.json": {"cache": False}} in stage["metrics"]
 
 
+# --- What DVC compares across experiments: trials.json and curves/ ---------------------------
+
+
+def test_trials_json_holds_each_finished_trials_errors_under_its_name(tmp_path, params):
+    trials = [failed(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
+    report.write_report(tmp_path, params, trials, None, None, None)
+    written = json.loads((tmp_path / "trials.json").read_text())
+    # In the sweep's order; the failed ResNet-56 (B) has no numbers, so no entry.
+    assert list(written) == [
+        "plain-20", "resnet-20-A", "resnet-20-B", "resnet-20-C", "plain-56", "resnet-56-A", "resnet-56-C",
+    ]  # fmt: skip
+    assert written["plain-56"] == {"best_val_error": 0.33, "final_train_error": 0.30}
+    assert written["resnet-56-C"] == {"best_val_error": 0.03, "final_train_error": 0.008}
+    # One level of nesting, numbers only: DVC's metrics are numbers under dotted key paths.
+    assert all(set(errors) == {"best_val_error", "final_train_error"} for errors in written.values())
+    assert all(isinstance(v, float) for errors in written.values() for v in errors.values())
+
+
+def test_curves_are_one_csv_per_finished_trial_epochs_from_1(tmp_path, params):
+    trials = [t for t in sweep() if t["depth"] == 20] + [failed(56, "none")]
+    report.write_report(tmp_path, params, trials, None, None, None)
+    curves = tmp_path / "curves"
+    assert sorted(p.name for p in curves.iterdir()) == [
+        "plain-20.csv", "resnet-20-A.csv", "resnet-20-B.csv", "resnet-20-C.csv",
+    ]  # fmt: skip
+    # record(): train 0.9, 0.5, then halfway to 0.05, then 0.05; val 0.9, 0.6, halfway, 0.08.
+    assert (curves / "plain-20.csv").read_text() == (
+        "epoch,train_error,val_error\n"
+        "1,0.9,0.9\n"
+        "2,0.5,0.6\n"
+        f"3,{(0.5 + 0.05) / 2!r},{(0.6 + 0.08) / 2!r}\n"
+        "4,0.05,0.08\n"
+    )
+
+
+def test_a_new_sweep_replaces_the_curves_folder_whole(tmp_path, params):
+    report.write_curves(tmp_path, sweep())
+    assert len(list((tmp_path / "curves").iterdir())) == 8
+    # The next sweep has depth 20 only: no curve of a 56-layer net may stay behind.
+    report.write_report(tmp_path, params, [t for t in sweep() if t["depth"] == 20], None, None, None)
+    assert sorted(p.stem for p in (tmp_path / "curves").iterdir()) == [
+        "plain-20", "resnet-20-A", "resnet-20-B", "resnet-20-C",
+    ]  # fmt: skip
+    assert set(json.loads((tmp_path / "trials.json").read_text())) == {
+        "plain-20", "resnet-20-A", "resnet-20-B", "resnet-20-C",
+    }  # fmt: skip
+    # Nothing left under a temporary name.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "claims.json", "curves", "curves.png", "final_errors.png", "results.md", "trials.json",
+    ]  # fmt: skip
+
+
+def test_what_dvc_compares_holds_no_path_of_this_machine(tmp_path, params):
+    # The records name checkpoints (file:///ckpt/...) and MLflow runs; Git keeps trials.json and
+    # curves/, so none of that may reach them.
+    report.write_report(tmp_path, params, sweep() + [failed(110, "A")], None, None, None)
+    for path in [tmp_path / "trials.json", *(tmp_path / "curves").iterdir()]:
+        text = path.read_text()
+        assert "ckpt" not in text and "run-" not in text and str(tmp_path) not in text and "/" not in text
+
+
+def test_no_trial_finished_gives_empty_trials_and_curves(tmp_path, params):
+    report.write_report(tmp_path, params, [failed(20, "none"), failed(20, "A")], None, None, None)
+    assert json.loads((tmp_path / "trials.json").read_text()) == {}
+    assert list((tmp_path / "curves").iterdir()) == []
+
+
+def test_dvc_declares_trials_json_a_metric_and_the_curves_a_plot():
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stage = dvc_yaml["stages"]["report"]
+    assert {"${paths.reports}/trials.json": {"cache": False}} in stage["metrics"]
+    assert {"${paths.reports}/curves": {"cache": False}} in stage["outs"]
+    # The top-level plot draws the columns curve_csv writes, epoch along x.
+    (plot,) = [p for p in dvc_yaml["plots"] if "${paths.reports}/curves" in p]
+    definition = plot["${paths.reports}/curves"]
+    header = report.curve_csv({"curve": {"epoch": [], "train_top1_error": [], "val_top1_error": []}})
+    assert header.strip().split(",") == [definition["x"], *definition["y"]]
+
+
 # Zeros and 70% side by side: what the default digits sweep produces after 20 epochs.
 EXTREMES = {
     (20, "none"): (0.0, 0.0333),
