@@ -93,7 +93,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     # One object (DVC shows the figures of an object, not of a list): the centre crop on the test
     # split, and for ImageNet-size nets the 10-crop figures under "ten_crop".
-    result: dict[str, Any] = {"model_uri": best["checkpoint"], "depth": best["depth"], "shortcut": best["shortcut"]}
+    # Which model, without this machine's paths (a DVC metric is compared across machines).
+    result: dict[str, Any] = {
+        "mlflow_run_id": best["mlflow_run_id"],
+        "checkpoint_name": Path(best["checkpoint"]).name,
+        "depth": best["depth"],
+        "shortcut": best["shortcut"],
+    }
     for crop in crops(params.model.arch):
         figures = evaluate_checkpoint(params, best["checkpoint"], crop, "test")
         if crop == "single":
@@ -105,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
             f"top-5 error {figures['top5_error']:.2%} on {figures['num_samples']} test images "
             f"(chosen on val: {best['best_val_top1_error']:.2%})"
         )
-    mlflow = tracking.client(tracking.tracking_uri(params))
+    # At the step of the checkpoint's epoch: the model register logs there carries them too.
+    client = tracking.client(tracking.tracking_uri(params))
+    step = best.get("best_epoch", 0)
     for prefix, figures in (("test_single", result), ("test_ten", result.get("ten_crop"))):
         if figures:
-            mlflow.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"])
-            mlflow.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"])
+            client.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"], step=step)
+            client.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"], step=step)
     out = Path(params.paths.metrics) / "eval.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")

@@ -2,9 +2,12 @@
 
     python -m pipeline.register [--params params.yaml]
 
-The model is logged (pickle-free `pt2`) into the best trial's MLflow run and registered as a new
-version of `mlflow.registered_model`, with tags a person or a script can filter on and a
-description a person can read in the UI.
+The model (`pipeline.serving`: encoded images in, classes out, the pt2 network inside) is logged
+into the best trial's MLflow run at its best epoch, so the logged model carries that epoch's
+metrics and the test figures, and registered as a new version of `mlflow.registered_model`, with
+tags a person or a script can filter on and a description a person can read in the UI. The
+trial's run keeps its start and end times. The sweep's parent run gets the result: the best
+trial, its val and test errors, and the registered version.
 
 Two splits, two roles. The decision uses val, the split that already chose the trial's best
 epoch and the best trial (`reports/sweep.json`); the test figures (`metrics/eval.json`, from a
@@ -29,17 +32,16 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
-import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
 import resnet
-from pipeline import cli, loader, tracking, trainer
+from pipeline import cli, loader, serving, shard, tracking, trainer
 from pipeline.cli import UsageError
 from pipeline.evaluate import best_trial, read_sweep, val_rank
 from pipeline.params import Params
@@ -61,15 +63,17 @@ def read_eval(metrics: str, trial: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(
             f"{path}: measured on the {evaluation.get('split')!r} split, expected 'test'; rerun `python -m pipeline.evaluate`"
         )
-    if evaluation.get("model_uri") != trial["checkpoint"]:
+    measured = (evaluation.get("mlflow_run_id"), evaluation.get("checkpoint_name"))
+    best = (trial["mlflow_run_id"], Path(trial["checkpoint"]).name)
+    if measured != best:
         raise UsageError(
-            f"{path}: figures of {evaluation.get('model_uri')}, not of the sweep's best trial {trial['checkpoint']}; "
-            "rerun `python -m pipeline.evaluate`"
+            f"{path}: figures of run {measured[0]} {measured[1]}, not of the sweep's best trial (run {best[0]} "
+            f"{best[1]}); rerun `python -m pipeline.evaluate`"
         )
     return evaluation
 
 
-def shards_dvc_hash(shards: str) -> str:
+def shards_dvc_hash() -> str:
     """The hash dvc.lock records for the shard stage's output, if the shards came from DVC."""
     lock = Path("dvc.lock")
     if not lock.is_file():
@@ -79,11 +83,10 @@ def shards_dvc_hash(shards: str) -> str:
 
 
 def description(
-    params: Params, trial: dict[str, Any], evaluation: dict[str, Any], manifest: dict[str, Any], side: int
+    params: Params, trial: dict[str, Any], evaluation: dict[str, Any], manifest: dict[str, Any], setup: serving.Setup
 ) -> str:
     spec = resnet.spec_for(resnet.model_name(params.model.arch, trial["depth"]))
     kind = "plain" if trial["shortcut"] == "none" else f"residual, shortcut option {trial['shortcut']}"
-    mean = ", ".join(f"{m:.4f}" for m in manifest["mean"])
     loss = trial.get("best_val_loss")
     return (
         f"{spec.depth}-layer ResNet ({kind}) trained on the {manifest['source']} shards.\n\n"
@@ -92,9 +95,8 @@ def description(
         f"{f', loss {loss:.4f}' if loss is not None else ''} on {manifest['splits']['val']['num_samples']} images.\n"
         f"Test (a split that chose nothing: the figure to report): top-1 error {evaluation['top1_error']:.2%}, "
         f"top-5 {evaluation['top5_error']:.2%} on {evaluation['num_samples']} images ({evaluation['crop']} crop).\n\n"
-        f"Input: float32 (N, 3, {side}, {side}), RGB scaled to [0, 1] minus the training mean ({mean}); "
-        f"`pipeline.transforms.prepare_batch` makes it from uint8 images.\n"
-        f"Output: logits over {len(manifest['classes'])} classes, in the manifest's order: "
+        f"{setup.describe()}\n"
+        f"Classes, in the order of `probabilities`: "
         f"{', '.join(manifest['classes'][:10])}{' ...' if len(manifest['classes']) > 10 else ''}."
     )
 
@@ -142,6 +144,49 @@ def settle_alias(client: mlflow.MlflowClient, name: str, alias: str, version: st
     return False, f"version {version} registered without the alias: {why}, which keeps '{alias}'"
 
 
+@contextmanager
+def keeping_times(client: mlflow.MlflowClient, run_id: str):
+    """Reopening a finished run (to log a model into it) moves its end time: put it back after,
+    so the run's duration stays its training's."""
+    info = client.get_run(run_id).info
+    try:
+        yield
+    finally:
+        client.set_terminated(run_id, info.status, end_time=info.end_time)
+
+
+def log_model_unmoved(client: mlflow.MlflowClient, trial: dict[str, Any], setup: serving.Setup, examples: list[bytes]):
+    """The trial's best checkpoint as the servable model, in the trial's run at its best epoch:
+    MLflow copies the run's metrics of that step (train and val, and the test figures evaluate
+    logged there) onto the logged model."""
+    net = trainer.model_from_checkpoint(trial["checkpoint"])
+    with keeping_times(client, trial["mlflow_run_id"]), mlflow.start_run(run_id=trial["mlflow_run_id"]):
+        return serving.log_model(net, setup, examples, step=trial.get("best_epoch", 0))
+
+
+def record_on_parent_run(client: mlflow.MlflowClient, trial: dict[str, Any], evaluation: dict[str, Any], model: str) -> None:
+    """The sweep's result on the sweep's own run, the one a person opens first. (Metrics and tags
+    do not reopen a run: its times stay.)"""
+    child = client.get_run(trial["mlflow_run_id"])
+    parent = child.data.tags.get("mlflow.parentRunId")
+    if parent is None:  # a run trained by `pipeline.train`, outside a sweep
+        return
+    for key, value in (("best_val_top1_error", trial["best_val_top1_error"]), ("test_top1_error", evaluation["top1_error"])):
+        client.log_metric(parent, key, value)
+    summary = (
+        f"Best trial: [{child.info.run_name}](#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}), "
+        f"val top-1 error {trial['best_val_top1_error']:.2%} (it chose the trial), test top-1 error "
+        f"{evaluation['top1_error']:.2%}; registered as {model}."
+    )
+    for key, value in {
+        "best_trial": child.info.run_name,
+        "best_trial_run_id": child.info.run_id,
+        "registered_model_version": model,
+        "mlflow.note.content": summary,
+    }.items():
+        client.set_tag(parent, key, value)
+
+
 def register(params: Params) -> dict[str, Any]:
     trial = best_trial(read_sweep(params.paths.reports))
     evaluation = read_eval(params.paths.metrics, trial)
@@ -151,12 +196,8 @@ def register(params: Params) -> dict[str, Any]:
     client = mlflow.MlflowClient(uri)
     name, alias = params.mlflow.registered_model, params.mlflow.alias
 
-    model = trainer.model_from_checkpoint(trial["checkpoint"])
-    side = trainer.val_image_side(params, manifest)
-    with mlflow.start_run(run_id=trial["mlflow_run_id"]):
-        info = mlflow.pytorch.log_model(
-            model, name="model", input_example=torch.zeros(2, 3, side, side).numpy(), serialization_format="pt2"
-        )
+    setup = serving.setup_of(params.model.arch, manifest, shard.Conversion.of(params.shard))
+    info = log_model_unmoved(client, trial, setup, serving.example_images(params.paths.shards, manifest))
     tags = {
         "depth": str(trial["depth"]),
         "shortcut": trial["shortcut"],
@@ -165,7 +206,7 @@ def register(params: Params) -> dict[str, Any]:
         "test_top1_error": repr(evaluation["top1_error"]),
         "test_top5_error": repr(evaluation["top5_error"]),
         "manifest_sha256": tracking.manifest_sha256(params.paths.shards),
-        "shards_dvc_md5": shards_dvc_hash(params.paths.shards),
+        "shards_dvc_md5": shards_dvc_hash(),
         "git_commit": tracking.git_commit(),
         "num_params": str(trial["num_params"]),
     }
@@ -173,8 +214,9 @@ def register(params: Params) -> dict[str, Any]:
         tags[VAL_LOSS_TAG] = repr(trial["best_val_loss"])
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(
-        name, version.version, description=description(params, trial, evaluation, manifest, side)
+        name, version.version, description=description(params, trial, evaluation, manifest, setup)
     )
+    record_on_parent_run(client, trial, evaluation, f"models:/{name}/{version.version}")
 
     moved, verdict = settle_alias(client, name, alias, str(version.version))
     champion = client.get_model_version_by_alias(name, alias)

@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 
 import resnet
-from pipeline import loader, recipe, tracking, transforms
+from pipeline import loader, recipe, serving, shard, tracking, transforms
 from pipeline.cli import UsageError
 from pipeline.params import Params
 
@@ -307,26 +307,11 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         # Once per run: a rerun of a finished run trains nothing and logs nothing new.
         if config["log_model"] and not tracking.has_logged_model(config["tracking_uri"], run_id):
-            log_final_model(net, side=val_image_side(params, manifest))
+            # The servable model (pipeline.serving), at the last epoch: it carries that epoch's metrics.
+            setup = serving.setup_of(arch, manifest, shard.Conversion.of(params.shard))
+            examples = serving.example_images(params.paths.shards, manifest)
+            serving.log_model(net, setup, examples, step=params.train.epochs - 1)
         mlflow.end_run()
-
-
-def val_image_side(params: Params, manifest: dict[str, Any]) -> int:
-    """The side of the images the net is evaluated on (224 for ImageNet-size nets)."""
-    one = loader.make_loader(
-        params.paths.shards, "val", transforms.eval_transform(params.model.arch),
-        batch_size=1, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
-    )  # fmt: skip
-    pixels, _ = next(iter(one))
-    return pixels.shape[-3]
-
-
-def log_final_model(net: torch.nn.Module, side: int) -> None:
-    """The trained net as an MLflow model: pickle-free (torch.export's pt2), with a signature
-    inferred from an input example of the val images' size (mean-subtracted NCHW floats)."""
-    model = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, 3, side, side).numpy()
-    mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
 
 
 def preflight(params: Params, manifest: dict[str, Any]) -> None:

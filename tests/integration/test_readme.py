@@ -27,37 +27,12 @@ from mlflow.tracking import MlflowClient
 from pipeline import params as params_module
 from tests.conftest import REPO
 from tests.integration.conftest import make_clone
+from tests.readme import bash, new_user_env, readme_block
 
 pytestmark = pytest.mark.slow
 
 # Small enough for a test; README's commands are run as they are, on these params.
 TINY = {"model": {"depth": 8}, "train": {"epochs": 1, "batch_size": 64, "checkpoints_to_keep": 1}}
-
-
-def fenced_blocks(text: str) -> list[str]:
-    return re.findall(r"^```[a-z]*\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
-
-
-def readme_block(needle: str) -> str:
-    """The one fenced block of README.md that contains `needle`."""
-    found = [b for b in fenced_blocks((REPO / "README.md").read_text()) if needle in b]
-    assert len(found) == 1, f"README.md has {len(found)} fenced blocks with {needle!r}"
-    return found[0]
-
-
-def new_user_env() -> dict[str, str]:
-    """A shell after the quick start: the project's venv exists but is not on PATH."""
-    venv_bin = str(Path(sys.executable).parent)
-    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != venv_bin)
-    drop = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "VIRTUAL_ENV", "RAY_AUTH_MODE")
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PATH": path}
-
-
-def bash(script: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", "-c", script], cwd=cwd, env=new_user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, timeout=timeout, check=False,
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

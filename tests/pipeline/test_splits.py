@@ -307,13 +307,16 @@ def test_the_best_trial_is_the_lowest_val_error_then_the_lowest_val_loss():
 
 
 def test_register_takes_only_the_test_figures_of_the_chosen_checkpoint(tmp_path):
-    trial = {"checkpoint": "/ckpt/b"}
-    (tmp_path / "eval.json").write_text(json.dumps({"split": "val", "model_uri": "/ckpt/b", "top1_error": 0.0}))
+    trial = {"checkpoint": "/ray/run-b/checkpoint_000004", "mlflow_run_id": "b"}
+    chosen = {"mlflow_run_id": "b", "checkpoint_name": "checkpoint_000004", "top1_error": 0.0}
+    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "val"}))
     with pytest.raises(UsageError, match="eval.json: measured on the 'val' split, expected 'test'; rerun"):
         register.read_eval(str(tmp_path), trial)
-    (tmp_path / "eval.json").write_text(json.dumps({"split": "test", "model_uri": "/ckpt/a", "top1_error": 0.0}))
-    with pytest.raises(UsageError, match="figures of /ckpt/a, not of the sweep's best trial /ckpt/b"):
+    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test", "checkpoint_name": "checkpoint_000003"}))
+    with pytest.raises(UsageError, match=r"figures of run b checkpoint_000003, not of the sweep's best trial \(run b checkpoint_000004\)"):
         register.read_eval(str(tmp_path), trial)
+    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test"}))
+    assert register.read_eval(str(tmp_path), trial)["checkpoint_name"] == "checkpoint_000004"
 
 
 NAME, ALIAS = "resnet-digits", "champion"
