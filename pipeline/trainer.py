@@ -304,6 +304,12 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"  {metrics['epoch_time_s']:.1f} s"
             )
 
+    if history and start_epoch >= params.train.epochs:
+        # Resumed after its last epoch was checkpointed but before whoever waits on this run took
+        # the result (a Ctrl-C in between): say the final result again, or a sweep would see a
+        # trial that never reported and count it unfinished.
+        ray.train.report(history[-1])
+
     if rank == 0:
         # Once per run: a rerun of a finished run trains nothing and logs nothing new.
         if config["log_model"] and not tracking.has_logged_model(config["tracking_uri"], run_id):

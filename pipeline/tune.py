@@ -140,7 +140,8 @@ def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, ep
         if result.error or history is None or "val_top1_error" not in history:
             out.append({"depth": config["depth"], "shortcut": config["shortcut"], "error": str(result.error)})
             continue
-        rows = history[history["val_top1_error"].notna()].sort_values("epoch")
+        # A trial resumed after its last epoch reports that epoch again (trainer.train_loop).
+        rows = history[history["val_top1_error"].notna()].drop_duplicates("epoch", keep="last").sort_values("epoch")
         run = mlflow.get_run(tracking.find_run(mlflow, experiment, f"{sweep}-{result.metrics['trial_id']}"))
         # The best epoch: the lowest val error, then the lowest val loss (the registry's tie rule,
         # pipeline.register); a run from before val_loss was recorded ranks by error alone.

@@ -112,7 +112,7 @@ def test_exp_show_and_plots_diff_compare_two_sweeps_trial_by_trial(clone):
     # The clone holds this checkout's pipeline (conftest's `clone`) and .gitignore, committed.
     shutil.copy2(REPO / ".gitignore", clone / ".gitignore")
     git(clone, "add", "-A")
-    git(clone, "commit", "-q", "-m", "this checkout's pipeline")
+    git(clone, "commit", "-q", "--allow-empty", "-m", "this checkout's pipeline")  # empty when all is committed
 
     runs = mlflow_runs(clone, list(BASELINE))  # the experiment's sweep reuses the first four
     write_inputs(clone, BASELINE, runs, failed_trials=[(56, "B")])
