@@ -132,20 +132,27 @@ def start_or_resume_run(
     run_name: str,
     extra_params: dict[str, Any],
     commit: str,
+    source: str,
     parent_run_id: str | None = None,
     display_name: str | None = None,
     omit: tuple[str, ...] = (),
 ) -> str:
     """The MLflow run of this training run: found by its name if an earlier attempt made it,
-    else created with the resolved config as params (less the keys in `omit`) and `commit`, the
-    code's git commit, which the stage's driver reads (`git_commit`): Ray's workers and Tune's
-    trials run in folders without the repository."""
+    else created with the resolved config as params (less the keys in `omit`), `source` (the
+    command that made it, e.g. "pipeline.tune") and `commit`, the code's git commit, which the
+    stage's driver reads (`git_commit`): Ray's workers and Tune's trials run in folders without
+    the repository. (MLflow's UI shows the commit beside the source, and only with one.)"""
     mlflow = client(uri)
     experiment = experiment_id(mlflow, params.mlflow.experiment)
     existing = find_run(mlflow, experiment, run_name)
     if existing:
         return existing
-    tags = {RUN_NAME_TAG: run_name, "mlflow.source.git.commit": commit}
+    tags = {
+        RUN_NAME_TAG: run_name,
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow.create_run(experiment, run_name=display_name or run_name, tags=tags)

@@ -34,6 +34,7 @@ def train(params: Params) -> dict:
             "run_name": run_name,
         },
         commit=tracking.git_commit(),
+        source="pipeline.train",
     )
     tracking.log_shards_input(uri, run_id, params.paths.shards, manifest_sha, manifest["source"])
     print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(uri)}", flush=True)

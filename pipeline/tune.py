@@ -91,6 +91,7 @@ def run_trial(config: dict[str, Any]) -> None:
         run_name,
         {"num_params": num_params, "manifest_sha256": config["manifest_sha256"], "trial_id": trial_id},
         commit=config["git_commit"],
+        source="pipeline.tune",
         parent_run_id=config["parent_run_id"],
         display_name=trial_label(params.model.arch, config["depth"], config["shortcut"]),
         omit=TRIAL_OMITS,
@@ -198,7 +199,7 @@ def sweep(params: Params) -> dict[str, Any]:
     uri = tracking.tracking_uri(params)
     commit = tracking.git_commit()
     parent = tracking.start_or_resume_run(
-        uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, omit=SWEEP_OMITS
+        uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, source="pipeline.tune", omit=SWEEP_OMITS
     )
     print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(uri)}", flush=True)
 

@@ -105,6 +105,7 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
     runs = client.search_runs([client.get_experiment_by_name("resnet").experiment_id])
     assert len(runs) == 3 and all(r.data.tags["mlflow.source.git.commit"] == commit for r in runs)
+    assert {r.data.tags["mlflow.source.name"] for r in runs} == {"pipeline.tune"}  # the UI shows the commit beside it
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.params["tune.depths"] == "[8]" and "model.depth" not in parent.data.params
     for trial_run in (r for r in runs if r is not parent):

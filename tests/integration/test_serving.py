@@ -52,8 +52,8 @@ def train_trial(params, root: Path, uri: str) -> dict:
     net = trainer.build_model(params, len(manifest["classes"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)
     schedule = recipe.schedule(params)
-    parent = tracking.start_or_resume_run(uri, params, "sweep-served", {}, commit="test", omit=("model.depth", "model.shortcut"))
-    child = tracking.start_or_resume_run(uri, params, "sweep-served-0", {"num_params": 0}, commit="test", parent_run_id=parent)
+    parent = tracking.start_or_resume_run(uri, params, "sweep-served", {}, commit="test", source="pipeline.tune", omit=("model.depth", "model.shortcut"))
+    child = tracking.start_or_resume_run(uri, params, "sweep-served-0", {"num_params": 0}, commit="test", source="pipeline.tune", parent_run_id=parent)
     client = MlflowClient(uri)
     for epoch in range(EPOCHS):
         batches = loader.make_loader(

@@ -89,20 +89,20 @@ def test_runs_are_found_again_by_names_with_quotes(repo, store):
     params = params_for(repo)
     client = tracking.client(store)
     experiment = tracking.experiment_id(client, params.mlflow.experiment)
-    created = {name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee") for name in NAMES}
+    created = {name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee", source="pipeline.train") for name in NAMES}
     assert len(set(created.values())) == len(NAMES)
     for name, run_id in created.items():
         assert tracking.find_run(client, experiment, name) == run_id, name
         assert client.get_run(run_id).data.tags[tracking.RUN_NAME_TAG] == name
         # A rerun of the same command resumes the run instead of making a second one.
-        assert tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee") == run_id
+        assert tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee", source="pipeline.train") == run_id
     assert tracking.find_run(client, experiment, 'it\'s "not" there') is None
     assert tracking.find_run(client, experiment, "not there") is None
 
 
 def test_the_logged_params_hold_no_password(repo, store):
     params = params_for(repo, "postgresql://mlflow:s3cret@db:5432/mlflow")
-    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1}, commit="c0ffee")
+    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1}, commit="c0ffee", source="pipeline.train")
     logged = tracking.client(store).get_run(run_id).data.params
     assert logged["mlflow.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
     assert logged["mlflow.experiment"] == params.mlflow.experiment and logged["extra"] == "1"
@@ -112,17 +112,17 @@ def test_the_logged_params_hold_no_password(repo, store):
 def test_a_run_records_the_commit_it_is_given_and_leaves_out_the_omitted_params(repo, store):
     params = params_for(repo)
     run_id = tracking.start_or_resume_run(
-        store, params, "a sweep", {"sweep": "a sweep"}, commit="0123abcd", omit=("model.depth", "model.shortcut")
+        store, params, "a sweep", {"sweep": "a sweep"}, commit="0123abcd", source="pipeline.tune", omit=("model.depth", "model.shortcut")
     )
     run = tracking.client(store).get_run(run_id)
-    assert run.data.tags["mlflow.source.git.commit"] == "0123abcd"
+    assert run.data.tags["mlflow.source.git.commit"] == "0123abcd" and run.data.tags["mlflow.source.name"] == "pipeline.tune"
     assert "model.depth" not in run.data.params and "model.shortcut" not in run.data.params
     assert run.data.params["tune.depths"] == str(params.tune.depths) and run.data.params["model.arch"] == params.model.arch
 
 
 def test_the_shards_are_the_runs_dataset_once_whatever_the_resumes(repo, store, tmp_path):
     params = params_for(repo)
-    run_id = tracking.start_or_resume_run(store, params, "a training run", {}, commit="c0ffee")
+    run_id = tracking.start_or_resume_run(store, params, "a training run", {}, commit="c0ffee", source="pipeline.train")
     sha = "ab" * 32
     for _ in range(2):  # a resumed run logs it again
         tracking.log_shards_input(store, run_id, str(tmp_path / "shards"), sha, "digits")
