@@ -164,19 +164,23 @@ def post(port: int, images: list[bytes]) -> tuple[int, dict]:
 
 
 def first_json_line(process: subprocess.Popen, timeout: float) -> str:
-    """README's curl prints the server's answer once the server is up: the first line that is JSON."""
-    deadline, seen = time.monotonic() + timeout, []
+    """README's curl prints the server's answer once the server is up: the first line that is JSON.
+    Read with os.read, not readline: a buffered reader can hold the answer that arrived in the
+    same chunk as the server's log line while select() waits on an empty pipe."""
+    deadline, buffer = time.monotonic() + timeout, b""
+    fd = process.stdout.fileno()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 1)
+        ready, _, _ = select.select([fd], [], [], 1)
         if not ready:
             continue
-        line = process.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
             break
-        if line.startswith("{"):
-            return line
-        seen.append(line)
-    raise AssertionError("no answer from README's curl:\n" + "".join(seen[-30:]))
+        buffer += chunk
+        for line in buffer.decode(errors="replace").splitlines(keepends=True):
+            if line.startswith("{") and line.endswith("\n"):
+                return line
+    raise AssertionError("no answer from README's curl:\n" + buffer.decode(errors="replace")[-3000:])
 
 
 def test_the_served_champion_answers_real_digits_over_http(project):
@@ -185,7 +189,7 @@ def test_the_served_champion_answers_real_digits_over_http(project):
     port = 5001  # README's
     server = subprocess.Popen(
         ["bash", "-c", readme_block("mlflow models serve")],
-        cwd=project, env=new_user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=project, env=new_user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         answer = json.loads(first_json_line(server, timeout=300))["predictions"][0]
