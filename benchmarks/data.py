@@ -32,6 +32,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from pipeline import loader, params, shard, sources, transforms
+from pipeline.images import Conversion, to_rgb_jpeg
+from pipeline.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 BATCH = 64
@@ -74,12 +76,12 @@ def timed(fn) -> float:
 
 def shard_writer_loop(files: list[Path], out: Path, check: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    conversion = shard.Conversion.of(params.load(REPO / "params.yaml").shard)
+    conversion = Conversion.of(params.load(REPO / "params.yaml").shard)
     with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=1000, verbose=0) as sink:
         for i, path in enumerate(files):
             data = path.read_bytes()
             if check:
-                data = shard.to_rgb_jpeg(data, conversion).jpeg
+                data = to_rgb_jpeg(data, conversion).jpeg
             sink.write({"__key__": f"s{i:06d}", "jpg": data, "cls": b"0"})
 
 
@@ -205,7 +207,7 @@ def read_into_page_cache(paths: list[Path]) -> None:
 
 
 def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> dict:
-    mean = loader.read_manifest(str(shards))["mean"]
+    mean = read_manifest(str(shards))["mean"]
     # The shard runs before leave a gigabyte of files to write back, which this machine does
     # 30 s later, in the middle of the first comparison here.
     os.sync()

@@ -4,14 +4,14 @@
 
 On the same generated 500x375 JPEGs as benchmarks/data.py (one thread, milliseconds per image):
 - reading the samples from a shard (in the page cache): WebDataset's `tarfile_to_samples`
-  (tarfile's stream mode) vs the loader's reader (`loader.tar_samples`, one read per member);
+  (tarfile's stream mode) vs the loader's reader (`tar_samples`, one read per member);
 - decode: PIL's decode of the whole image vs `jpegcrop`'s decode of a training crop's region
   (the paper's scale augmentation: a random short side in [256, 480], a 224 crop);
 - resize of that region to 224x224: PIL's bilinear vs torch's antialiased bilinear on uint8;
 - stacking a batch of 64 resized crops: torch's result in channel planes (what a (1, 3, H, W)
   view with a batch stride of 3 gets) vs in HWC rows (what `transforms.decode_resized` asks for);
 - collating that batch in a DataLoader worker: into a fresh shared-memory segment (DataLoader's
-  default) vs into a reused one (`loader.BatchBuffers`);
+  default) vs into a reused one (`BatchBuffers`);
 - the colour step of a batch of 64 (`transforms.prepare_batch`): into a fresh float batch vs
   into the previous batch's buffer.
 """
@@ -32,7 +32,8 @@ from PIL import Image
 
 import jpegcrop
 from benchmarks.data import BATCH, photo_like
-from pipeline import loader, transforms
+from pipeline import transforms
+from pipeline.tars import tar_samples
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN = (0.48, 0.45, 0.40)
@@ -58,7 +59,7 @@ def ms_per_sample_read(jpegs: list[bytes]) -> dict[str, float]:
 
         return {
             "webdataset_tarfile_to_samples": ms_per_call(read(wds.tarfile_to_samples()), 10) / len(jpegs),
-            "one_read_per_member": ms_per_call(read(loader.tar_samples), 10) / len(jpegs),
+            "one_read_per_member": ms_per_call(read(tar_samples), 10) / len(jpegs),
         }
 
 

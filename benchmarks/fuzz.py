@@ -6,8 +6,8 @@ loader's cropped JPEG decode.
     python -m benchmarks.fuzz --seed 0 --replay 41 [--save case41.bin]   # one case, here
 
 The contract:
-(a) `pipeline.shard.to_rgb_jpeg`, for ANY bytes, returns a sample (a baseline RGB JPEG that the
-    loader reads at the size the sample reports) or raises `shard.Rejected` with the reason.
+(a) `pipeline.images.to_rgb_jpeg`, for ANY bytes, returns a sample (a baseline RGB JPEG that the
+    loader reads at the size the sample reports) or raises `images.Rejected` with the reason.
     Anything else that escapes ends a shard worker, and with it the stage.
 (b) The loader's decode functions (the header reader `jpegcrop.size`, `transforms.decode`, the
     ImageNet train crop, the eval centre crop and 10-crop), for any mutated JPEG, return a
@@ -57,7 +57,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageCms
 
-from pipeline import params, shard
+from pipeline import images, params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,15 +67,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @functools.cache
-def conversion(loose: bool) -> shard.Conversion:
+def conversion(loose: bool) -> images.Conversion:
     """The stage's limits (params.yaml); loose: min_side 1, so 1x1..7x7 images reach the
     decoders, and max_side 48, so larger ones go through the shrinking path."""
-    limits = shard.Conversion.of(params.load(REPO / "params.yaml").shard)
+    limits = images.Conversion.of(params.load(REPO / "params.yaml").shard)
     return dataclasses.replace(limits, min_side=1, max_side=48) if loose else limits
 
 
-def to_rgb_jpeg(data: bytes, loose: bool) -> shard.Prepared:
-    return shard.to_rgb_jpeg(data, conversion(loose))
+def to_rgb_jpeg(data: bytes, loose: bool) -> images.Prepared:
+    return images.to_rgb_jpeg(data, conversion(loose))
 
 
 # --- seed images --------------------------------------------------------------------------------
@@ -552,7 +552,7 @@ def first_frame(data: bytes) -> tuple[int, int, int, int, int] | None:
     return None
 
 
-def output_problem(prepared: shard.Prepared, loose: bool) -> tuple[str, str] | None:
+def output_problem(prepared: images.Prepared, loose: bool) -> tuple[str, str] | None:
     """What is wrong with a sample, if anything, as (kind, message): it must be a baseline (SOF0)
     8-bit, 3-component JPEG, of the size it reports and within max_side, that the loader's
     decoder reads. Arithmetic-coded (SOF9) or extended (SOF1) JPEGs are not baseline: decoders
@@ -590,7 +590,7 @@ def check_conversion(case: Case, show: bool = False) -> dict[str, Any]:
     """Part (a). show: print the traceback of an escaped exception (a replay)."""
     try:
         prepared = to_rgb_jpeg(case.data, case.loose)
-    except shard.Rejected as e:
+    except images.Rejected as e:
         return {"outcome": "rejected", "detail": reason_category(str(e)), "message": str(e)[:300]}
     except KeyboardInterrupt:
         raise

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import loader, params, shard, tracking, trainer, transforms
+from pipeline.manifest import read_manifest
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def plain_loop(p, epochs: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
-    manifest = loader.read_manifest(p.paths.shards)
+    manifest = read_manifest(p.paths.shards)
     torch.manual_seed(p.train.seed)
     model = trainer.build_model(p, len(manifest["classes"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)

@@ -6,19 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pipeline.params import Params
-
-
-class UsageError(Exception):
-    """Bad input from the user (params, paths, data): reported as one line, exit code 2."""
+from pipeline import params
+from pipeline.errors import UsageError
+from pipeline.params import Params
 
 
 def parse(stage: str, description: str, argv: Sequence[str] | None = None) -> Params:
-    from pipeline import params  # params imports this module for UsageError
-
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument(

@@ -13,45 +13,23 @@ figures into the best trial's MLflow run.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline import cli, loader, tracking, trainer, transforms
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
+from pipeline.files import write_json_atomic
+from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.shard import write_json_atomic
-
-
-def read_sweep(reports: str) -> list[dict[str, Any]]:
-    path = Path(reports) / "sweep.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; run `python -m pipeline.tune` first") from None
-
-
-def val_rank(error: float, loss: float | None) -> tuple[float, float]:
-    """How val results order, best first: the lower top-1 error, then, on a tie, the lower
-    cross-entropy loss. A few hundred val images can all be right, and then the error alone
-    cannot tell two models apart. A loss not recorded (runs from before it was) ranks last."""
-    return error, math.inf if loss is None else loss
-
-
-def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    finished = [t for t in trials if "error" not in t and t.get("checkpoint")]
-    if not finished:
-        raise UsageError("the sweep has no finished trial with a checkpoint")
-    return min(finished, key=lambda t: val_rank(t["best_val_top1_error"], t.get("best_val_loss")))
+from pipeline.records import best_trial, read_sweep
 
 
 def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str = "test") -> dict[str, Any]:
     """Errors of a checkpoint's model on every sample of a split, in one process."""
     model = trainer.model_from_checkpoint(checkpoint)
-    manifest = loader.read_manifest(params.paths.shards)
+    manifest = read_manifest(params.paths.shards)
     batch_size = 64 if crop == "single" else 8
     info = manifest["splits"][split]
     if info["num_samples"] == 0:

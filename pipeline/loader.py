@@ -15,161 +15,23 @@ Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those th
 
 from __future__ import annotations
 
-import io
-import json
-import math
 import random
-import tarfile
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
 from typing import Any
 
-import fsspec
 import torch
 import webdataset as wds
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.data import DataLoader, default_collate, get_worker_info
-from webdataset.gopen import gopen_schemes
-from webdataset.tariterators import group_by_keys, url_opener
+from torch.utils.data import DataLoader, get_worker_info
 
-from pipeline.cli import UsageError
+from pipeline.buffers import BatchBuffers
+from pipeline.errors import UsageError
+from pipeline.manifest import read_manifest, shard_list
+from pipeline.tars import tar_samples, whole_shards
 from pipeline.transforms import Transform
 
-MANIFEST = "manifest.json"
-# 2: a test split beside train and val (schema 1 had train and val, and val both chose and scored)
-SCHEMA = 2
 SHUFFLE_BUFFER = 1000
-
-
-def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    return fsspec.open(url, mode).open()
-
-
-# WebDataset's own openers cover files, pipes, http and gs; object stores go through fsspec.
-for _scheme in ("s3", "gcs", "az", "abfs"):
-    gopen_schemes[_scheme] = _open_with_fsspec
-
-
-# manifest.json as every stage that reads it relies on it. The shard stage writes it; one edited
-# by hand, cut short or written by something else is refused when it is read, in one line that
-# names the key, rather than as a KeyError in a Ray worker a minute later. Types are strict (a
-# count of "12" or true is an error, not 12 or 1): the stages go on reading the dict itself.
-# Keys beyond these are allowed: the shard stage adds notes (class_names, a source's own) that
-# no stage needs.
-
-
-class _ManifestPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
-
-
-class ManifestShard(_ManifestPart):
-    # Relative to the shards folder, and inside it: the loader joins it onto the folder's URL.
-    name: str = Field(pattern=r"^[\w-]+/[\w.-]+\.tar$")
-    num_samples: int = Field(ge=0)
-    bytes: int = Field(ge=0)  # `verify` compares the file with these two
-    sha256: str
-
-
-class ImageSize(_ManifestPart):
-    """The sides of a split's images, in pixels; `uniform` is [width, height] when every image
-    has that size, else null."""
-
-    min_side: int = Field(ge=1)
-    max_side: int = Field(ge=1)
-    uniform: list[int] | None = Field(min_length=2, max_length=2)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ImageSize:
-        if self.min_side > self.max_side:
-            raise ValueError(f"min_side {self.min_side} is over max_side {self.max_side}")
-        if self.uniform is not None and not (min(self.uniform) == self.min_side and max(self.uniform) == self.max_side):
-            raise ValueError(
-                f"uniform {self.uniform} disagrees with min_side {self.min_side}, max_side {self.max_side}"
-            )
-        return self
-
-
-class ManifestSplit(_ManifestPart):
-    num_samples: int = Field(ge=0)
-    shards: list[ManifestShard]
-    rejected: list[Any]
-    converted: list[Any]
-    # null for a split without images; absent from manifests written before sizes were recorded
-    image_size: ImageSize | None = None
-
-
-class Manifest(_ManifestPart):
-    source: str
-    classes: list[str] = Field(min_length=1)  # the net's outputs, in label order
-    mean: list[float] = Field(min_length=3, max_length=3)  # per channel, subtracted from every image
-    splits: dict[str, ManifestSplit]
-
-    @field_validator("splits")
-    @classmethod
-    def _train_val_and_test(cls, splits: dict[str, ManifestSplit]) -> dict[str, ManifestSplit]:
-        for split in ("train", "val", "test"):
-            if split not in splits:
-                raise ValueError(f"no {split!r} split; the shard stage writes train, val and test")
-        return splits
-
-
-def read_manifest(shards: str) -> dict[str, Any]:
-    """The shards' manifest.json, checked against `Manifest`; any problem is one UsageError
-    line that names the file (and the key)."""
-    url = f"{shards.rstrip('/')}/{MANIFEST}"
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{url}: missing; run `python -m pipeline.shard` first") from None
-    except IsADirectoryError:
-        raise UsageError(f"{url}: a folder, not a file; run `python -m pipeline.shard` to write the shards") from None
-    except NotADirectoryError:
-        raise UsageError(f"{url}: {shards} is a file, not a folder of shards (paths.shards)") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{url}: not a text file (byte {e.start} is not UTF-8)") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise UsageError(f"{url}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise UsageError(f"{url}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(manifest, dict):
-        raise UsageError(f"{url}: a JSON {type(manifest).__name__}, expected an object")
-    if "schema" not in manifest:
-        raise UsageError(f"{url}: schema: missing key; expected {SCHEMA}")
-    schema = manifest["schema"]
-    if type(schema) is int and 1 <= schema < SCHEMA:  # `type`: JSON's true is no schema 1
-        # Shards of an older shard stage (schema 1: no test split): the stage replaces them.
-        raise UsageError(
-            f"{url}: schema {schema}, expected {SCHEMA}; rerun the shard stage (`python -m pipeline.shard`)"
-        )
-    if type(schema) is not int or schema != SCHEMA:
-        raise UsageError(f"{url}: schema: {schema!r}, expected {SCHEMA}")
-    try:
-        Manifest.model_validate(manifest)
-    except ValidationError as e:
-        raise UsageError(f"{url}: {manifest_problem(e.errors()[0])}") from None
-    return manifest
-
-
-def manifest_problem(error: dict[str, Any]) -> str:
-    """One pydantic error as `dotted.key: what is wrong (got value)`."""
-    key = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "missing":
-        return f"{key}: missing key"
-    message = error["msg"].removeprefix("Value error, ")
-    value = error["input"]
-    if isinstance(value, (dict, list)):  # a whole section: its key says enough
-        return f"{key}: {message}"
-    shown = repr(value)
-    return f"{key}: {message} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
-
-
-def shard_list(shards: str, manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
-    """(url, number of samples) of each shard of a split, in manifest order."""
-    root = shards.rstrip("/")
-    return [(f"{root}/{s['name']}", s["num_samples"]) for s in manifest["splits"][split]["shards"]]
 
 
 def epoch_order(shards: list[tuple[str, int]], seed: int, epoch: int) -> list[tuple[str, int]]:
@@ -273,77 +135,6 @@ def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, 
         raise ValueError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}") from None
 
 
-# The largest tar member read into memory (by the loader, and by `verify`). A member is read
-# whole, and its header alone says how large it is: a shard someone else wrote can claim 16 GiB
-# in a member that holds a few bytes. The shard stage writes nothing near this: a JPEG passed
-# through is at most shard.max_bytes (64 MiB by default), and one it re-encodes has at most
-# transforms.MAX_PIXELS pixels, ~180 MB even for pure noise at quality 100 (2 bytes a pixel).
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
-
-
-def member_refusal(member: tarfile.TarInfo) -> str | None:
-    """Why a regular tar member must not be read, or None. A sparse member (a GNU tar
-    extension) stores only its data blocks and reads back as its full size with the holes
-    zero-filled: 250 KB in the tar can read as 16 GiB. The shard stage never writes one."""
-    if member.issparse():
-        return f"a sparse file, {member.size} bytes once its holes are filled; shards hold no sparse files"
-    if member.size > MAX_MEMBER_BYTES:
-        return f"{member.size} bytes, over the limit of {MAX_MEMBER_BYTES} bytes for a member"
-    return None
-
-
-def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
-    """WebDataset's `tar_file_expander`, reading each member in one piece: WebDataset opens every
-    tar in tarfile's stream mode, which copies a member 10 KiB at a time, a tenth of a JPEG's
-    decode. Files and object stores (fsspec) seek; a pipe is read as a stream. A member
-    `member_refusal` refuses is an error, before any of it is read."""
-    for source in sources:
-        url, stream = source["url"], source["stream"]
-        try:
-            seekable = isinstance(stream, io.IOBase) and stream.seekable()  # WebDataset's Pipe is neither
-            with stream, tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
-                for member in tar:
-                    if member.isreg():
-                        refusal = member_refusal(member)
-                        if refusal:
-                            raise ValueError(
-                                f"{url}: {member.name}: {refusal}; check the shards with `python -m pipeline.verify`"
-                            )
-                        yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
-                    tar.members = []  # the headers read so far, which tarfile would keep to the end
-        except (tarfile.TarError, EOFError) as error:
-            raise ValueError(
-                f"{url}: not a readable tar ({error}); check the shards with `python -m pipeline.verify`"
-            ) from None
-        yield {}  # a shard's end: WebDataset's group_by_keys never joins members of two shards
-
-
-def tar_samples(urls: Iterator[dict]) -> Iterator[dict]:
-    """Shard URLs -> samples: `wds.tarfile_to_samples` with `tar_members` as its reader."""
-    return group_by_keys(tar_members(url_opener(urls)))
-
-
-def whole_shards(samples: Iterator[dict], counts: dict[str, int]) -> Iterator[dict]:
-    """Every shard's samples, and an error at a shard that ends short of its manifest count.
-    tarfile reads a tar cut off at a member's header as a shorter tar, and a rank left short of
-    batches would hang the others in all-reduce."""
-    url, seen = None, 0
-    for sample in samples:
-        if sample["__url__"] != url:
-            _check_count(url, seen, counts)
-            url, seen = sample["__url__"], 0
-        seen += 1
-        yield sample
-    _check_count(url, seen, counts)
-
-
-def _check_count(url: str | None, seen: int, counts: dict[str, int]) -> None:
-    if url is not None and seen != counts[url]:
-        raise ValueError(
-            f"{url}: {seen} samples, the manifest says {counts[url]}; check the shards with `python -m pipeline.verify`"
-        )
-
-
 def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
     """`wds.split_by_node` with the rank fixed when the pipeline is built: split_by_node asks
     torch.distributed from inside the DataLoader worker, where the process group of the
@@ -362,76 +153,6 @@ def take_quota(samples: Iterator[dict], quotas: list[int], batch_size: int) -> I
     is done, not mid-batch, when the training process has its last batch."""
     info = get_worker_info()
     return islice(samples, quotas[info.id if info else 0] * batch_size)
-
-
-class BatchBuffers:
-    """Shared-memory batch buffers that each DataLoader worker fills again and again.
-
-    DataLoader's default collate stacks every batch into a new shared-memory segment, and
-    writing a fresh segment costs a page fault per 4 KiB: on these machines as much as a
-    quarter of the JPEG decode. Here each worker stacks into one of its own buffers instead,
-    taking one whose previous batch the training process has let go of. The training process
-    keeps a weak reference to each batch's storage and marks the buffer free once no tensor
-    (nor any view of one) holds it, so a batch stays valid for as long as anything uses it.
-    A worker that finds no buffer free maps another, up to `per_worker`, and past that stacks
-    into a fresh segment as DataLoader does.
-    """
-
-    def __init__(self, num_workers: int, per_worker: int) -> None:
-        self.num_workers, self.per_worker = num_workers, per_worker
-        self.busy = self._new_flags()
-        self.storages: dict[int, torch.UntypedStorage] = {}  # in a worker: its buffers
-        self.held: list[tuple[torch.Tensor, int, StorageWeakRef]] = []  # in the training process
-
-    def _new_flags(self) -> torch.Tensor:
-        return torch.zeros(self.num_workers, self.per_worker, dtype=torch.uint8).share_memory_()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """For workers started by pickling (spawn, forkserver): the shared flags, none of the
-        training process's weak references, which mean nothing in another process."""
-        return {**self.__dict__, "storages": {}, "held": []}
-
-    def start_pass(self) -> None:
-        """Before a pass's workers start: fresh flags, which the batches still held from an
-        earlier pass, whose buffers belonged to workers that are gone, never touch."""
-        self.busy = self._new_flags()
-
-    def collate(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """In a worker: (images, labels, buffer), the buffer -1 for a batch in a segment of its own."""
-        images = [image for image, _ in samples]
-        labels = torch.tensor([label for _, label in samples])
-        shape = (len(images), *images[0].shape)
-        numel = math.prod(shape)
-        worker = get_worker_info().id
-        index = self._take_free(worker, numel * images[0].element_size())
-        if index < 0:
-            return default_collate(images), labels, -1
-        out = torch.empty(0, dtype=images[0].dtype).set_(self.storages[index])[:numel].view(shape)
-        torch.stack(images, out=out)
-        return out, labels, worker * self.per_worker + index
-
-    def _take_free(self, worker: int, nbytes: int) -> int:
-        for index in range(self.per_worker):
-            if not self.busy[worker, index]:
-                if index not in self.storages or self.storages[index].nbytes() < nbytes:
-                    self.storages[index] = torch.UntypedStorage(nbytes).share_memory_()
-                self.busy[worker, index] = 1
-                return index
-        return -1
-
-    def received(self, images: torch.Tensor, buffer: int) -> None:
-        """In the training process: a batch arrived in `buffer`; free it once nothing holds it."""
-        if buffer >= 0:
-            self.held.append((self.busy, buffer, StorageWeakRef(images.untyped_storage())))
-
-    def release(self) -> None:
-        still_held = []
-        for busy, buffer, batch in self.held:
-            if batch.expired():
-                busy.view(-1)[buffer] = 0
-            else:
-                still_held.append((busy, buffer, batch))
-        self.held = still_held
 
 
 class Batches:

@@ -26,8 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.cli import UsageError
-from pipeline.loader import MANIFEST, SCHEMA
+from pipeline.errors import UsageError
+from pipeline.manifest import MANIFEST, SCHEMA
 
 # --- where the output goes -------------------------------------------------------------------
 
@@ -163,28 +163,6 @@ def locked(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
-        os.close(fd)
-
-
-# --- complete files only ---------------------------------------------------------------------
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk, so that renaming it to its final name never
-    publishes a name whose data a crash can still lose."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (the renames into it) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
         os.close(fd)
 
 

@@ -22,12 +22,31 @@ from pydantic import (
 )
 
 import resnet
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 IMAGENET_DEPTHS = tuple(spec.depth for spec in resnet.SPECS.values())
 # data.seed goes to scikit-learn's train_test_split, whose random_state (numpy's) takes 0 to
 # 2**32 - 1; train.seed goes to torch, which takes more, but one range for both is one rule.
 MAX_SEED = 2**32 - 1
+
+# Params that say how and where a run executes, not which experiment it is: how many processes
+# and which device (these change the arithmetic, e.g. BatchNorm's per-rank batches, bf16, the
+# order samples meet in, but not the recipe), retries, checkpoints kept, names. Changing them
+# neither renames a run or a sweep, so a rerun resumes, nor makes DVC rerun `tune`: dvc.yaml
+# lists every other key of these sections (tests/test_dvc_yaml.py holds the two together).
+EXECUTION_KEYS = {
+    "train": (
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "loader_workers",
+        "compile",
+        "max_failures",
+        "checkpoints_to_keep",
+        "run_name",
+    ),
+    "tune": ("max_concurrent_trials", "name"),
+}
 
 
 class ParamsError(UsageError):

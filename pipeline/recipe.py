@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.params import Params
 
 REFERENCE_BATCH = {"cifar": 128, "imagenet": 256}

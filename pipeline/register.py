@@ -16,7 +16,7 @@ Tags: `val_top1_error`, `val_top5_error`, `val_loss` (the best epoch's) and `tes
 `test_top5_error`; the description says which is which.
 
 The alias `mlflow.alias` moves to the new version only when it beats the version holding the
-alias, in this order (`pipeline.evaluate.val_rank`):
+alias, in this order (`pipeline.records.val_rank`):
 1. the lower val top-1 error wins;
 2. on equal val top-1 errors, the lower val cross-entropy loss at the best epoch wins (a few
    hundred val images can all be right: with the error alone, a champion at 0 errors could
@@ -41,11 +41,13 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import resnet
-from pipeline import cli, loader, serving, shard, tracking, trainer
-from pipeline.cli import UsageError
-from pipeline.evaluate import best_trial, read_sweep, val_rank
+from pipeline import cli, serving, tracking, trainer
+from pipeline.errors import UsageError
+from pipeline.files import write_json_atomic
+from pipeline.images import Conversion
+from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.shard import write_json_atomic
+from pipeline.records import best_trial, read_sweep, val_rank
 
 VAL_ERROR_TAG = "val_top1_error"
 VAL_LOSS_TAG = "val_loss"
@@ -190,13 +192,13 @@ def record_on_parent_run(client: mlflow.MlflowClient, trial: dict[str, Any], eva
 def register(params: Params) -> dict[str, Any]:
     trial = best_trial(read_sweep(params.paths.reports))
     evaluation = read_eval(params.paths.metrics, trial)
-    manifest = loader.read_manifest(params.paths.shards)
+    manifest = read_manifest(params.paths.shards)
     uri = tracking.tracking_uri(params)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     name, alias = params.mlflow.registered_model, params.mlflow.alias
 
-    setup = serving.setup_of(params.model.arch, manifest, shard.Conversion.of(params.shard))
+    setup = serving.setup_of(params.model.arch, manifest, Conversion.of(params.shard))
     info = log_model_unmoved(client, trial, setup, serving.example_images(params.paths.shards, manifest))
     tags = {
         "depth": str(trial["depth"]),

@@ -44,9 +44,9 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline import cli, outputs, tracking
-from pipeline.cli import UsageError
+from pipeline import cli, files, tracking
 from pipeline.params import Params
+from pipeline.records import read_sweep
 
 # Paper, Table 6: CIFAR-10 test error (%) of the residual nets (option A).
 PAPER_CIFAR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -518,18 +518,6 @@ def curve_csv(trial: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, flushed to disk, then rename (as pipeline.shard's
-    write_json_atomic does for JSON): DVC, Git or a rerun after a crash never sees half a file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    outputs.fsync_dir(path.parent)
-
-
 def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
     """`out/curves/`, one CSV per finished trial with a curve, replaced as a whole: the new files
     are written into a staging folder that then takes the old one's place, so a trial that an
@@ -541,12 +529,12 @@ def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
     staging.mkdir()
     for t in trials:
         if "error" not in t and t.get("curve") and t["curve"]["epoch"]:
-            write_text_atomic(staging / f"{trial_key(t['depth'], t['shortcut'])}.csv", curve_csv(t))
+            files.write_text_atomic(staging / f"{trial_key(t['depth'], t['shortcut'])}.csv", curve_csv(t))
     # A folder cannot be renamed onto a folder that holds files: move the old one aside first.
     if final.exists():
         os.replace(final, previous)
     os.replace(staging, final)
-    outputs.fsync_dir(out)
+    files.fsync_dir(out)
     shutil.rmtree(previous, ignore_errors=True)
 
 
@@ -602,16 +590,6 @@ def results_table(
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def read_sweep(reports: str) -> list[dict[str, Any]]:
-    """reports/sweep.json. Read here rather than with pipeline.evaluate's reader: importing that
-    module imports the trainer, and with it Ray, which the report has no use for."""
-    path = Path(reports) / "sweep.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; run `python -m pipeline.tune` first") from None
-
-
 def read_optional(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -631,12 +609,12 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     finished = [t for t in trials if "error" not in t]
     results = claims(trials)
-    write_text_atomic(out / "claims.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(out / TRIALS_METRICS, json.dumps(trial_metrics(trials), indent=1) + "\n")
+    files.write_text_atomic(out / "claims.json", json.dumps(results, indent=1) + "\n")
+    files.write_text_atomic(out / TRIALS_METRICS, json.dumps(trial_metrics(trials), indent=1) + "\n")
     write_curves(out, trials)
     plot_curves(finished, out / "curves.png")
     plot_final_errors(finished, baseline, out / "final_errors.png")
-    write_text_atomic(out / "results.md", results_table(params, trials, evaluation, registry, baseline))
+    files.write_text_atomic(out / "results.md", results_table(params, trials, evaluation, registry, baseline))
     return results
 
 

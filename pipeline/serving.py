@@ -9,7 +9,7 @@ MLflow sends binary columns. Output: a row per image with `class` (the index), `
 name, in the manifest's order) and `probabilities` (the softmax over the classes).
 
 Each image takes the path a training image took: the shard stage's checks and conversion to an
-RGB JPEG (`shard.to_rgb_jpeg`, with the run's `shard.*` limits), for CIFAR-size nets a bilinear
+RGB JPEG (`to_rgb_jpeg`, with the run's `shard.*` limits), for CIFAR-size nets a bilinear
 resize to the training images' size first (how the digits were rendered from 8x8: a 8x8 digit
 upsampled any other way loses points), then the loader's eval transform and `prepare_batch`'s
 mean subtraction. The network inside is `torch.export`'s pt2 of the trained net: no pickle.
@@ -39,7 +39,8 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from pipeline import shard, transforms
+from pipeline import transforms
+from pipeline.images import Conversion, Rejected, rgb_of, to_rgb_jpeg
 
 NETWORK = "network.pt2"
 SETUP = "setup.json"
@@ -54,7 +55,7 @@ class Setup:
     image_size: tuple[int, int] | None  # cifar: the training images' (width, height)
     mean: tuple[float, float, float]  # the training images' channel means, in [0, 1]
     classes: tuple[str, ...]  # the labels, in the order of the net's outputs
-    conversion: shard.Conversion  # the shard stage's checks and JPEG conversion
+    conversion: Conversion  # the shard stage's checks and JPEG conversion
 
     def describe(self) -> str:
         """The input, in one line (the registered version's description)."""
@@ -65,7 +66,7 @@ class Setup:
         )
 
 
-def setup_of(arch: str, manifest: dict[str, Any], conversion: shard.Conversion) -> Setup:
+def setup_of(arch: str, manifest: dict[str, Any], conversion: Conversion) -> Setup:
     size = manifest["splits"]["train"].get("image_size") or {}
     uniform = tuple(size["uniform"]) if arch == "cifar" and size.get("uniform") else None
     return Setup(arch, uniform, tuple(manifest["mean"]), tuple(manifest["classes"]), conversion)
@@ -83,15 +84,15 @@ def png(image: Image.Image) -> bytes:
 
 
 def as_training_jpeg(data: bytes, setup: Setup) -> bytes:
-    """An encoded image as the shard stage would have stored it for this net; `shard.Rejected`
+    """An encoded image as the shard stage would have stored it for this net; `Rejected`
     names what is wrong with one it would have rejected."""
-    checked = shard.to_rgb_jpeg(data, setup.conversion)
+    checked = to_rgb_jpeg(data, setup.conversion)
     if setup.image_size is None or checked.size == setup.image_size:
         return checked.jpeg
     # Resized from the original, losslessly passed on: one JPEG encoding, as the stage made one.
     with Image.open(io.BytesIO(data)) as image:
-        resized = shard.rgb_of(image).resize(setup.image_size, Image.Resampling.BILINEAR)
-    return shard.to_rgb_jpeg(png(resized), setup.conversion).jpeg
+        resized = rgb_of(image).resize(setup.image_size, Image.Resampling.BILINEAR)
+    return to_rgb_jpeg(png(resized), setup.conversion).jpeg
 
 
 def pixels_of(images: list[Any], setup: Setup) -> torch.Tensor:
@@ -103,7 +104,7 @@ def pixels_of(images: list[Any], setup: Setup) -> torch.Tensor:
             raise bad_input(f"{INPUT_COLUMN}[{i}]: expected encoded image bytes, got {type(data).__name__}")
         try:
             out.append(transform(as_training_jpeg(bytes(data), setup)))
-        except shard.Rejected as e:
+        except Rejected as e:
             raise bad_input(f"{INPUT_COLUMN}[{i}]: {e}") from None
     return torch.stack(out)
 
@@ -111,7 +112,7 @@ def pixels_of(images: list[Any], setup: Setup) -> torch.Tensor:
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         raw = json.loads(Path(context.artifacts["setup"]).read_text())
-        raw["conversion"] = shard.Conversion(**raw["conversion"])
+        raw["conversion"] = Conversion(**raw["conversion"])
         raw["image_size"] = tuple(raw["image_size"]) if raw["image_size"] else None
         self.setup = Setup(**{**raw, "mean": tuple(raw["mean"]), "classes": tuple(raw["classes"])})
         self.network = torch.export.load(context.artifacts["network"]).module()

@@ -26,170 +26,27 @@ keeps a second run out, and a link is written through.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
 import shutil
 import sys
-import warnings
 from collections.abc import Iterable
 from concurrent.futures import as_completed
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import cli, outputs, sources
-from pipeline.cli import UsageError
-from pipeline.loader import MANIFEST, MAX_MEMBER_BYTES, SCHEMA
+from pipeline import cli, files, outputs, sources
+from pipeline.errors import UsageError
+from pipeline.images import MAX_PIXELS, Conversion, Prepared, Rejected, to_rgb_jpeg
+from pipeline.manifest import MANIFEST, SCHEMA
 from pipeline.params import Params
 from pipeline.params import Shard as ShardParams
-from pipeline.transforms import MAX_PIXELS
-
-
-class Rejected(Exception):
-    """An input that cannot become a sample; the message is the reason."""
-
-
-@dataclass(frozen=True)
-class Conversion:
-    """How inputs become samples, and what an input may be. The cheap checks (bytes, then the
-    header's pixel count and sides) come before a file is read whole or decoded."""
-
-    quality: int  # of the JPEGs that must be re-encoded
-    max_side: int | None  # shrink images whose longer side exceeds it
-    min_side: int  # reject images with a shorter side (1x1 tracking pixels, 2-pixel rules)
-    max_pixels: int  # reject images with more pixels (a 2 KB file can claim 65500 x 65500)
-    max_bytes: int  # reject files larger than this without reading them
-
-    @classmethod
-    def of(cls, shard: ShardParams) -> Conversion:
-        return cls(shard.jpeg_quality, shard.max_side, shard.min_side, shard.max_pixels, shard.max_bytes)
-
-
-class Prepared(NamedTuple):
-    jpeg: bytes  # a baseline RGB JPEG
-    converted_from: str | None  # None: the input bytes passed through untouched
-    channel_means: tuple[float, float, float]  # the image's mean R, G, B, in 0..255
-    size: tuple[int, int]  # width, height of the sample's image
-
-
-# Pillow's modes of more than 8 bits per channel, which its convert("RGB") clips to 0..255
-# instead of scaling (a 16-bit PNG came out near-white).
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def rgb_of(image: Image.Image) -> Image.Image:
-    """An RGB image with the input's tones: 16-bit values scaled to 8 bits; alpha dropped."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        wide = np.asarray(image).astype(np.int64).clip(0, 65535)
-        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
-    elif image.mode == "F":
-        raise Rejected("32-bit floating-point pixels (no defined tone range)")
-    return image.convert("RGB")
-
-
-def channel_means(image: Image.Image) -> tuple[float, float, float]:
-    r, g, b = np.asarray(image, dtype=np.uint8).reshape(-1, 3).mean(axis=0, dtype=np.float64).tolist()
-    return r, g, b
-
-
-# JPEG markers: start of image and end of image, start of scan, and the frame headers (SOFn)
-# of every coding process but baseline (SOF0): extended, progressive, lossless, arithmetic.
-SOI, EOI, SOS, SOF0 = 0xD8, 0xD9, 0xDA, 0xC0
-OTHER_FRAMES = {0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length field (TEM, RSTn)
-
-
-def is_baseline(data: bytes) -> bool:
-    """Whether the JPEG's first frame, read as libjpeg reads it (from the first SOI, segment
-    by segment), is baseline. Pillow reads past an empty first image (an SOI then an EOI, as
-    in a damaged MPO) and calls arithmetic-coded frames plain JPEG; the loader's decoder and
-    GPU decoders do not, so only a true baseline frame may pass through untouched."""
-    if data[:2] != b"\xff\xd8":
-        return False
-    at = 2
-    while at + 4 <= len(data):
-        if data[at] != 0xFF:
-            return False
-        marker = data[at + 1]
-        if marker == 0xFF:  # fill byte
-            at += 1
-            continue
-        if marker in STANDALONE:
-            at += 2
-            continue
-        if marker == SOF0:
-            return True
-        if marker in OTHER_FRAMES or marker in (SOI, EOI, SOS):
-            return False
-        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-    return False
-
-
-def to_rgb_jpeg(data: bytes, conversion: Conversion) -> Prepared:
-    """Check an image by content and make it a baseline RGB JPEG (re-encoding only if needed).
-    Any failure is a `Rejected` with the reason: one bad file is a counted reject, never the
-    end of the run."""
-    if not data:
-        raise Rejected("empty file")
-    if len(data) > conversion.max_bytes:
-        raise Rejected(f"{len(data)} bytes, over shard.max_bytes {conversion.max_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _prepare(data, conversion)
-    except Rejected:
-        raise
-    except UnidentifiedImageError:
-        raise Rejected("not an image") from None
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        # Pillow's own check, in Image.open, before ours: it fires above shard.max_pixels.
-        raise Rejected(f"too many pixels: {e}") from None
-    # Pillow's decoders raise almost anything on hostile input (ZeroDivisionError,
-    # RuntimeError, NotImplementedError, MemoryError, ...): each is this file's problem alone.
-    except Exception as e:  # noqa: BLE001
-        message = " ".join(str(e).split())[:200]
-        reason = "truncated image" if "truncat" in message.lower() else f"cannot decode: {type(e).__name__}: {message}"
-        raise Rejected(reason) from None
-
-
-def _prepare(data: bytes, conversion: Conversion) -> Prepared:
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if width * height > conversion.max_pixels:
-            raise Rejected(f"{width}x{height} pixels, over shard.max_pixels {conversion.max_pixels}")
-        if min(width, height) < conversion.min_side:
-            raise Rejected(f"{width}x{height}, a side under shard.min_side {conversion.min_side}")
-        progressive = bool(image.info.get("progressive") or image.info.get("progression"))
-        too_big = conversion.max_side is not None and max(width, height) > conversion.max_side
-        if image.format == "JPEG" and image.mode == "RGB" and is_baseline(data) and not too_big:
-            # Decoding at 1/8 scale still reads every entropy-coded byte, so it finds
-            # truncated files at a fraction of the cost of a full decode; the DC
-            # coefficients it keeps give the block means, and so the image's mean.
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-            return Prepared(data, None, channel_means(image), (width, height))
-        image.load()
-        if image.format != "JPEG":
-            converted_from = f"{image.format} {image.mode}"
-        elif image.mode != "RGB":
-            converted_from = image.mode
-        elif progressive:
-            converted_from = "progressive JPEG"
-        else:
-            converted_from = None if is_baseline(data) else "non-baseline JPEG"  # None: only shrunk
-        rgb = rgb_of(image)
-    if too_big:
-        rgb.thumbnail((conversion.max_side, conversion.max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="JPEG", quality=conversion.quality)
-    return Prepared(buffer.getvalue(), converted_from, channel_means(rgb), rgb.size)
+from pipeline.tars import MAX_MEMBER_BYTES
 
 
 def size_range(sizes: list[tuple[int, int]]) -> dict[str, Any] | None:
@@ -272,14 +129,6 @@ def shuffled(records: list[sources.Record], seed: int) -> list[sources.Record]:
     return out
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
     """Write one shard (or keep it from an interrupted run); returns its manifest entry plus
     its `rejected` and `converted` lists."""
@@ -295,7 +144,7 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
         if (
             done["fingerprint"] == fingerprint
             and path.stat().st_size == kept["bytes"]
-            and sha256_of(path) == kept["sha256"]
+            and files.sha256_of(path) == kept["sha256"]
         ):
             return kept
     except (OSError, ValueError, KeyError, TypeError):
@@ -327,33 +176,20 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             num_samples += 1
     # The data reaches the disk before the final name does: after a crash, a shard under its
     # final name is whole. Its record comes last (write_json_atomic flushes it and the folder).
-    outputs.fsync_file(tmp)
+    files.fsync_file(tmp)
     os.replace(tmp, path)
     result = {
         "name": job.name,
         "num_samples": num_samples,
         "bytes": path.stat().st_size,
-        "sha256": sha256_of(path),
+        "sha256": files.sha256_of(path),
         "rejected": rejected,
         "converted": converted,
         "channel_mean_sums": mean_sums,
         "image_size": size_range(sizes),
     }
-    write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
+    files.write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
     return result
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, flushed to disk, then rename: a reader, or a rerun
-    after a crash, never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    outputs.fsync_dir(path.parent)
 
 
 def check_limits(shard: ShardParams) -> None:
@@ -461,7 +297,7 @@ def publish(staging: Path, out: Path) -> None:
         if out.exists():
             os.replace(out, old)
         os.replace(staging, out)
-        outputs.fsync_dir(out.parent)
+        files.fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -495,7 +331,7 @@ def shard(params: Params) -> dict[str, Any]:
             results = run_jobs(jobs, staging, params.shard.workers)
             result = manifest(dataset, jobs, results)
             check_rejects(result, params.shard.max_reject_fraction)
-            write_json_atomic(staging / MANIFEST, result)
+            files.write_json_atomic(staging / MANIFEST, result)
             publish(staging, out)
     except KeyboardInterrupt as e:
         # One line and the shell's code for Ctrl-C (128 + SIGINT), not a traceback per process.

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from PIL import Image
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 if TYPE_CHECKING:
     from pipeline.params import Data

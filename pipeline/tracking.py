@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
-from pipeline.loader import MANIFEST
+from pipeline.manifest import MANIFEST
 from pipeline.params import Params
 
 RUN_NAME_TAG = "pipeline.run_name"

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import cli, loader, tracking, trainer
+from pipeline import cli, tracking, trainer
+from pipeline.files import write_json_atomic
+from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.shard import write_json_atomic
 
 
 def train(params: Params) -> dict:
     params = trainer.absolute_paths(params)
-    manifest = loader.read_manifest(params.paths.shards)  # fail early, before Ray starts
+    manifest = read_manifest(params.paths.shards)  # fail early, before Ray starts
     trainer.preflight(params, manifest)  # and before an MLflow run is opened for it
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     run_name = params.train.run_name or trainer.default_run_name(params, manifest_sha)

@@ -35,9 +35,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution import context as train_context
 
 import resnet
-from pipeline import loader, recipe, serving, shard, tracking, transforms
-from pipeline.cli import UsageError
-from pipeline.params import Params
+from pipeline import loader, recipe, serving, tracking, transforms
+from pipeline.errors import UsageError
+from pipeline.images import Conversion
+from pipeline.manifest import read_manifest
+from pipeline.params import EXECUTION_KEYS, Params
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
@@ -178,7 +180,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(params.train.cpus_per_worker)
     on_gpu = device.type == "cuda"
 
-    manifest = loader.read_manifest(params.paths.shards)
+    manifest = read_manifest(params.paths.shards)
     num_classes, mean = len(manifest["classes"]), manifest["mean"]
     arch = params.model.arch
     flip = manifest["source"] != "digits"  # a mirrored digit is another symbol, or none
@@ -314,7 +316,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # Once per run: a rerun of a finished run trains nothing and logs nothing new.
         if config["log_model"] and not tracking.has_logged_model(config["tracking_uri"], run_id):
             # The servable model (pipeline.serving), at the last epoch: it carries that epoch's metrics.
-            setup = serving.setup_of(arch, manifest, shard.Conversion.of(params.shard))
+            setup = serving.setup_of(arch, manifest, Conversion.of(params.shard))
             examples = serving.example_images(params.paths.shards, manifest)
             serving.log_model(net, setup, examples, step=params.train.epochs - 1)
         mlflow.end_run()
@@ -324,7 +326,7 @@ def preflight(params: Params, manifest: dict[str, Any]) -> None:
     """Everything about a run that params and the manifest decide, checked on the driver before
     Ray starts: otherwise each fails in every Ray worker, after Ray's start-up, as a traceback
     per worker per retry, or only at the epoch whose shard order happens to expose it.
-    `manifest` is one `loader.read_manifest` accepted."""
+    `manifest` is one `read_manifest` accepted."""
     world_size = params.train.num_workers
     batch = recipe.per_worker_batch(params.train.batch_size, world_size)
     splits = manifest["splits"]
@@ -459,17 +461,7 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
     """Same config and data -> same name -> the same command resumes rather than restarts."""
     relevant = {
         "model": params.model.model_dump(),
-        "train": params.train.model_dump(
-            exclude={
-                "max_failures",
-                "run_name",
-                "num_workers",
-                "cpus_per_worker",
-                "loader_workers",
-                "use_gpu",
-                "compile",
-            }
-        ),
+        "train": params.train.model_dump(exclude=set(EXECUTION_KEYS["train"])),
         "manifest": manifest_sha,
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]

@@ -35,20 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import jpegcrop
+from pipeline.images import MAX_PIXELS
 
 TRAIN_SHORT_SIDE = (256, 480)
 CROP = 224
 TEST_SHORT_SIDE = 256
 
-# The most pixels a JPEG may claim for `jpegcrop` to decode it. Shards may come from buckets
-# others can write, and a 2 KB JPEG can claim 65500 x 65500 pixels: 13 GB to decode whole, and
-# 13-26 GB of DCT coefficients for a progressive one, even for a small crop. The decoder checks
-# the header against this before it allocates anything of the image's size. At the limit one
-# decode needs at most ~0.8 GB: 3 bytes a pixel of RGB (a whole decode) plus 6 of coefficients
-# (a progressive JPEG). The value is Pillow's Image.MAX_IMAGE_PIXELS, above which the shard
-# stage already refuses an image (it makes Pillow's DecompressionBombWarning an error): no
-# shard it writes is refused here, and its shard.max_pixels must not exceed this.
-MAX_PIXELS = 89_478_485
 jpegcrop.set_max_pixels(MAX_PIXELS)
 
 # AlexNet's PCA lighting noise: the eigen-decomposition of ImageNet's RGB covariance (pixels in

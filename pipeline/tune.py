@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 import resnet
-from pipeline import cli, loader, tracking, trainer
-from pipeline.params import Params, check_sweep
-from pipeline.shard import write_json_atomic
+from pipeline import cli, tracking, trainer
+from pipeline.files import write_json_atomic
+from pipeline.manifest import read_manifest
+from pipeline.params import EXECUTION_KEYS, Params, check_sweep
+from pipeline.records import METRIC, failed_record, in_sweep_order, sweep_finished, trial_record
 
-SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 # MLflow params that would misdescribe a run: the parent run is the whole grid, not the one
 # (model.depth, model.shortcut) of params.yaml; a trial is one point of it, not the grid.
 SWEEP_OMITS = ("model.depth", "model.shortcut")
@@ -49,11 +49,11 @@ class EpochLines(ray.tune.Callback):
         return trial_label(self.arch, trial.config["depth"], trial.config["shortcut"])
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if trainer.METRIC not in result:
+        if METRIC not in result:
             return
         print(
             f"{self.label(trial):<22} epoch {int(result['epoch']) + 1}/{self.epochs}"
-            f"  train err {result['train_top1_error']:7.2%}  val err {result[trainer.METRIC]:7.2%}"
+            f"  train err {result['train_top1_error']:7.2%}  val err {result[METRIC]:7.2%}"
             f"  {result['images_per_s']:5.0f} img/s",
             flush=True,
         )
@@ -105,19 +105,21 @@ def run_trial(config: dict[str, Any]) -> None:
     # What the sweep table needs beyond the per-epoch metrics Tune already has.
     mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
     # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
-    kept = [(metrics[trainer.METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
+    kept = [(metrics[METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
     best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
     mlflow.set_tag(run_id, "best_checkpoint", trainer.checkpoint_uri(best))
     mlflow.set_terminated(run_id, "FINISHED")
 
 
 def sweep_name(params: Params, manifest_sha: str) -> str:
+    """Same grid, recipe and data -> same name -> rerunning the sweep resumes it. Every param
+    that changes a result is in it (params.EXECUTION_KEYS are not)."""
     relevant = {
         "model": params.model.model_dump(exclude={"depth", "shortcut"}),
-        "train": params.train.model_dump(include={"epochs", "batch_size", "lr", "momentum", "weight_decay", "seed", "milestones", "plateau_patience", "warmup_depth"}),
-        "tune": params.tune.model_dump(exclude={"max_concurrent_trials", "name"}),
+        "train": params.train.model_dump(exclude=set(EXECUTION_KEYS["train"])),
+        "tune": params.tune.model_dump(exclude=set(EXECUTION_KEYS["tune"])),
         "manifest": manifest_sha,
-    }  # fmt: skip
+    }
     return "sweep-" + hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -132,67 +134,39 @@ def concurrent_trials(params: Params) -> int:
 
 
 def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, epochs: int) -> list[dict[str, Any]]:
-    """reports/sweep.json: one record per trial (what evaluate, register and report read), with
-    its curve, its best epoch and checkpoint, and its MLflow run."""
-    mlflow = tracking.client(uri)
+    """reports/sweep.json's records (pipeline.records), from Tune's results and each trial's
+    MLflow run."""
+    mlflow_client = tracking.client(uri)
     out = []
     for result in grid:
         config, history = result.config, result.metrics_dataframe
-        if result.error or history is None or "val_top1_error" not in history:
-            out.append({"depth": config["depth"], "shortcut": config["shortcut"], "error": str(result.error)})
+        if result.error or history is None or METRIC not in history:
+            out.append(failed_record(config["depth"], config["shortcut"], str(result.error)))
             continue
-        # A trial resumed after its last epoch reports that epoch again (trainer.train_loop).
-        rows = history[history["val_top1_error"].notna()].drop_duplicates("epoch", keep="last").sort_values("epoch")
-        run = mlflow.get_run(tracking.find_run(mlflow, experiment, f"{sweep}-{result.metrics['trial_id']}"))
-        # The best epoch: the lowest val error, then the lowest val loss (the registry's tie rule,
-        # pipeline.register); a run from before val_loss was recorded ranks by error alone.
-        if "val_loss" not in rows:
-            rows = rows.assign(val_loss=float("nan"))
-        best = rows.sort_values(["val_top1_error", "val_loss", "epoch"], na_position="last", kind="stable").index[0]
-        best_loss = float(rows.loc[best, "val_loss"])
-        out.append(
-            {
-                "depth": config["depth"],
-                "shortcut": config["shortcut"],
-                "num_params": int(run.data.params["num_params"]),
-                "best_val_top1_error": float(rows.loc[best, "val_top1_error"]),
-                "best_val_top5_error": float(rows.loc[best, "val_top5_error"]),
-                "best_val_loss": None if math.isnan(best_loss) else best_loss,
-                "best_epoch": int(rows.loc[best, "epoch"]),
-                "final_train_top1_error": float(rows["train_top1_error"].iloc[-1]),
-                "final_val_top1_error": float(rows["val_top1_error"].iloc[-1]),
-                "epochs": int(rows["epoch"].max()) + 1,
-                "planned_epochs": epochs,
-                "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
-                "curve": {
-                    "epoch": [int(e) for e in rows["epoch"]],
-                    "train_top1_error": [float(v) for v in rows["train_top1_error"]],
-                    "val_top1_error": [float(v) for v in rows["val_top1_error"]],
-                },
-                "checkpoint": run.data.tags.get("best_checkpoint"),
-                "mlflow_run_id": run.info.run_id,
-            }
-        )
-    return sorted(out, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
+        run = mlflow_client.get_run(tracking.find_run(mlflow_client, experiment, f"{sweep}-{result.metrics['trial_id']}"))
+        about_run = {
+            "num_params": int(run.data.params["num_params"]),
+            "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
+            "checkpoint": run.data.tags.get("best_checkpoint"),
+            "mlflow_run_id": run.info.run_id,
+        }
+        rows = history.astype(object).where(history.notna(), None).to_dict("records")
+        out.append(trial_record(config["depth"], config["shortcut"], rows, epochs, about_run))
+    return in_sweep_order(out)
 
 
 def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
-    """Every trial of the grid exists and ran to its end (or failed, or was stopped by ASHA)."""
-    if len(grid) < len(params.tune.depths) * len(params.tune.shortcuts):
-        return False
-    for result in grid:
-        if result.error:
-            continue
-        epochs = int(result.metrics.get("epoch", -1)) + 1 if result.metrics else 0
-        if params.tune.scheduler == "none" and epochs < params.train.epochs:
-            return False
-    return True
+    trial_epochs = [
+        None if result.error else (int(result.metrics.get("epoch", -1)) + 1 if result.metrics else 0) for result in grid
+    ]
+    grid_size = len(params.tune.depths) * len(params.tune.shortcuts)
+    return sweep_finished(trial_epochs, grid_size, params.train.epochs, params.tune.scheduler != "none")
 
 
 def sweep(params: Params) -> dict[str, Any]:
     check_sweep(params)
     params = trainer.absolute_paths(params)
-    manifest = loader.read_manifest(params.paths.shards)
+    manifest = read_manifest(params.paths.shards)
     trainer.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
@@ -236,7 +210,7 @@ def sweep(params: Params) -> dict[str, Any]:
                 "num_classes": len(manifest["classes"]),
             },
             tune_config=ray.tune.TuneConfig(
-                metric=trainer.METRIC,
+                metric=METRIC,
                 mode="min",
                 scheduler=scheduler,
                 max_concurrent_trials=concurrent_trials(params),

@@ -3,10 +3,10 @@
     python -m pipeline.verify [--params params.yaml]
 
 Checks each shard's sha256, size and sample count, that every sample has a JPEG the loader will
-decode (its header read: no more pixels than `transforms.MAX_PIXELS`) and an integer label
+decode (its header read: no more pixels than `MAX_PIXELS`) and an integer label
 within the classes, that the split totals add up, and that no shard lies on disk that the
 manifest does not list. A member the loader would refuse to read (sparse, or over
-`loader.MAX_MEMBER_BYTES`) is reported without being read. Any mismatch is printed, one line
+`MAX_MEMBER_BYTES`) is reported without being read. Any mismatch is printed, one line
 each, and the stage exits 1.
 """
 
@@ -20,10 +20,11 @@ from typing import Any
 
 import jpegcrop
 from pipeline import cli
-from pipeline.loader import member_refusal, read_manifest
+from pipeline.files import sha256_of, write_json_atomic
+from pipeline.images import MAX_PIXELS
+from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.shard import sha256_of, write_json_atomic
-from pipeline.transforms import MAX_PIXELS
+from pipeline.tars import member_refusal
 
 
 def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import loader
+from pipeline.manifest import read_manifest, shard_list
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -44,9 +44,9 @@ def champion_error_on(split: str, repo: Path, uri: str) -> float:
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/resnet-digits@champion")
     shards = str(repo / "data" / "shards")
-    manifest = loader.read_manifest(shards)
+    manifest = read_manifest(shards)
     images, labels = [], []
-    for url, _ in loader.shard_list(shards, manifest, split):
+    for url, _ in shard_list(shards, manifest, split):
         with tarfile.open(url) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
                 if member.name.endswith(".jpg"):

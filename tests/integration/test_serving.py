@@ -29,6 +29,7 @@ from sklearn.datasets import load_digits
 
 from pipeline import loader, recipe, serving, sources, tracking, trainer, transforms
 from pipeline import params as params_module
+from pipeline.manifest import read_manifest
 from tests.conftest import REPO
 from tests.readme import bash, new_user_env, readme_block
 
@@ -47,7 +48,7 @@ def stage(name: str, root: Path, overrides: list[str]) -> None:
 def train_trial(params, root: Path, uri: str) -> dict:
     """CIFAR ResNet-20 (A) trained by trainer.run_epoch, checkpointed as Ray Train's workers do,
     with a parent and a child MLflow run as a sweep makes them; its sweep.json record."""
-    manifest = loader.read_manifest(params.paths.shards)
+    manifest = read_manifest(params.paths.shards)
     torch.manual_seed(0)
     net = trainer.build_model(params, len(manifest["classes"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)

@@ -1,8 +1,8 @@
 """Fuzzing the two places where untrusted bytes meet C decoders, with the cases of
-benchmarks/fuzz.py (which runs many more of them, and calls `shard.to_rgb_jpeg` in one place):
+benchmarks/fuzz.py (which runs many more of them, and calls `images.to_rgb_jpeg` in one place):
 
-(a) for any bytes, `shard.to_rgb_jpeg` returns a baseline RGB JPEG the loader can read, or
-    raises `shard.Rejected`; nothing else escapes (one bad file must not end the shard stage);
+(a) for any bytes, `images.to_rgb_jpeg` returns a baseline RGB JPEG the loader can read, or
+    raises `images.Rejected`; nothing else escapes (one bad file must not end the shard stage);
 (b) for any mutated JPEG, the loader's decode functions return a tensor of the expected shape or
     raise ValueError; they never crash or hang the process.
 

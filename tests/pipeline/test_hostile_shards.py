@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 import jpegcrop
-from pipeline import loader, shard, transforms
 from pipeline import params as params_module
+from pipeline import shard, tars
+from pipeline.images import MAX_PIXELS
 from tests.conftest import REPO
 from tests.data_trees import jpeg_bytes, picture
 from tests.pipeline.test_shard import make_params
@@ -39,7 +40,7 @@ CAPPED_CHILD = """
 import resource
 import sys
 
-import pipeline.loader, pipeline.transforms, pipeline.verify
+import pipeline.loader, pipeline.tars, pipeline.transforms, pipeline.verify
 
 with open("/proc/self/status") as status:
     vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
@@ -137,9 +138,9 @@ SPARSE_REFUSAL = f"a sparse file, {CLAIMED_BYTES} bytes once its holes are fille
 MEMBER_REFUSALS = {
     "gnu sparse": SPARSE_REFUSAL,
     "pax sparse": SPARSE_REFUSAL,
-    "16 GiB": f"{CLAIMED_BYTES} bytes, over the limit of {loader.MAX_MEMBER_BYTES} bytes for a member",
+    "16 GiB": f"{CLAIMED_BYTES} bytes, over the limit of {tars.MAX_MEMBER_BYTES} bytes for a member",
 }
-BOMB_REFUSAL = f"{CLAIMED_SIDE} x {CLAIMED_SIDE} pixels, over the decoder's limit of {transforms.MAX_PIXELS} pixels"
+BOMB_REFUSAL = f"{CLAIMED_SIDE} x {CLAIMED_SIDE} pixels, over the decoder's limit of {MAX_PIXELS} pixels"
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +227,7 @@ def test_the_decoders_limit_is_the_pixel_count_of_the_header():
         with pytest.raises(ValueError, match="at least 1"):
             jpegcrop.set_max_pixels(0)
     finally:
-        jpegcrop.set_max_pixels(transforms.MAX_PIXELS)
+        jpegcrop.set_max_pixels(MAX_PIXELS)
 
 
 def test_the_decoder_refuses_to_run_without_a_limit():
@@ -246,12 +247,12 @@ def test_the_ten_crop_refuses_a_resize_over_the_limit(tmp_path):
     result = run_capped(DECODE_EVERY_WAY, str(banner))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == (
-        f"ten crops: ValueError: resizing 30000 x 4 to 1920000 x 256 is over the limit of {transforms.MAX_PIXELS} pixels"
+        f"ten crops: ValueError: resizing 30000 x 4 to 1920000 x 256 is over the limit of {MAX_PIXELS} pixels"
     )
 
 
 def test_the_shard_stage_refuses_limits_the_loader_would_not_read(tmp_path):
-    for key, value in [("max_pixels", transforms.MAX_PIXELS + 1), ("max_bytes", loader.MAX_MEMBER_BYTES + 1)]:
+    for key, value in [("max_pixels", MAX_PIXELS + 1), ("max_bytes", tars.MAX_MEMBER_BYTES + 1)]:
         with pytest.raises(shard.UsageError, match=f"shard.{key}: {value} is over"):
             shard.check_limits(make_params(tmp_path, f"shard.{key}={value}").shard)
 
@@ -260,8 +261,8 @@ def test_the_shard_stages_defaults_fit_the_loaders_limits():
     """The shard stage refuses an input over shard.max_pixels or shard.max_bytes: with the
     defaults, nothing it writes is refused by the loader."""
     params = params_module.load(REPO / "params.yaml", [])
-    assert params.shard.max_pixels <= transforms.MAX_PIXELS
-    assert params.shard.max_bytes <= loader.MAX_MEMBER_BYTES
+    assert params.shard.max_pixels <= MAX_PIXELS
+    assert params.shard.max_bytes <= tars.MAX_MEMBER_BYTES
 
 
 # --- the loader ----------------------------------------------------------------------------------
@@ -299,9 +300,9 @@ def test_the_loader_refuses_a_sparse_or_oversized_member_unread(digit_shards, tm
 
 READ_PIPE = """
 import webdataset as wds
-from pipeline import loader
+from pipeline import tars
 
-print(len(list(wds.DataPipeline(wds.SimpleShardList([sys.argv[1]]), loader.tar_samples))), "samples")
+print(len(list(wds.DataPipeline(wds.SimpleShardList([sys.argv[1]]), tars.tar_samples))), "samples")
 """
 
 
@@ -318,8 +319,8 @@ def test_a_sparse_member_in_a_piped_shard_is_refused_unread(digit_shards, tmp_pa
 def test_a_member_is_read_up_to_the_limit(tmp_path, monkeypatch):
     path = tmp_path / "shard.tar"
     path.write_bytes(plain_member("a.cls", b"12") + plain_member("b.cls", b"123") + bytes(2 * tarfile.BLOCKSIZE))
-    monkeypatch.setattr(loader, "MAX_MEMBER_BYTES", 2)
-    members = loader.tar_members(iter([{"url": "the-url", "stream": path.open("rb")}]))
+    monkeypatch.setattr(tars, "MAX_MEMBER_BYTES", 2)
+    members = tars.tar_members(iter([{"url": "the-url", "stream": path.open("rb")}]))
     assert next(members)["data"] == b"12"
     with pytest.raises(ValueError, match=r"^the-url: b\.cls: 3 bytes, over the limit of 2 bytes for a member; "):
         next(members)

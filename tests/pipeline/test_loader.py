@@ -20,6 +20,9 @@ from PIL import Image
 
 import jpegcrop
 from pipeline import loader, shard, transforms
+from pipeline.buffers import BatchBuffers
+from pipeline.manifest import SCHEMA, read_manifest
+from pipeline.tars import tar_samples
 from tests.data_trees import imagenet_tree, jpeg_bytes, picture
 from tests.pipeline.test_shard import imagenet_params, make_params
 
@@ -116,7 +119,7 @@ def _rank_main(rank: int, world_size: int, shards: str, init_file: str, results:
 
 
 def test_two_ranks_get_equal_batch_counts_on_uneven_shards(digit_shards, tmp_path):
-    manifest = loader.read_manifest(str(digit_shards))
+    manifest = read_manifest(str(digit_shards))
     counts = [s["num_samples"] for s in manifest["splits"]["train"]["shards"]]
     assert len(counts) % 2 == 1 and len(set(counts)) > 1  # the uneven case
     os.environ.pop("RANK", None)
@@ -152,8 +155,8 @@ def test_reused_batch_buffers_never_overwrite_a_batch_still_held(digit_shards, s
     """Workers refill shared buffers; the batches equal DataLoader's fresh ones, and a batch (or
     a view of one) the caller keeps is never refilled under it."""
     received = []
-    record = loader.BatchBuffers.received
-    monkeypatch.setattr(loader.BatchBuffers, "received", lambda self, x, i: received.append(i) or record(self, x, i))
+    record = BatchBuffers.received
+    monkeypatch.setattr(BatchBuffers, "received", lambda self, x, i: received.append(i) or record(self, x, i))
     arrived, kept = arrivals(digits_loader(digit_shards, epoch=3), hold)
     buffer_ids = [i for i in received if i >= 0]
     if hold == "nothing":
@@ -161,13 +164,13 @@ def test_reused_batch_buffers_never_overwrite_a_batch_still_held(digit_shards, s
     for a, k in zip(arrived, kept, strict=True):
         assert torch.equal(a[1:3] if hold == "view" else a, k)
 
-    monkeypatch.setattr(loader.BatchBuffers, "_take_free", lambda self, worker, nbytes: -1)  # DataLoader's own
+    monkeypatch.setattr(BatchBuffers, "_take_free", lambda self, worker, nbytes: -1)  # DataLoader's own
     fresh, _ = arrivals(digits_loader(digit_shards, epoch=3), "batch")
     assert len(fresh) == len(arrived) and all(torch.equal(a, f) for a, f in zip(arrived, fresh, strict=True))
 
 
 def test_batch_buffers_reach_a_spawned_worker_without_the_trainers_references():
-    buffers = loader.BatchBuffers(num_workers=2, per_worker=4)
+    buffers = BatchBuffers(num_workers=2, per_worker=4)
     held = torch.zeros(8)
     buffers.received(held, 3)
     copy = ForkingPickler.loads(ForkingPickler.dumps(buffers))
@@ -210,7 +213,7 @@ def one_shard_loader(shards: Path, samples: list[dict[str, bytes]]) -> loader.Ba
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     manifest = {
-        "schema": loader.SCHEMA,
+        "schema": SCHEMA,
         "classes": [str(i) for i in range(10)],
         "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": len(samples)}]}},
     }
@@ -235,7 +238,7 @@ def test_too_few_samples_for_a_batch_is_a_clear_error(digit_shards, single_proce
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(loader.UsageError, match="manifest.json: missing"):
-        loader.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
 
 
 # --- transforms -------------------------------------------------------------------------------
@@ -434,7 +437,7 @@ def test_streams_shards_from_s3(digit_shards, s3_server, single_process):
     fs.mkdir("shards-bucket")
     fs.put(str(digit_shards), "shards-bucket/digits", recursive=True)
     url = "s3://shards-bucket/digits"
-    assert loader.read_manifest(url) == loader.read_manifest(str(digit_shards))
+    assert read_manifest(url) == read_manifest(str(digit_shards))
 
     def labels(shards: str) -> list[int]:
         torch.manual_seed(0)
@@ -444,7 +447,7 @@ def test_streams_shards_from_s3(digit_shards, s3_server, single_process):
 
 
 def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
-    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), loader.tar_samples)]
+    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), tar_samples)]
 
 
 def test_tar_members_read_a_stream_as_a_file(digit_shards):

@@ -9,6 +9,7 @@ import pydantic
 import pytest
 
 from pipeline import cli, params
+from pipeline.errors import UsageError
 
 
 def load(repo, *overrides):
@@ -159,9 +160,9 @@ def test_a_val_fraction_that_leaves_a_class_without_train_images_is_one_line():
 
     labels = load_digits().target
     for fraction in (0.999, 0.001):
-        with pytest.raises(cli.UsageError, match=f"^data.val_fraction: {fraction} cannot split 1797 images by class"):
+        with pytest.raises(UsageError, match=f"^data.val_fraction: {fraction} cannot split 1797 images by class"):
             digits_split(labels, 0, fraction, 0.2)
-        with pytest.raises(cli.UsageError, match=f"^data.test_fraction: {fraction} cannot split 1797 images by class"):
+        with pytest.raises(UsageError, match=f"^data.test_fraction: {fraction} cannot split 1797 images by class"):
             digits_split(labels, 0, 0.2, fraction)
 
 

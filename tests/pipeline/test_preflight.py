@@ -3,7 +3,7 @@
 
 - `loader.sure_worker_samples`, the shard-order worst case, against every order of small cases;
 - `trainer.preflight` and its checks, as pure functions;
-- `loader.read_manifest` on every kind of malformed manifest;
+- `read_manifest` on every kind of malformed manifest;
 - the `train` and `tune` commands themselves, with Ray and MLflow left unstarted.
 """
 
@@ -25,7 +25,8 @@ import torch
 import resnet
 from pipeline import loader, shard, trainer
 from pipeline import params as params_module
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
+from pipeline.manifest import MANIFEST, read_manifest
 from tests.conftest import REPO
 
 # --- the shard-order worst case ---------------------------------------------------------------
@@ -210,13 +211,13 @@ def load_params(*overrides: str) -> params_module.Params:
 
 
 def test_preflight_accepts_the_shard_stages_manifest_with_the_default_params(digit_shards):
-    manifest = loader.read_manifest(str(digit_shards))
+    manifest = read_manifest(str(digit_shards))
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [358, 358, 358, 3]
     trainer.preflight(load_params(f"paths.shards={digit_shards}"), manifest)
 
 
 def test_preflight_checks_the_batch_split_first(digit_shards):
-    manifest = loader.read_manifest(str(digit_shards))
+    manifest = read_manifest(str(digit_shards))
     with pytest.raises(UsageError, match="^train.batch_size: 129 does not split evenly over train.num_workers=2"):
         trainer.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=129"), manifest)
 
@@ -270,21 +271,21 @@ def edited(manifest: dict, path: str, value: object = KeyError) -> dict:
     ],
 )
 def test_a_malformed_manifest_is_one_line_naming_the_file_and_key(digit_shards, tmp_path, path, value, expected):
-    manifest = json.loads((digit_shards / loader.MANIFEST).read_text())
-    (tmp_path / loader.MANIFEST).write_text(json.dumps(edited(manifest, path, value)))
+    manifest = json.loads((digit_shards / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps(edited(manifest, path, value)))
     with pytest.raises(UsageError) as info:
-        loader.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     message = str(info.value)
-    assert message.startswith(f"{tmp_path / loader.MANIFEST}: ") and expected in message
+    assert message.startswith(f"{tmp_path / MANIFEST}: ") and expected in message
     assert "\n" not in message
 
 
 def test_manifests_from_before_image_sizes_were_recorded_are_read(digit_shards, tmp_path):
-    manifest = json.loads((digit_shards / loader.MANIFEST).read_text())
+    manifest = json.loads((digit_shards / MANIFEST).read_text())
     for split in ("train", "val"):
         manifest = edited(manifest, f"splits.{split}.image_size")
-    (tmp_path / loader.MANIFEST).write_text(json.dumps(manifest))
-    trainer.preflight(load_params(f"paths.shards={tmp_path}"), loader.read_manifest(str(tmp_path)))
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    trainer.preflight(load_params(f"paths.shards={tmp_path}"), read_manifest(str(tmp_path)))
 
 
 @pytest.mark.parametrize(
@@ -301,18 +302,18 @@ def test_manifests_from_before_image_sizes_were_recorded_are_read(digit_shards, 
 )
 def test_an_unreadable_manifest_is_one_line(tmp_path, content, expected):
     if content == "folder":
-        (tmp_path / loader.MANIFEST).mkdir()
+        (tmp_path / MANIFEST).mkdir()
     else:
-        (tmp_path / loader.MANIFEST).write_bytes(content)
+        (tmp_path / MANIFEST).write_bytes(content)
     with pytest.raises(UsageError) as info:
-        loader.read_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_shards_path_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "shards").write_text("")
     with pytest.raises(UsageError, match="is a file, not a folder of shards \\(paths.shards\\)"):
-        loader.read_manifest(str(tmp_path / "shards"))
+        read_manifest(str(tmp_path / "shards"))
 
 
 # --- the stages, run as commands --------------------------------------------------------------
@@ -321,8 +322,8 @@ def test_shards_path_that_is_a_file_is_one_line(tmp_path):
 def manifest_variant(digit_shards: Path, folder: Path, path: str, value: object = KeyError) -> Path:
     """A shards folder holding only an edited manifest: the checks never open a shard."""
     folder.mkdir()
-    manifest = json.loads((digit_shards / loader.MANIFEST).read_text())
-    (folder / loader.MANIFEST).write_text(json.dumps(edited(manifest, path, value)))
+    manifest = json.loads((digit_shards / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps(edited(manifest, path, value)))
     return folder
 
 
@@ -377,7 +378,7 @@ def test_train_refuses_the_data_before_ray(digit_shards, tmp_path, path, value, 
 
 
 def test_train_refuses_a_manifest_that_is_a_folder(tmp_path):
-    (tmp_path / "shards" / loader.MANIFEST).mkdir(parents=True)
+    (tmp_path / "shards" / MANIFEST).mkdir(parents=True)
     result = run_stage("train", tmp_path, "--set", f"paths.shards={tmp_path / 'shards'}")
     assert_refused_before_work(result, tmp_path, "manifest.json: a folder, not a file")
 

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline import params as params_module
 from pipeline import recipe
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from tests.conftest import REPO
 
 

@@ -16,6 +16,8 @@ from PIL import Image
 import resnet
 from pipeline import loader, serving, shard, transforms
 from pipeline import params as params_module
+from pipeline.images import Conversion, to_rgb_jpeg
+from pipeline.manifest import read_manifest
 from tests.conftest import REPO
 
 
@@ -23,7 +25,7 @@ from tests.conftest import REPO
 def digits(tmp_path_factory) -> tuple[str, dict]:
     shards = tmp_path_factory.mktemp("digits") / "shards"
     shard.shard(params_module.load(REPO / "params.yaml", [f"paths.shards={shards}"]))
-    return str(shards), loader.read_manifest(str(shards))
+    return str(shards), read_manifest(str(shards))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def classifier(digits) -> serving.ImageClassifier:
     _, manifest = digits
     torch.manual_seed(0)
     model = serving.ImageClassifier()
-    conversion = shard.Conversion.of(params_module.load(REPO / "params.yaml").shard)
+    conversion = Conversion.of(params_module.load(REPO / "params.yaml").shard)
     model.setup = serving.setup_of("cifar", manifest, conversion)
     model.network = resnet.build("cifar_resnet8", num_classes=10).eval()
     return model
@@ -63,7 +65,7 @@ def test_an_8x8_digit_is_resized_as_the_shard_stage_renders_digits(classifier):
     rendered = sources.digits(0, 0.2, 0.2, 16)
     stored = next(r.data for split in rendered.splits.values() for r in split if r.key == "digits_0017")
     png = serving.images_from_arrays([grey])[0]
-    assert serving.as_training_jpeg(png, classifier.setup) == shard.to_rgb_jpeg(stored, classifier.setup.conversion).jpeg
+    assert serving.as_training_jpeg(png, classifier.setup) == to_rgb_jpeg(stored, classifier.setup.conversion).jpeg
 
 
 def test_grey_rgb_and_rgba_images_of_a_digit_give_one_answer(classifier):

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import loader, shard, sources, verify
 from pipeline import params as params_module
+from pipeline import shard, sources, verify
+from pipeline.images import Conversion, Rejected, to_rgb_jpeg
+from pipeline.manifest import read_manifest
 from tests.conftest import REPO
 from tests.data_trees import (
     WNIDS,
@@ -281,7 +283,7 @@ def test_cifar10_reader_refuses_anything_but_arrays(tmp_path):
         sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
-CONVERSION = shard.Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
+CONVERSION = Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
 
 
 def test_to_rgb_jpeg_by_content():
@@ -289,9 +291,9 @@ def test_to_rgb_jpeg_by_content():
 
     pixels = picture(np.random.default_rng(0), 32, 24)
     good = jpeg_bytes(pixels)
-    assert shard.to_rgb_jpeg(good, CONVERSION)[:2] == (good, None)
-    assert shard.to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), CONVERSION).converted_from == "CMYK"
-    png = shard.to_rgb_jpeg(png_bytes(pixels), CONVERSION)
+    assert to_rgb_jpeg(good, CONVERSION)[:2] == (good, None)
+    assert to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), CONVERSION).converted_from == "CMYK"
+    png = to_rgb_jpeg(png_bytes(pixels), CONVERSION)
     assert png.converted_from == "PNG RGB"
     assert png.size == (32, 24)
     assert list(png.channel_means) == pytest.approx(pixels.reshape(-1, 3).mean(axis=0).tolist())
@@ -300,8 +302,8 @@ def test_to_rgb_jpeg_by_content():
         (b"hello, not an image", "not an image"),
         (good[:200], "truncated image"),
     ]:
-        with pytest.raises(shard.Rejected, match=reason):
-            shard.to_rgb_jpeg(data, CONVERSION)
+        with pytest.raises(Rejected, match=reason):
+            to_rgb_jpeg(data, CONVERSION)
 
 
 def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finishes(tmp_path):
@@ -357,7 +359,7 @@ def test_verify_without_a_manifest_is_an_error(tmp_path):
 
 def test_verify_counts_samples_by_key(tmp_path):
     shard.shard(make_params(tmp_path))
-    manifest = loader.read_manifest(str(tmp_path / "shards"))
+    manifest = read_manifest(str(tmp_path / "shards"))
     manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
     problems = verify.verify(tmp_path / "shards", manifest)
     assert any("samples, manifest says" in p for p in problems)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import shard, sources
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from tests.conftest import REPO
 from tests.data_trees import imagefolder_tree
 from tests.pipeline.test_shard import make_params, read_shards, run_stage

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import loader, shard, sources, transforms, verify
+from pipeline.images import Conversion, Rejected, is_baseline, to_rgb_jpeg
 from tests.data_trees import cifar10_tree, jpeg_bytes, picture, png_bytes
 from tests.pipeline.test_shard import CONVERSION, make_params, read_shards, run_stage
 
@@ -40,9 +41,9 @@ def folder_params(tmp_path: Path, root: Path, *overrides: str):
 
 def test_tiny_images_are_rejected_by_min_side_or_converted():
     one_pixel = jpeg_bytes(np.full((1, 1, 3), 200, np.uint8))  # Pillow's draft divided by zero here
-    with pytest.raises(shard.Rejected, match="1x1, a side under shard.min_side 8"):
-        shard.to_rgb_jpeg(one_pixel, CONVERSION)
-    banner = shard.to_rgb_jpeg(jpeg_bytes(picture(RNG, 60, 3)), shard.Conversion(95, None, 1, 10_000, 100_000))
+    with pytest.raises(Rejected, match="1x1, a side under shard.min_side 8"):
+        to_rgb_jpeg(one_pixel, CONVERSION)
+    banner = to_rgb_jpeg(jpeg_bytes(picture(RNG, 60, 3)), Conversion(95, None, 1, 10_000, 100_000))
     assert banner.size == (60, 3) and banner.converted_from is None
 
 
@@ -50,7 +51,7 @@ def test_sixteen_bit_images_keep_their_tones():
     grey = np.array([[0, 16384, 32768, 65535]] * 8, np.uint16).repeat(2, axis=1)  # 8 x 8
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, "PNG")
-    prepared = shard.to_rgb_jpeg(buffer.getvalue(), CONVERSION)
+    prepared = to_rgb_jpeg(buffer.getvalue(), CONVERSION)
     assert prepared.converted_from == "PNG I;16"
     decoded = np.asarray(Image.open(io.BytesIO(prepared.jpeg)))[0, ::2, 0].astype(int)
     assert np.abs(decoded - [0, 64, 128, 255]).max() <= 2  # not clipped to near-white
@@ -61,22 +62,22 @@ def test_only_baseline_frames_pass_through_untouched():
     sof = good.index(b"\xff\xc0")
     arithmetic = good[:sof] + b"\xff\xc9" + good[sof + 2 :]  # Pillow reads it as a plain JPEG
     empty_first = b"\xff\xd8\xff\xd9" + good  # libjpeg stops at the first, empty image
-    assert shard.is_baseline(good)
+    assert is_baseline(good)
     for data in (arithmetic, empty_first):
-        assert not shard.is_baseline(data)
+        assert not is_baseline(data)
         try:
-            prepared = shard.to_rgb_jpeg(data, CONVERSION)
-        except shard.Rejected:
+            prepared = to_rgb_jpeg(data, CONVERSION)
+        except Rejected:
             continue
-        assert prepared.jpeg != data and shard.is_baseline(prepared.jpeg)
+        assert prepared.jpeg != data and is_baseline(prepared.jpeg)
         assert transforms.decode(prepared.jpeg).shape == (20, 24, 3)
 
 
 def test_any_decoder_failure_is_a_reject_with_its_reason():
     # A DDS header naming an unknown pixel format: Pillow raises NotImplementedError.
     dds = b"DDS " + struct.pack("<7I", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44) + struct.pack("<2I", 32, 4)
-    with pytest.raises(shard.Rejected, match="cannot decode: NotImplementedError"):
-        shard.to_rgb_jpeg(dds + b"XXXX" + bytes(200), CONVERSION)
+    with pytest.raises(Rejected, match="cannot decode: NotImplementedError"):
+        to_rgb_jpeg(dds + b"XXXX" + bytes(200), CONVERSION)
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -89,13 +90,13 @@ def png_claiming(width: int, height: int) -> bytes:
 def test_pixel_and_byte_limits_come_before_decoding(tmp_path):
     # PNG headers claiming more pixels than the file holds: refused from the header alone.
     for side, reason in [(200, "200x200 pixels, over shard.max_pixels 10000"), (60000, "too many pixels")]:
-        with pytest.raises(shard.Rejected, match=reason):
-            shard.to_rgb_jpeg(png_claiming(side, side), CONVERSION)
+        with pytest.raises(Rejected, match=reason):
+            to_rgb_jpeg(png_claiming(side, side), CONVERSION)
     # A 5 GiB file (sparse: no disk used) is refused from its size; reading it would take minutes.
     huge = tmp_path / "huge.jpg"
     with huge.open("wb") as f:
         f.truncate(5 << 30)
-    with pytest.raises(shard.Rejected, match=f"{5 << 30} bytes, over shard.max_bytes 100000"):
+    with pytest.raises(Rejected, match=f"{5 << 30} bytes, over shard.max_bytes 100000"):
         shard.prepare(sources.Record("huge", 0, str(huge)), CONVERSION)
 
 

@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import evaluate, loader, register, shard, sources, tracking, tune, verify
-from pipeline.cli import UsageError
+from pipeline import records, register, shard, sources, tracking, tune, verify
+from pipeline.errors import UsageError
+from pipeline.manifest import MANIFEST, SCHEMA, read_manifest
 from tests.data_trees import WNIDS, cifar10_tree, imagefolder_tree, imagenet_tree, jpeg_bytes, picture
 from tests.pipeline.test_shard import imagenet_params, make_params, read_shards, run_stage
 
@@ -242,17 +243,17 @@ def test_shards_of_schema_1_are_one_line_and_the_shard_stage_replaces_them(tmp_p
     root, out = tmp_path / "raw", tmp_path / "shards"
     imagefolder_tree(root)
     result = shard.shard(folder_params(tmp_path, root))
-    assert result["schema"] == loader.SCHEMA == 2
+    assert result["schema"] == SCHEMA == 2
     # The same shards as an older stage wrote them: no test split, schema 1.
-    old = json.loads((out / loader.MANIFEST).read_text())
+    old = json.loads((out / MANIFEST).read_text())
     old["schema"] = 1
     del old["splits"]["test"]
     shutil.rmtree(out / "test")
-    (out / loader.MANIFEST).write_text(json.dumps(old))
+    (out / MANIFEST).write_text(json.dumps(old))
     with pytest.raises(UsageError) as info:
-        loader.read_manifest(str(out))
+        read_manifest(str(out))
     assert str(info.value) == (
-        f"{out / loader.MANIFEST}: schema 1, expected 2; rerun the shard stage (`python -m pipeline.shard`)"
+        f"{out / MANIFEST}: schema 1, expected 2; rerun the shard stage (`python -m pipeline.shard`)"
     )
     checked = run_stage("verify", "--set", f"paths.shards={out}", "--set", f"paths.metrics={tmp_path / 'metrics'}")
     assert checked.returncode == 2 and checked.stderr.strip() == f"error: {info.value}"
@@ -302,8 +303,8 @@ def test_the_best_trial_is_the_lowest_val_error_then_the_lowest_val_loss():
         {"depth": 20, "shortcut": "B", "best_val_top1_error": 0.0, "checkpoint": "c"},  # no loss: last
         {"depth": 56, "shortcut": "A", "best_val_top1_error": 0.01, "best_val_loss": 0.001, "checkpoint": "d"},
     ]
-    assert evaluate.best_trial(trials)["checkpoint"] == "b"
-    assert evaluate.best_trial([trials[2], trials[3]])["checkpoint"] == "c"
+    assert records.best_trial(trials)["checkpoint"] == "b"
+    assert records.best_trial([trials[2], trials[3]])["checkpoint"] == "c"
 
 
 def test_register_takes_only_the_test_figures_of_the_chosen_checkpoint(tmp_path):
