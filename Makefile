@@ -12,7 +12,7 @@ PIP_VERSION := 26.3
 # DVC stages call `python -m pipeline.<stage>`: make them find the project's interpreter.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test venv lock clean
+.PHONY: repro test test-fast venv lock clean
 
 venv: $(STAMP)
 
@@ -25,9 +25,15 @@ $(STAMP): pyproject.toml constraints.txt pipeline/jpegcrop.c
 repro: venv
 	dvc repro
 
+# Everything, as CI runs it: ~20 minutes on 2 cores, Ray clusters, MLflow servers, dvc repro.
 test: venv
 	ruff check .
 	python -m pytest
+
+# The loop while editing: no cluster, no server, no `dvc repro` (the tests marked slow): ~3 minutes.
+test-fast: venv
+	ruff check .
+	python -m pytest -m "not slow"
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: venv

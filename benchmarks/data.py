@@ -180,7 +180,7 @@ def ours(shards: Path, mean: list[float], workers: int) -> float:
     )
     buffer = None
 
-    def prepare(pixels: torch.Tensor) -> torch.Tensor:  # as pipeline.trainer.train_loop does
+    def prepare(pixels: torch.Tensor) -> torch.Tensor:  # as pipeline.worker.run_epoch does
         nonlocal buffer
         buffer = transforms.prepare_batch(pixels, mean, lighting=True, out=buffer)
         return buffer

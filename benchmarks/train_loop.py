@@ -21,7 +21,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from pipeline import loader, params, shard, tracking, trainer, transforms
+from pipeline import checkpoints, driver, loader, params, shard, tracking, transforms
 from pipeline.manifest import read_manifest
 from pipeline.train import train
 
@@ -32,7 +32,7 @@ def plain_loop(p, epochs: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     manifest = read_manifest(p.paths.shards)
     torch.manual_seed(p.train.seed)
-    model = trainer.build_model(p, len(manifest["classes"]))
+    model = checkpoints.build_model(p, len(manifest["classes"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     rates = []
     for epoch in range(epochs):
@@ -58,7 +58,7 @@ def ray_loop(p, epochs: int) -> list[float]:
         summary = train(p)
     finally:
         ray.shutdown()
-    history = trainer.load_checkpoint(summary["checkpoint"])["history"]
+    history = checkpoints.load(summary["checkpoint"])["history"]
     return [h["images_per_s"] for h in history]
 
 
@@ -82,7 +82,7 @@ def main() -> None:
             ],
         )
         shard.shard(p)
-        p = trainer.absolute_paths(p)
+        p = driver.absolute_paths(p)
         assert tracking.tracking_uri(p).startswith("sqlite:")
         plain = plain_loop(p, args.epochs, args.threads)
         in_ray = ray_loop(p, args.epochs)

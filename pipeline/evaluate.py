@@ -18,23 +18,26 @@ from typing import Any
 
 import torch
 
-from pipeline import cli, loader, tracking, trainer, transforms
+from pipeline import checkpoints, cli, loader, recipe, scoring, tracking, transforms
 from pipeline.errors import UsageError
 from pipeline.files import write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.records import best_trial, read_sweep
 
+# Images a batch: a 10-crop batch is ten times the pixels of a single-crop batch of as many images.
+EVAL_BATCH = {"single": 64, "ten": 8}
+
 
 def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str = "test") -> dict[str, Any]:
     """Errors of a checkpoint's model on every sample of a split, in one process."""
-    model = trainer.model_from_checkpoint(checkpoint)
+    model = checkpoints.model_from_checkpoint(checkpoint)
     manifest = read_manifest(params.paths.shards)
-    batch_size = 64 if crop == "single" else 8
+    batch_size = EVAL_BATCH[crop]
     info = manifest["splits"][split]
     if info["num_samples"] == 0:
         raise UsageError(f"{split}: no samples in {params.paths.shards}; the {split} error needs at least one")
-    trainer.check_image_size(params.model.arch, split, info.get("image_size"), batch_size, params.paths.shards)
+    recipe.check_image_size(params.model.arch, split, info.get("image_size"), batch_size, params.paths.shards)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     batches = loader.make_loader(
@@ -48,7 +51,7 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str =
         train=False,
         manifest=manifest,
     )
-    scores = trainer.evaluate(model, batches, device, manifest["mean"], torch.autocast(device.type, enabled=False))
+    scores = scoring.score(model, batches, device, manifest["mean"], torch.autocast(device.type, enabled=False))
     return {
         "split": split,
         "crop": crop,
@@ -57,10 +60,6 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str =
         "loss": scores.loss_sum / scores.seen,
         "num_samples": scores.seen,
     }
-
-
-def crops(arch: str) -> list[str]:
-    return ["single", "ten"] if arch == "imagenet" else ["single"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         "depth": best["depth"],
         "shortcut": best["shortcut"],
     }
-    for crop in crops(params.model.arch):
+    for crop in recipe.PROFILES[params.model.arch].test_crops:
         figures = evaluate_checkpoint(params, best["checkpoint"], crop, "test")
         if crop == "single":
             result.update(figures)

@@ -34,6 +34,12 @@ from pipeline.transforms import Transform
 SHUFFLE_BUFFER = 1000
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A rank's seed for an epoch (its DataLoader's generator, and the training process's torch
+    RNG): the same on every run of the same params. In [0, 2**31): a Generator's seed range."""
+    return hash((seed, epoch, rank)) % 2**31
+
+
 def epoch_order(shards: list[tuple[str, int]], seed: int, epoch: int) -> list[tuple[str, int]]:
     """The same shuffled order on every rank, another one each epoch."""
     order = list(shards)
@@ -234,7 +240,7 @@ def make_loader(
         stages.append(partial(take_quota, quotas=quotas, batch_size=batch_size))
     stages.append(wds.map(partial(decode, transform=transform)))
 
-    generator = torch.Generator().manual_seed(hash((seed, epoch, rank)) & 0x7FFFFFFF)
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
     # Two buffers in flight per worker (DataLoader's prefetch), one or two held by the trainer.
     buffers = BatchBuffers(num_workers, per_worker=4) if num_workers > 0 else None
     loader = DataLoader(

@@ -33,7 +33,7 @@ MAX_SEED = 2**32 - 1
 # and which device (these change the arithmetic, e.g. BatchNorm's per-rank batches, bf16, the
 # order samples meet in, but not the recipe), retries, checkpoints kept, names. Changing them
 # neither renames a run or a sweep, so a rerun resumes, nor makes DVC rerun `tune`: dvc.yaml
-# lists every other key of these sections (tests/test_dvc_yaml.py holds the two together).
+# lists every other key of these sections (tests/test_layout.py holds the two together).
 EXECUTION_KEYS = {
     "train": (
         "num_workers",
@@ -46,6 +46,7 @@ EXECUTION_KEYS = {
         "run_name",
     ),
     "tune": ("max_concurrent_trials", "name"),
+    "shard": ("workers",),  # the shards are the same bytes whatever the number of processes
 }
 
 
@@ -132,6 +133,7 @@ class Train(Section):
     plateau_patience: int | None = Field(ge=1)  # set: divide on a val-error plateau instead
     warmup_depth: int = Field(ge=1)  # CIFAR nets this deep start at lr/10 until train error < 80%
     warmup_epochs: float = Field(ge=0)  # linear lr warm-up over this many epochs (0: none)
+    flip: bool  # random horizontal flips in training (the paper's; not for digits)
     cpus_per_worker: int = Field(ge=1)
     loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
     checkpoints_to_keep: int = Field(ge=1)

@@ -19,13 +19,56 @@ every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import UsageError
 from pipeline.params import Params
 
-REFERENCE_BATCH = {"cifar": 128, "imagenet": 256}
+
+@dataclass(frozen=True)
+class Profile:
+    """What the paper does differently for its two sizes of net (Sec. 3.4: ImageNet; Sec. 4.2:
+    CIFAR). Horizontal flips are not here: whether a mirrored image is still its class depends
+    on the data (a mirrored digit is another symbol), so `train.flip` says."""
+
+    reference_batch: int  # the paper's global batch: train.lr is the lr at this batch
+    lighting: bool  # AlexNet's PCA colour noise in training
+    test_crops: tuple[str, ...]  # what `evaluate` reports: the single (centre) crop, the 10-crop
+    whole_images: bool  # the net takes each image whole (one size per batch), not 224x224 crops
+    slow_start: bool  # the ResNet-110 rule: nets of train.warmup_depth and deeper start at lr/10
+
+
+PROFILES = {
+    "cifar": Profile(reference_batch=128, lighting=False, test_crops=("single",), whole_images=True, slow_start=True),
+    "imagenet": Profile(
+        reference_batch=256, lighting=True, test_crops=("single", "ten"), whole_images=False, slow_start=False
+    ),
+}
 WARMUP_LR_FACTOR = 0.1  # the paper's 0.01 for a base lr of 0.1
 WARMUP_UNTIL_TRAIN_ERROR = 0.8
+
+
+def check_image_size(arch: str, split: str, size: dict[str, Any] | None, batch: int, shards: str) -> None:
+    """What the arch asks of a split's image sizes (manifest `image_size`; None: not recorded,
+    or no images). ImageNet-size nets scale and crop every image to 224x224, from any size.
+    CIFAR-size nets take each image whole (padded and cropped back to its own size), so a batch
+    stacks images as they are and needs one size throughout; and the net halves the sides twice,
+    so images of 4x4 or less reach its last stage as 1x1, where BatchNorm cannot train on a batch
+    of one (one value per channel)."""
+    if not PROFILES[arch].whole_images or size is None:
+        return
+    if size["uniform"] is None:
+        raise UsageError(
+            f"model.arch: cifar nets take images whole, so a batch needs one image size, but the {split} images in "
+            f"{shards} have sides from {size['min_side']} to {size['max_side']} pixels; use model.arch=imagenet "
+            "(224x224 crops of any size) or resize the images to one size"
+        )
+    width, height = size["uniform"]
+    if split == "train" and batch == 1 and (width + 3) // 4 * ((height + 3) // 4) == 1:
+        raise UsageError(
+            f"train.batch_size: 1 image a rank of {width}x{height} pixels leaves the cifar net's BatchNorm one value "
+            "per channel in its last stage; use at least 2 images a rank, or larger images"
+        )
 
 
 def per_worker_batch(global_batch: int, num_workers: int) -> int:
@@ -39,7 +82,7 @@ def per_worker_batch(global_batch: int, num_workers: int) -> int:
 
 def base_lr(params: Params) -> float:
     """train.lr is the paper's lr at its batch size; scaled linearly to train.batch_size."""
-    return params.train.lr * params.train.batch_size / REFERENCE_BATCH[params.model.arch]
+    return params.train.lr * params.train.batch_size / PROFILES[params.model.arch].reference_batch
 
 
 def milestone_epochs(epochs: int, milestones: list[float]) -> list[int]:
@@ -108,6 +151,6 @@ def schedule(params: Params) -> Schedule:
         base=base_lr(params),
         milestones=milestone_epochs(train.epochs, train.milestones),
         patience=train.plateau_patience,
-        warmup=params.model.arch == "cifar" and params.model.depth >= train.warmup_depth,
+        warmup=PROFILES[params.model.arch].slow_start and params.model.depth >= train.warmup_depth,
         linear_warmup_epochs=train.warmup_epochs,
     )

@@ -41,7 +41,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import resnet
-from pipeline import cli, serving, tracking, trainer
+from pipeline import checkpoints, cli, serving, tracking
 from pipeline.errors import UsageError
 from pipeline.files import write_json_atomic
 from pipeline.images import Conversion
@@ -161,7 +161,7 @@ def log_model_unmoved(client: mlflow.MlflowClient, trial: dict[str, Any], setup:
     """The trial's best checkpoint as the servable model, in the trial's run at its best epoch:
     MLflow copies the run's metrics of that step (train and val, and the test figures evaluate
     logged there) onto the logged model."""
-    net = trainer.model_from_checkpoint(trial["checkpoint"])
+    net = checkpoints.model_from_checkpoint(trial["checkpoint"])
     with keeping_times(client, trial["mlflow_run_id"]), mlflow.start_run(run_id=trial["mlflow_run_id"]):
         return serving.log_model(net, setup, examples, step=trial.get("best_epoch", 0))
 

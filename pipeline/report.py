@@ -627,18 +627,18 @@ def main(argv: list[str] | None = None) -> None:
     registry = read_optional(Path(params.paths.metrics) / "registry.json")
     results = write_report(out, params, trials, evaluation, registry, baseline)
 
-    mlflow = tracking.client(tracking.tracking_uri(params))
+    mlflow_client = tracking.client(tracking.tracking_uri(params))
     finished = [t for t in trials if "error" not in t]
     if finished:
-        parent = mlflow.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
+        parent = mlflow_client.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
         if parent:
             for name in OUTPUTS:
-                mlflow.log_artifact(parent, str(out / name), artifact_path="report")
-            mlflow.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
-            mlflow.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
-            mlflow.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
+                mlflow_client.log_artifact(parent, str(out / name), artifact_path="report")
+            mlflow_client.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
+            mlflow_client.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
+            mlflow_client.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
             if baseline is not None:
-                mlflow.log_metric(parent, "svc_baseline_test_top1_error", baseline)
+                mlflow_client.log_metric(parent, "svc_baseline_test_top1_error", baseline)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join([*(str(out / name) for name in OUTPUTS), f"{out / CURVES}/"]))
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import tempfile
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import mlflow
 import mlflow.models
 import numpy as np
@@ -41,6 +40,9 @@ from PIL import Image
 
 from pipeline import transforms
 from pipeline.images import Conversion, Rejected, rgb_of, to_rgb_jpeg
+from pipeline.manifest import shard_list
+from pipeline.recipe import PROFILES
+from pipeline.tars import tar_samples
 
 NETWORK = "network.pt2"
 SETUP = "setup.json"
@@ -68,7 +70,7 @@ class Setup:
 
 def setup_of(arch: str, manifest: dict[str, Any], conversion: Conversion) -> Setup:
     size = manifest["splits"]["train"].get("image_size") or {}
-    uniform = tuple(size["uniform"]) if arch == "cifar" and size.get("uniform") else None
+    uniform = tuple(size["uniform"]) if PROFILES[arch].whole_images and size.get("uniform") else None
     return Setup(arch, uniform, tuple(manifest["mean"]), tuple(manifest["classes"]), conversion)
 
 
@@ -147,10 +149,9 @@ def export(net: torch.nn.Module, side: tuple[int, int], path: Path) -> None:
 def log_model(net: torch.nn.Module, setup: Setup, examples: list[bytes], step: int = 0):
     """Log the classifier into the active MLflow run (at `step`: MLflow copies the run's metrics
     of that step onto the logged model). `examples`: a few encoded images, the input example."""
-    pixels = pixels_of(examples, setup)
     with tempfile.TemporaryDirectory() as tmp:
         network, config = Path(tmp) / NETWORK, Path(tmp) / SETUP
-        export(net, (pixels.shape[2], pixels.shape[1]), network)
+        export(net, setup.image_size or (transforms.CROP, transforms.CROP), network)
         config.write_text(json.dumps(asdict(setup)))
         example = pd.DataFrame({INPUT_COLUMN: examples})
         classifier = ImageClassifier()
@@ -168,15 +169,8 @@ def log_model(net: torch.nn.Module, setup: Setup, examples: list[bytes], step: i
 
 def example_images(shards: str, manifest: dict[str, Any], count: int = 3) -> list[bytes]:
     """The first few val images, as the shards store them (what a consumer would send)."""
-    first = manifest["splits"]["val"]["shards"][0]["name"]
-    out: list[bytes] = []
-    with fsspec.open(f"{shards.rstrip('/')}/{first}", "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".jpg"):
-                out.append(tar.extractfile(member).read())
-                if len(out) == count:
-                    break
-    return out
+    url, _ = shard_list(shards, manifest, "val")[0]
+    return [sample["jpg"] for sample in islice(tar_samples(iter([{"url": url}])), count)]
 
 
 def images_from_arrays(arrays: list[np.ndarray]) -> list[bytes]:

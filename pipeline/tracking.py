@@ -24,6 +24,10 @@ from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
 
+# MLflow's limits: a param value's length (longer is refused), params per log_batch call.
+MAX_PARAM_VALUE = 6000
+MAX_PARAMS_PER_BATCH = 100
+
 RUN_NAME_TAG = "pipeline.run_name"
 
 
@@ -142,9 +146,9 @@ def start_or_resume_run(
     command that made it, e.g. "pipeline.tune") and `commit`, the code's git commit, which the
     stage's driver reads (`git_commit`): Ray's workers and Tune's trials run in folders without
     the repository. (MLflow's UI shows the commit beside the source, and only with one.)"""
-    mlflow = client(uri)
-    experiment = experiment_id(mlflow, params.mlflow.experiment)
-    existing = find_run(mlflow, experiment, run_name)
+    mlflow_client = client(uri)
+    experiment = experiment_id(mlflow_client, params.mlflow.experiment)
+    existing = find_run(mlflow_client, experiment, run_name)
     if existing:
         return existing
     tags = {
@@ -155,14 +159,14 @@ def start_or_resume_run(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow.create_run(experiment, run_name=display_name or run_name, tags=tags)
+    run = mlflow_client.create_run(experiment, run_name=display_name or run_name, tags=tags)
     config = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if k not in omit}
     values = {**config, **{k: str(v) for k, v in extra_params.items()}}
     # Params are readable by everyone with access to the experiment, a password is not for them.
-    values["mlflow.tracking_uri"] = redacted(params.mlflow.tracking_uri)
-    items = [Param(k, v[:6000]) for k, v in sorted(values.items())]
-    for i in range(0, len(items), 100):
-        mlflow.log_batch(run.info.run_id, params=items[i : i + 100])
+    values["mlflow_client.tracking_uri"] = redacted(params.mlflow.tracking_uri)
+    items = [Param(k, v[:MAX_PARAM_VALUE]) for k, v in sorted(values.items())]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
     return run.info.run_id
 
 

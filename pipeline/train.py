@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import cli, tracking, trainer
+from pipeline import checkpoints, cli, driver, tracking
 from pipeline.files import write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
+from resnet.summary import count_params
 
 
 def train(params: Params) -> dict:
-    params = trainer.absolute_paths(params)
+    params = driver.absolute_paths(params)
     manifest = read_manifest(params.paths.shards)  # fail early, before Ray starts
-    trainer.preflight(params, manifest)  # and before an MLflow run is opened for it
+    driver.preflight(params, manifest)  # and before an MLflow run is opened for it
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
-    run_name = params.train.run_name or trainer.default_run_name(params, manifest_sha)
+    run_name = params.train.run_name or driver.default_run_name(params, manifest_sha)
     uri = tracking.tracking_uri(params)
-    num_params = sum(p.numel() for p in trainer.build_model(params, len(manifest["classes"])).parameters())
+    num_params = count_params(checkpoints.build_model(params, len(manifest["classes"])))
     run_id = tracking.start_or_resume_run(
         uri,
         params,
@@ -39,12 +40,12 @@ def train(params: Params) -> dict:
     )
     tracking.log_shards_input(uri, run_id, params.paths.shards, manifest_sha, manifest["source"])
     print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(uri)}", flush=True)
-    trainer.ray_init()
-    result = trainer.fit(params, run_name, run_id, uri)
+    driver.ray_init()
+    result = driver.fit(params, run_name, run_id, uri)
     summary = {
         "run_name": run_name,
         "mlflow_run_id": run_id,
-        "checkpoint": trainer.checkpoint_uri(result.checkpoint) if result.checkpoint else None,
+        "checkpoint": checkpoints.checkpoint_uri(result.checkpoint) if result.checkpoint else None,
         "metrics": result.metrics,
     }
     tracking.client(uri).set_terminated(run_id, "FINISHED")

@@ -95,7 +95,7 @@ def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tup
     # PIL's result (to 1 grey level) at twice its speed. HWC memory is that layout already, and
     # the batch dimension goes first so the strides say so: pixels.permute(2, 0, 1)[None] would
     # give the batch a stride of 3, which torch reads as NCHW, so the result would come out in
-    # planes and every later copy of it would gather bytes 50,176 apart.
+    # planes and every later copy of it would gather each pixel's bytes from three planes.
     resized = F.interpolate(pixels[None].permute(0, 3, 1, 2), size=(size[1], size[0]), mode="bilinear", antialias=True)
     return resized[0].permute(1, 2, 0)
 
@@ -203,7 +203,7 @@ def prepare_batch(pixels: Tensor, mean: Sequence[float], lighting: bool, out: Te
     [0, 1] scaling, PCA colour noise per image (training, ImageNet-size), mean subtraction.
 
     `out`: the previous batch's result, overwritten when its shape fits. A fresh float batch of
-    ImageNet size (38 MB at 64 images) is mapped anew by the CPU allocator every step, and those
+    ImageNet size (tens of MB) is mapped anew by the CPU allocator every step, and those
     page faults cost ten times the arithmetic. Pass it only once the previous step is done with it.
     """
     images = pixels.reshape(-1, *pixels.shape[-3:])

@@ -25,11 +25,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 import resnet
-from pipeline import cli, tracking, trainer
+from pipeline import checkpoints, cli, driver, tracking
 from pipeline.files import write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS, Params, check_sweep
 from pipeline.records import METRIC, failed_record, in_sweep_order, sweep_finished, trial_record
+from resnet.summary import count_params
 
 # MLflow params that would misdescribe a run: the parent run is the whole grid, not the one
 # (model.depth, model.shortcut) of params.yaml; a trial is one point of it, not the grid.
@@ -84,7 +85,7 @@ def run_trial(config: dict[str, Any]) -> None:
     run_name = f"{config['sweep']}-{trial_id}"
     params = trial_params(config["params"], config["depth"], config["shortcut"], run_name)
     uri = config["tracking_uri"]
-    num_params = sum(p.numel() for p in trainer.build_model(params, config["num_classes"]).parameters())
+    num_params = count_params(checkpoints.build_model(params, config["num_classes"]))
     run_id = tracking.start_or_resume_run(
         uri,
         params,
@@ -98,17 +99,17 @@ def run_trial(config: dict[str, Any]) -> None:
     )
     tracking.log_shards_input(uri, run_id, params.paths.shards, config["manifest_sha256"], config["data_source"])
     started = time.time()
-    result = trainer.fit(
+    result = driver.fit(
         params, run_name, run_id, uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
     )
-    mlflow = tracking.client(uri)
+    mlflow_client = tracking.client(uri)
     # What the sweep table needs beyond the per-epoch metrics Tune already has.
-    mlflow.log_metric(run_id, "wall_time_s", time.time() - started)
+    mlflow_client.log_metric(run_id, "wall_time_s", time.time() - started)
     # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
     kept = [(metrics[METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
     best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
-    mlflow.set_tag(run_id, "best_checkpoint", trainer.checkpoint_uri(best))
-    mlflow.set_terminated(run_id, "FINISHED")
+    mlflow_client.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
+    mlflow_client.set_terminated(run_id, "FINISHED")
 
 
 def sweep_name(params: Params, manifest_sha: str) -> str:
@@ -163,11 +164,43 @@ def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
     return sweep_finished(trial_epochs, grid_size, params.train.epochs, params.tune.scheduler != "none")
 
 
+def new_or_restored_tuner(params: Params, name: str, trial_config: dict[str, Any]) -> ray.tune.Tuner:
+    """The grid's Tuner; the saved one when a sweep of this name was interrupted."""
+    storage = driver.absolute(params.paths.ray_storage)
+    # The trial's driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs; it
+    # asks for a token of memory because Tune refuses an empty request (1 CPU by default would
+    # leave a 2-CPU machine one short for a 2-worker trial).
+    trainable = ray.tune.with_resources(run_trial, {"memory": 1 << 20})
+    path = f"{storage.rstrip('/')}/{name}"
+    if ray.tune.Tuner.can_restore(path):
+        print(f"resuming sweep {name} from {path}", flush=True)
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    scheduler = None
+    if params.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=params.train.epochs, grace_period=params.tune.grace_period
+        )
+    return ray.tune.Tuner(
+        trainable,
+        param_space={
+            "depth": ray.tune.grid_search(params.tune.depths),
+            "shortcut": ray.tune.grid_search(params.tune.shortcuts),
+            **trial_config,
+        },
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC, mode="min", scheduler=scheduler, max_concurrent_trials=concurrent_trials(params)
+        ),
+        run_config=ray.tune.RunConfig(
+            name=name, storage_path=storage, verbose=0, callbacks=[EpochLines(params.model.arch, params.train.epochs)]
+        ),
+    )
+
+
 def sweep(params: Params) -> dict[str, Any]:
     check_sweep(params)
-    params = trainer.absolute_paths(params)
+    params = driver.absolute_paths(params)
     manifest = read_manifest(params.paths.shards)
-    trainer.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
+    driver.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
     uri = tracking.tracking_uri(params)
@@ -177,48 +210,18 @@ def sweep(params: Params) -> dict[str, Any]:
     )
     print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(uri)}", flush=True)
 
-    trainer.ray_init()
-    storage = trainer.storage_path(params.paths.ray_storage)
-    # The trial's driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs; it
-    # asks for a token of memory because Tune refuses an empty request (1 CPU by default would
-    # leave a 2-CPU machine one short for a 2-worker trial).
-    trainable = ray.tune.with_resources(run_trial, {"memory": 1 << 20})
-    path = f"{storage.rstrip('/')}/{name}"
-    if ray.tune.Tuner.can_restore(path):
-        print(f"resuming sweep {name} from {path}", flush=True)
-        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if params.tune.scheduler == "asha":
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=params.train.epochs,
-                grace_period=params.tune.grace_period,
-            )
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space={
-                "depth": ray.tune.grid_search(params.tune.depths),
-                "shortcut": ray.tune.grid_search(params.tune.shortcuts),
-                "params": params.model_dump(mode="json"),
-                "sweep": name,
-                "tracking_uri": uri,
-                "parent_run_id": parent,
-                "manifest_sha256": manifest_sha,
-                "data_source": manifest["source"],
-                "git_commit": commit,
-                "num_classes": len(manifest["classes"]),
-            },
-            tune_config=ray.tune.TuneConfig(
-                metric=METRIC,
-                mode="min",
-                scheduler=scheduler,
-                max_concurrent_trials=concurrent_trials(params),
-            ),
-            run_config=ray.tune.RunConfig(
-                name=name, storage_path=storage, verbose=0, callbacks=[EpochLines(params.model.arch, params.train.epochs)]
-            ),
-        )
+    driver.ray_init()
+    trial_config = {
+        "params": params.model_dump(mode="json"),
+        "sweep": name,
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "manifest_sha256": manifest_sha,
+        "data_source": manifest["source"],
+        "git_commit": commit,
+        "num_classes": len(manifest["classes"]),
+    }
+    tuner = new_or_restored_tuner(params, name, trial_config)
     grid = tuner.fit()
     if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.

@@ -27,7 +27,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
-from pipeline import loader, recipe, serving, sources, tracking, trainer, transforms
+from pipeline import checkpoints, loader, recipe, scoring, serving, sources, tracking, transforms, worker
 from pipeline import params as params_module
 from pipeline.manifest import read_manifest
 from tests.conftest import REPO
@@ -46,11 +46,11 @@ def stage(name: str, root: Path, overrides: list[str]) -> None:
 
 
 def train_trial(params, root: Path, uri: str) -> dict:
-    """CIFAR ResNet-20 (A) trained by trainer.run_epoch, checkpointed as Ray Train's workers do,
+    """CIFAR ResNet-20 (A) trained by worker.run_epoch, checkpointed as Ray Train's workers do,
     with a parent and a child MLflow run as a sweep makes them; its sweep.json record."""
     manifest = read_manifest(params.paths.shards)
     torch.manual_seed(0)
-    net = trainer.build_model(params, len(manifest["classes"]))
+    net = checkpoints.build_model(params, len(manifest["classes"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)
     schedule = recipe.schedule(params)
     parent = tracking.start_or_resume_run(uri, params, "sweep-served", {}, commit="test", source="pipeline.tune", omit=("model.depth", "model.shortcut"))
@@ -61,7 +61,7 @@ def train_trial(params, root: Path, uri: str) -> dict:
             params.paths.shards, "train", transforms.train_transform("cifar", flip=False),
             batch_size=params.train.batch_size, num_workers=0, epoch=epoch, seed=0, train=True, manifest=manifest,
         )  # fmt: skip
-        loss_sum, errors, seen = trainer.run_epoch(
+        loss_sum, errors, seen = worker.run_epoch(
             net, batches, optimizer, torch.device("cpu"), manifest["mean"], False, nullcontext(), partial(schedule.lr, epoch)
         )
         tracking.log_epoch(client, child, epoch, {"train_loss": loss_sum / seen, "train_top1_error": errors / seen}, int(time.time() * 1000))
@@ -69,12 +69,12 @@ def train_trial(params, root: Path, uri: str) -> dict:
         params.paths.shards, "val", transforms.eval_transform("cifar"),
         batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
     )  # fmt: skip
-    scores = trainer.evaluate(net, val, torch.device("cpu"), manifest["mean"], nullcontext())
+    scores = scoring.score(net, val, torch.device("cpu"), manifest["mean"], nullcontext())
     best = EPOCHS - 1
     tracking.log_epoch(client, child, best, {"val_top1_error": scores.top1 / scores.seen, "val_loss": scores.loss_sum / scores.seen}, int(time.time() * 1000))
     checkpoint = root / "ray" / "sweep-served-0" / f"checkpoint_{best:06d}"
     checkpoint.mkdir(parents=True)
-    torch.save({"model_args": trainer.model_args(params, 10), "model": net.state_dict()}, checkpoint / trainer.CHECKPOINT_FILE)
+    torch.save({"model_args": checkpoints.model_args(params, 10), "model": net.state_dict()}, checkpoint / checkpoints.CHECKPOINT_FILE)
     for run in (child, parent):
         client.set_terminated(run, "FINISHED")
     return {

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import trainer, transforms
+from pipeline import scoring, transforms
 
 
 class FixedLogits(nn.Module):
@@ -27,14 +27,14 @@ def test_top1_top5_errors_and_ten_crop_averaging():
     pixels[0, :7, 0, 0, 0] = 255
     pixels[1, 7:, 0, 0, 0] = 255
     labels = torch.tensor([0, 0])
-    scores = trainer.evaluate(FixedLogits(), [(pixels, labels)], torch.device("cpu"), mean, nullcontext())
+    scores = scoring.score(FixedLogits(), [(pixels, labels)], torch.device("cpu"), mean, nullcontext())
     assert (scores.top1, scores.top5, scores.seen) == (1, 0, 2)  # the mean softmax picks class 0, then class 1
     # The loss is the cross-entropy of that mean softmax: -log of the label's mean probability.
     probs = FixedLogits()(transforms.prepare_batch(pixels, mean, lighting=False)).softmax(1).view(2, 10, -1).mean(1)
     assert scores.loss_sum == pytest.approx(-probs[:, 0].log().sum().item())
 
     single = pixels[:, 0]  # (N, H, W, 3): one crop per image
-    scores = trainer.evaluate(FixedLogits(), [(single, torch.tensor([0, 1]))], torch.device("cpu"), mean, nullcontext())
+    scores = scoring.score(FixedLogits(), [(single, torch.tensor([0, 1]))], torch.device("cpu"), mean, nullcontext())
     assert (scores.top1, scores.seen) == (0, 2)
     logits = FixedLogits()(transforms.prepare_batch(single, mean, lighting=False))
     assert scores.loss_sum == pytest.approx(F.cross_entropy(logits, torch.tensor([0, 1]), reduction="sum").item())
@@ -55,6 +55,6 @@ def test_the_val_loss_sums_over_batches_and_tells_equal_error_counts_apart():
         def forward(self, x):
             return super().forward(x) * self.scale
 
-    sure, unsure = (trainer.evaluate(Scaled(k), batches, torch.device("cpu"), mean, nullcontext()) for k in (5.0, 1.0))
+    sure, unsure = (scoring.score(Scaled(k), batches, torch.device("cpu"), mean, nullcontext()) for k in (5.0, 1.0))
     assert sure.top1 == unsure.top1 == 0 and sure.seen == unsure.seen == 4
     assert 0 < sure.loss_sum < unsure.loss_sum

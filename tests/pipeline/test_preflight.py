@@ -2,7 +2,7 @@
 `error:` line and exit code 2, rather than as tracebacks from every Ray worker a minute later.
 
 - `loader.sure_worker_samples`, the shard-order worst case, against every order of small cases;
-- `trainer.preflight` and its checks, as pure functions;
+- `driver.preflight` and its checks, as pure functions;
 - `read_manifest` on every kind of malformed manifest;
 - the `train` and `tune` commands themselves, with Ray and MLflow left unstarted.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import resnet
-from pipeline import loader, shard, trainer
+from pipeline import driver, loader, recipe, shard
 from pipeline import params as params_module
 from pipeline.errors import UsageError
 from pipeline.manifest import MANIFEST, read_manifest
@@ -131,12 +131,12 @@ def test_a_shuffle_that_fails_only_at_a_later_epoch_is_refused_up_front():
     ]
     assert per_epoch[0] == 1 and 0 in per_epoch
     with pytest.raises(UsageError, match="is sure of only 363 samples"):
-        trainer.check_train_batches(counts, 2, 0, 800, "shards")
-    trainer.check_train_batches(counts, 2, 0, 726, "shards")  # 363 a rank: every order has it
+        driver.check_train_batches(counts, 2, 0, 800, "shards")
+    driver.check_train_batches(counts, 2, 0, 726, "shards")  # 363 a rank: every order has it
     assert worst_busiest_worker(counts, 2, 0) == 363
 
 
-# --- the checks of trainer.preflight ----------------------------------------------------------
+# --- the checks of driver.preflight ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -150,22 +150,22 @@ def test_a_shuffle_that_fails_only_at_a_later_epoch_is_refused_up_front():
 )
 def test_train_batches_refused(args, expected):
     with pytest.raises(UsageError) as info:
-        trainer.check_train_batches(*args, "shards")
+        driver.check_train_batches(*args, "shards")
     assert expected in str(info.value)
 
 
 def test_train_batches_accepted():
-    trainer.check_train_batches([200, 200, 200, 37], 2, 0, 128, "shards")
-    trainer.check_train_batches([200, 200, 200, 200], 1, 4, 200, "shards")
+    driver.check_train_batches([200, 200, 200, 37], 2, 0, 128, "shards")
+    driver.check_train_batches([200, 200, 200, 200], 1, 4, 200, "shards")
 
 
 def test_val_needs_a_shard_a_rank_and_a_sample():
-    trainer.check_val_shards([200, 160], 2, "shards")
-    trainer.check_val_shards([0, 1], 2, "shards")  # a rank with an empty shard evaluates nothing
+    driver.check_val_shards([200, 160], 2, "shards")
+    driver.check_val_shards([0, 1], 2, "shards")  # a rank with an empty shard evaluates nothing
     with pytest.raises(UsageError, match="^val: 2 shards in shards for train.num_workers=3 ranks"):
-        trainer.check_val_shards([200, 160], 3, "shards")
+        driver.check_val_shards([200, 160], 3, "shards")
     with pytest.raises(UsageError, match="^val: no samples in shards"):
-        trainer.check_val_shards([0, 0], 2, "shards")
+        driver.check_val_shards([0, 0], 2, "shards")
 
 
 MIXED = {"min_side": 32, "max_side": 40, "uniform": None}
@@ -175,19 +175,19 @@ def test_cifar_nets_need_one_image_size_imagenet_nets_take_any():
     with pytest.raises(
         UsageError, match="^model.arch: cifar nets .* the val images in shards have sides from 32 to 40"
     ):
-        trainer.check_image_size("cifar", "val", MIXED, 64, "shards")
-    trainer.check_image_size("imagenet", "train", MIXED, 64, "shards")
-    trainer.check_image_size("cifar", "train", {"min_side": 16, "max_side": 16, "uniform": [16, 16]}, 64, "shards")
-    trainer.check_image_size("cifar", "train", None, 64, "shards")  # not recorded: nothing to check
+        recipe.check_image_size("cifar", "val", MIXED, 64, "shards")
+    recipe.check_image_size("imagenet", "train", MIXED, 64, "shards")
+    recipe.check_image_size("cifar", "train", {"min_side": 16, "max_side": 16, "uniform": [16, 16]}, 64, "shards")
+    recipe.check_image_size("cifar", "train", None, 64, "shards")  # not recorded: nothing to check
 
 
 def test_cifar_nets_need_more_than_one_value_per_channel_in_training():
     tiny = {"min_side": 4, "max_side": 4, "uniform": [4, 4]}
     with pytest.raises(UsageError, match="^train.batch_size: 1 image a rank of 4x4 pixels"):
-        trainer.check_image_size("cifar", "train", tiny, 1, "shards")
-    trainer.check_image_size("cifar", "train", tiny, 2, "shards")
-    trainer.check_image_size("cifar", "val", tiny, 1, "shards")  # evaluation: BatchNorm's running stats
-    trainer.check_image_size("cifar", "train", {"min_side": 4, "max_side": 5, "uniform": [5, 4]}, 1, "shards")
+        recipe.check_image_size("cifar", "train", tiny, 1, "shards")
+    recipe.check_image_size("cifar", "train", tiny, 2, "shards")
+    recipe.check_image_size("cifar", "val", tiny, 1, "shards")  # evaluation: BatchNorm's running stats
+    recipe.check_image_size("cifar", "train", {"min_side": 4, "max_side": 5, "uniform": [5, 4]}, 1, "shards")
 
 
 def test_the_image_size_rule_is_the_nets():
@@ -213,13 +213,13 @@ def load_params(*overrides: str) -> params_module.Params:
 def test_preflight_accepts_the_shard_stages_manifest_with_the_default_params(digit_shards):
     manifest = read_manifest(str(digit_shards))
     assert [s["num_samples"] for s in manifest["splits"]["train"]["shards"]] == [358, 358, 358, 3]
-    trainer.preflight(load_params(f"paths.shards={digit_shards}"), manifest)
+    driver.preflight(load_params(f"paths.shards={digit_shards}"), manifest)
 
 
 def test_preflight_checks_the_batch_split_first(digit_shards):
     manifest = read_manifest(str(digit_shards))
     with pytest.raises(UsageError, match="^train.batch_size: 129 does not split evenly over train.num_workers=2"):
-        trainer.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=129"), manifest)
+        driver.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=129"), manifest)
 
 
 # --- manifest.json ----------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_manifests_from_before_image_sizes_were_recorded_are_read(digit_shards, 
     for split in ("train", "val"):
         manifest = edited(manifest, f"splits.{split}.image_size")
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    trainer.preflight(load_params(f"paths.shards={tmp_path}"), read_manifest(str(tmp_path)))
+    driver.preflight(load_params(f"paths.shards={tmp_path}"), read_manifest(str(tmp_path)))
 
 
 @pytest.mark.parametrize(

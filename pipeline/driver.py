@@ -1,0 +1,163 @@
+"""The Ray Train driver: one training run as a `TorchTrainer`, and what is checked before it.
+
+`fit` starts the workers (pipeline.worker) on the cluster `ray_init` joins or starts; before
+that, `preflight` checks everything params and the manifest decide, so that a bad value is one
+line on the driver rather than a traceback per worker per retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+import resnet
+from pipeline import loader, recipe, worker
+from pipeline.errors import UsageError
+from pipeline.params import EXECUTION_KEYS, Params
+from pipeline.records import METRIC
+
+
+def preflight(params: Params, manifest: dict[str, Any]) -> None:
+    """Everything about a run that params and the manifest decide, checked on the driver before
+    Ray starts: otherwise each fails in every Ray worker, after Ray's start-up, as a traceback
+    per worker per retry, or only at the epoch whose shard order happens to expose it.
+    `manifest` is one `read_manifest` accepted."""
+    world_size = params.train.num_workers
+    batch = recipe.per_worker_batch(params.train.batch_size, world_size)
+    splits = manifest["splits"]
+    check_train_batches(
+        [s["num_samples"] for s in splits["train"]["shards"]],
+        world_size,
+        params.train.loader_workers,
+        params.train.batch_size,
+        params.paths.shards,
+    )
+    check_val_shards([s["num_samples"] for s in splits["val"]["shards"]], world_size, params.paths.shards)
+    for split in ("train", "val"):
+        recipe.check_image_size(params.model.arch, split, splits[split].get("image_size"), batch, params.paths.shards)
+
+
+def check_train_batches(
+    counts: list[int], world_size: int, loader_workers: int, global_batch: int, shards: str
+) -> None:
+    """Every rank makes at least one full batch in every epoch, whatever the shard order
+    (`loader.sure_worker_samples`); a rank without one would stop the run."""
+    if len(counts) < world_size:
+        raise UsageError(
+            f"train: {len(counts)} shards in {shards} for train.num_workers={world_size} ranks, and every rank "
+            "reads whole shards; reshard with a smaller shard.maxcount or lower train.num_workers"
+        )
+    batch = recipe.per_worker_batch(global_batch, world_size)
+    if sum(counts) < global_batch:
+        raise UsageError(f"train.batch_size: {global_batch} is more than the {sum(counts)} train samples in {shards}")
+    sure = loader.sure_worker_samples(counts, world_size, loader_workers)
+    if sure < batch:
+        raise UsageError(
+            f"train.batch_size: {global_batch} makes batches of {batch} a rank (train.num_workers={world_size}), but "
+            f"some epoch's shard order may leave a rank without one: a rank gets {len(counts) // world_size} of the "
+            f"{len(counts)} train shards in {shards} ({min(counts)} to {max(counts)} samples each), and its busiest "
+            f"loader worker (of {max(loader_workers, 1)}, train.loader_workers={loader_workers}) is sure of only "
+            f"{sure} samples; lower train.batch_size or train.loader_workers, or reshard with a smaller shard.maxcount"
+        )
+
+
+def check_val_shards(counts: list[int], world_size: int, shards: str) -> None:
+    """Evaluation reads every val sample once across the ranks, in batches of whatever is left
+    (no full batch needed), but each rank reads whole shards, and the error rate needs a sample."""
+    if len(counts) < world_size:
+        raise UsageError(
+            f"val: {len(counts)} shards in {shards} for train.num_workers={world_size} ranks, and every rank "
+            "reads whole shards; reshard with a smaller shard.maxcount or lower train.num_workers"
+        )
+    if sum(counts) == 0:
+        raise UsageError(f"val: no samples in {shards}; the val error needs at least one")
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (Ray needs one, and workers run elsewhere); a URL (s3://...)
+    as it is."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def fit(
+    params: Params,
+    run_name: str,
+    mlflow_run_id: str,
+    uri: str,
+    log_model: bool = True,
+    callbacks: list | None = None,
+    say_epochs: bool = True,
+) -> ray.train.Result:
+    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback, leave the
+    model to the register stage (log_model=False) and the epoch lines to the sweep's driver,
+    which prints one line per trial-epoch (say_epochs=False)."""
+    config = {
+        "params": params.model_dump(mode="json"),
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": uri,
+        "log_model": log_model,
+        "say_epochs": say_epochs,
+    }
+    trainer = TorchTrainer(
+        worker.train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=params.train.num_workers,
+            use_gpu=params.train.use_gpu,
+            resources_per_worker={"CPU": params.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=absolute(params.paths.ray_storage),
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=params.train.checkpoints_to_keep,
+                checkpoint_score_attribute=METRIC,
+                checkpoint_score_order="min",
+            ),
+            callbacks=callbacks,
+            # Ray Train's INFO lines (each report, each checkpoint) drown the epoch lines.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
+    )
+    return trainer.fit()
+
+
+def absolute_paths(params: Params) -> Params:
+    """Every path of params `absolute`, resolved against the driver's directory."""
+    paths = {k: absolute(v) for k, v in params.paths.model_dump().items()}
+    return params.model_copy(update={"paths": params.paths.model_copy(update=paths)})
+
+
+def default_run_name(params: Params, manifest_sha: str) -> str:
+    """Same config and data -> same name -> the same command resumes rather than restarts."""
+    relevant = {
+        "model": params.model.model_dump(),
+        "train": params.train.model_dump(exclude=set(EXECUTION_KEYS["train"])),
+        "manifest": manifest_sha,
+    }
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{resnet.model_name(params.model.arch, params.model.depth)}-{params.model.shortcut}-{digest}"
+
+
+def ray_init() -> None:
+    """Join the cluster RAY_ADDRESS names, else start a local one (dashboard on 127.0.0.1)."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
+    # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
+    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})

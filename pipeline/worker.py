@@ -1,0 +1,296 @@
+"""The Ray Train worker: one rank of a training run.
+
+Every rank runs `train_loop`: DDP (gloo on CPU, NCCL on GPU), the paper's recipe
+(pipeline.recipe), and per epoch a checkpoint and a `ray.train.report`. Rank 0 alone prints the
+epoch line and writes MLflow. A rerun with the same run name, or Ray's restart after a worker
+dies (`train.max_failures`), continues from the latest checkpoint; per-epoch seeds derive from
+(train.seed, epoch, rank), so the resumed run draws the same random numbers it would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import mlflow
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from mlflow import MlflowClient
+from ray.train import Checkpoint
+from ray.train.v2._internal.execution import context as train_context
+
+from pipeline import checkpoints, loader, recipe, serving, tracking, transforms
+from pipeline.images import Conversion
+from pipeline.manifest import read_manifest
+from pipeline.params import Params
+from pipeline.records import METRIC
+from pipeline.scoring import score
+
+
+def say(line: str) -> None:
+    """One line to the driver's console. (Ray Train routes print() both to its logger and to
+    stdout, which shows every line twice.)"""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def run_epoch(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    mean: list[float],
+    lighting: bool,
+    autocast: AbstractContextManager,
+    lr_at: Callable[[float], float],
+) -> tuple[float, float, int]:
+    """One training epoch on this rank: (sum of losses, number of errors, samples). `lr_at`
+    gives each step's lr from how far through the epoch it is (0..1]: a warm-up moves per step."""
+    model.train()
+    loss_sum, errors, seen, images = 0.0, 0, 0, None
+    steps = len(batches)
+    for step, (pixels, labels) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at((step + 1) / steps)
+        # The last step's input buffer is reused: its backward pass is done.
+        images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting, out=images)
+        labels = labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(labels)
+        errors += (logits.argmax(1) != labels).sum().item()
+        seen += len(labels)
+    return loss_sum, errors, seen
+
+
+def quiet_worker_logs() -> None:
+    """Keep the console to the epoch lines; Ray's log files keep everything."""
+    # Ray Train logs every `ray.train.report` at INFO, a whole TrainingReport a line, under a
+    # logger named by its file's path: outside "ray.train", so LoggingConfig's level misses it.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+@dataclass
+class Rank:
+    """One rank's part of a run: what it trains, on what, and what it has done so far."""
+
+    params: Params
+    config: dict[str, Any]
+    rank: int
+    world_size: int
+    device: torch.device
+    manifest: dict[str, Any]
+    net: torch.nn.Module  # the bare net: its weights are what checkpoints and models hold
+    model: torch.nn.Module  # what trains: the net in DDP, perhaps compiled
+    optimizer: torch.optim.Optimizer
+    schedule: recipe.Schedule
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+    mlflow_client: MlflowClient | None = None  # rank 0's
+    logged: set[int] = field(default_factory=set)  # the epochs MLflow has
+
+    @property
+    def autocast(self) -> AbstractContextManager:
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+
+def set_up(config: dict[str, Any]) -> Rank:
+    """The net (the same initial weights on every rank), its DDP wrapper and the optimizer."""
+    params = Params.model_validate(config["params"])
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(params.train.cpus_per_worker)
+    manifest = read_manifest(params.paths.shards)
+    torch.manual_seed(params.train.seed)
+    net = checkpoints.build_model(params, len(manifest["classes"]))
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(net)  # moves to the device, wraps in DDP
+    if params.train.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.base_lr(params),
+        momentum=params.train.momentum,
+        weight_decay=params.train.weight_decay,
+    )
+    return Rank(
+        params, config, context.get_world_rank(), context.get_world_size(), device, manifest, net, model, optimizer,
+        recipe.schedule(params),
+    )  # fmt: skip
+
+
+def restore(run: Rank) -> None:
+    """Continue from the latest checkpoint Ray Train hands this run, if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as directory:
+        state = checkpoints.load(directory)
+    run.net.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.history, run.start_epoch = state["history"], state["epoch"] + 1
+
+
+def start_tracking(run: Rank) -> None:
+    """Rank 0 reopens the run's MLflow run, tags where the ranks run, and logs the epochs the
+    checkpoint has and MLflow lacks: an epoch checkpointed just before a crash may not have
+    reached MLflow, and one logged after the last checkpoint Ray registered will be trained
+    again (and must not be logged twice)."""
+    nodes: list[str] = [ray.get_runtime_context().get_node_id()] * run.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(nodes, nodes[0])  # every rank takes part
+    if run.rank != 0:
+        return
+    run_id, uri = run.config["mlflow_run_id"], run.config["tracking_uri"]
+    run.mlflow_client = tracking.client(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    mlflow.set_tags({"ray.world_size": run.world_size, "ray.nodes": ",".join(sorted(set(nodes)))})
+    run.logged = tracking.logged_steps(run.mlflow_client, run_id, METRIC)
+    for entry in run.history:
+        log_epoch_once(run, entry)
+    if run.start_epoch:
+        say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {run.start_epoch + 1}")
+
+
+def log_epoch_once(run: Rank, metrics: dict[str, float]) -> None:
+    epoch = int(metrics["epoch"])
+    if run.rank == 0 and epoch not in run.logged:
+        tracking.log_epoch(run.mlflow_client, run.config["mlflow_run_id"], epoch, metrics, int(time.time() * 1000))
+        run.logged.add(epoch)
+
+
+def epoch_batches(run: Rank, split: str, epoch: int) -> loader.Batches:
+    params, arch = run.params, run.params.model.arch
+    train = split == "train"
+    return loader.make_loader(
+        params.paths.shards,
+        split,
+        transforms.train_transform(arch, params.train.flip) if train else transforms.eval_transform(arch),
+        batch_size=recipe.per_worker_batch(params.train.batch_size, run.world_size),
+        num_workers=params.train.loader_workers,
+        epoch=epoch,
+        seed=params.train.seed,
+        train=train,
+        manifest=run.manifest,
+        pin_memory=run.device.type == "cuda",
+    )
+
+
+def train_epoch(run: Rank, epoch: int) -> dict[str, float]:
+    """One epoch of training and the val scores, summed over the ranks."""
+    torch.manual_seed(loader.epoch_seed(run.params.train.seed, epoch, run.rank))
+    mean = run.manifest["mean"]
+    started = time.perf_counter()
+    loss_sum, errors, seen = run_epoch(
+        run.model, epoch_batches(run, "train", epoch), run.optimizer, run.device, mean,
+        recipe.PROFILES[run.params.model.arch].lighting, run.autocast, partial(run.schedule.lr, epoch),
+    )  # fmt: skip
+    train_seconds = time.perf_counter() - started
+    loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], run.device)
+    net = getattr(run.model, "module", run.model)
+    val = score(net, epoch_batches(run, "val", epoch), run.device, mean, run.autocast)
+    top1, top5, val_loss_sum, val_seen = all_reduce_sum(list(val), run.device)
+    return {
+        "epoch": epoch,
+        "train_loss": loss_sum / seen,
+        "train_top1_error": errors / seen,
+        "val_top1_error": top1 / val_seen,
+        "val_top5_error": top5 / val_seen,
+        "val_loss": val_loss_sum / val_seen,  # the registry's tie-break (pipeline.register)
+        "lr": run.schedule.lr(epoch),  # at the epoch's end, for the record
+        "images_per_s": seen / train_seconds,
+        "epoch_time_s": time.perf_counter() - started,
+    }
+
+
+def checkpoint_and_report(run: Rank, epoch: int, metrics: dict[str, float]) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train waits for all of them)."""
+    with tempfile.TemporaryDirectory() as directory:
+        if run.rank == 0:
+            checkpoints.save(
+                directory,
+                {
+                    "model_args": checkpoints.model_args(run.params, len(run.manifest["classes"])),
+                    "model": run.net.state_dict(),
+                    "optimizer": run.optimizer.state_dict(),
+                    "schedule": run.schedule.state_dict(),
+                    "epoch": epoch,
+                    "history": run.history,
+                    "mean": run.manifest["mean"],
+                },
+            )
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if run.rank == 0 else None)
+
+
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    return (
+        f"epoch {int(metrics['epoch']) + 1}/{epochs}  lr {metrics['lr']:.4g}  train loss {metrics['train_loss']:.4f}"
+        f"  train err {metrics['train_top1_error']:.2%}  val err {metrics['val_top1_error']:.2%}"
+        f" (top-5 {metrics['val_top5_error']:.2%})  {metrics['images_per_s']:.0f} img/s"
+        f"  {metrics['epoch_time_s']:.1f} s"
+    )
+
+
+def log_final_model(run: Rank) -> None:
+    """The servable model (pipeline.serving) at the last epoch, once per run: a rerun of a
+    finished run trains nothing and logs nothing new."""
+    if run.rank != 0 or not run.config["log_model"]:
+        return
+    if tracking.has_logged_model(run.config["tracking_uri"], run.config["mlflow_run_id"]):
+        return
+    params = run.params
+    setup = serving.setup_of(params.model.arch, run.manifest, Conversion.of(params.shard))
+    examples = serving.example_images(params.paths.shards, run.manifest)
+    serving.log_model(run.net, setup, examples, step=params.train.epochs - 1)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker training function of the TorchTrainer (pipeline.driver.fit)."""
+    quiet_worker_logs()
+    run = set_up(config)
+    restore(run)
+    start_tracking(run)
+    epochs = run.params.train.epochs
+    for epoch in range(run.start_epoch, epochs):
+        metrics = train_epoch(run, epoch)
+        run.schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
+        run.history.append(metrics)
+        checkpoint_and_report(run, epoch, metrics)
+        log_epoch_once(run, metrics)
+        if run.rank == 0 and config["say_epochs"]:
+            say(epoch_line(metrics, epochs))
+    if run.history and run.start_epoch >= epochs:
+        # Resumed after its last epoch was checkpointed but before whoever waits on this run took
+        # the result (a Ctrl-C in between): say the final result again, or a sweep would see a
+        # trial that never reported and count it unfinished.
+        ray.train.report(run.history[-1])
+    log_final_model(run)
+    if run.rank == 0:
+        mlflow.end_run()
