@@ -88,7 +88,7 @@ def sure_worker_samples(counts: list[int], world_size: int, num_workers: int) ->
     smallest shards to a rank with k) when L = 1 (a, j = 1: s_1 + ... + s_k), when k <= L (b,
     h = 0: s_k, one shard a worker) and when the shards are all one size (a, j = 1: m_0 * s);
     elsewhere it may fall short of the true worst case by a little, so the check it makes is
-    sufficient rather than necessary. tests/pipeline/test_preflight.py compares it with every
+    sufficient rather than necessary. tests/pipeline/test_driver.py compares it with every
     order of small cases. k = 0 (fewer shards than ranks) leaves a rank nothing: 0.
     """
     workers = max(num_workers, 1)
@@ -189,6 +189,20 @@ class Batches:
         return self.num_batches
 
 
+def batch_count(
+    shard_files: list[tuple[str, int]], split: str, world_size: int, num_workers: int, batch_size: int
+) -> int:
+    """The batches every rank makes this epoch (`batches_per_epoch`); none is an error."""
+    num_batches = batches_per_epoch([n for _, n in shard_files], world_size, num_workers, batch_size)
+    if num_batches == 0:
+        raise UsageError(
+            f"{split}: no full batch of {batch_size} for some rank ({world_size} ranks x "
+            f"{max(num_workers, 1)} loader workers over {len(shard_files)} shards); "
+            "lower train.batch_size or shard.maxcount"
+        )
+    return num_batches
+
+
 def make_loader(
     shards: str,
     split: str,
@@ -225,16 +239,9 @@ def make_loader(
 
     num_batches = None
     if train:
-        counts = [n for _, n in shard_files]
-        num_batches = batches_per_epoch(counts, world_size, num_workers, batch_size)
-        if num_batches == 0:
-            raise UsageError(
-                f"{split}: no full batch of {batch_size} for some rank ({world_size} ranks x "
-                f"{max(num_workers, 1)} loader workers over {len(shard_files)} shards); "
-                "lower train.batch_size or shard.maxcount"
-            )
+        num_batches = batch_count(shard_files, split, world_size, num_workers, batch_size)
         quotas = worker_batch_quotas(
-            worker_sample_counts(counts, rank, world_size, num_workers), batch_size, num_batches
+            worker_sample_counts([n for _, n in shard_files], rank, world_size, num_workers), batch_size, num_batches
         )
         stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
         stages.append(partial(take_quota, quotas=quotas, batch_size=batch_size))

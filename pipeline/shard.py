@@ -129,15 +129,10 @@ def shuffled(records: list[sources.Record], seed: int) -> list[sources.Record]:
     return out
 
 
-def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
-    """Write one shard (or keep it from an interrupted run); returns its manifest entry plus
-    its `rejected` and `converted` lists."""
-    path = staging / job.name
-    record_path = path.with_name(path.name + ".json")
-    fingerprint = job.fingerprint()
-    # A shard of an interrupted run is kept only if its record says it was made of these inputs
-    # and the file is still the one recorded, size and sha256: a torn or edited file, or a
-    # record of another plan, means writing the shard again.
+def kept_shard(path: Path, record_path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The result of a shard an interrupted run finished, or None. It is kept only if its record
+    says it was made of these inputs and the file is still the one recorded, size and sha256: a
+    torn or edited file, or a record of another plan, means writing the shard again."""
     try:
         done = json.loads(record_path.read_text())
         kept = done["result"]
@@ -149,6 +144,18 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             return kept
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no shard, no record, or a record that is not one: write the shard
+    return None
+
+
+def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
+    """Write one shard (or keep it from an interrupted run); returns its manifest entry plus
+    its `rejected` and `converted` lists."""
+    path = staging / job.name
+    record_path = path.with_name(path.name + ".json")
+    fingerprint = job.fingerprint()
+    kept = kept_shard(path, record_path, fingerprint)
+    if kept:
+        return kept
 
     rejected, converted = [], []
     mean_sums, sizes, num_samples = [0.0, 0.0, 0.0], [], 0

@@ -163,7 +163,7 @@ def start_or_resume_run(
     config = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if k not in omit}
     values = {**config, **{k: str(v) for k, v in extra_params.items()}}
     # Params are readable by everyone with access to the experiment, a password is not for them.
-    values["mlflow_client.tracking_uri"] = redacted(params.mlflow.tracking_uri)
+    values["mlflow.tracking_uri"] = redacted(params.mlflow.tracking_uri)
     items = [Param(k, v[:MAX_PARAM_VALUE]) for k, v in sorted(values.items())]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         mlflow_client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])

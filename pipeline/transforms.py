@@ -10,7 +10,7 @@ The scale augmentation and the crop are one step: only the crop's region of the 
 (`jpegcrop`, built from pipeline/jpegcrop.c: libjpeg-turbo's cropped decode, at 1/2, 1/4 or 1/8
 scale where the region is that much larger than the crop), then resized once to the crop's size
 with torch's antialiased bilinear kernel. The pixels are PIL's for cropping the decoded image and
-resizing the crop, to 1 grey level (tests/pipeline/test_loader.py).
+resizing the crop, to 1 grey level (tests/pipeline/test_transforms.py).
 
 ImageNet-size (Sec. 3.4): shorter side resized to a random length in [256, 480], a random
 224x224 crop, horizontal flip, PCA colour noise, mean subtraction. Test: the shorter side at

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import resnet
 from pipeline import shard, transforms
-from tests.pipeline.test_loader import digits_loader
-from tests.pipeline.test_shard import make_params
+from tests.helpers import digits_loader, make_params
 
 pytestmark = [
     pytest.mark.gpu,

@@ -27,7 +27,7 @@ from pipeline import shard, tars
 from pipeline.images import MAX_PIXELS
 from tests.conftest import REPO
 from tests.data_trees import jpeg_bytes, picture
-from tests.pipeline.test_shard import make_params
+from tests.helpers import make_params
 
 GIB = 1 << 30
 CLAIMED_SIDE = 65500  # libjpeg's largest side: 13 GB of RGB, 13-26 GB of progressive coefficients

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -14,66 +12,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import params as params_module
-from pipeline import shard, sources, verify
-from pipeline.images import Conversion, Rejected, to_rgb_jpeg
-from pipeline.manifest import read_manifest
-from tests.conftest import REPO
+from pipeline import shard, sources
 from tests.data_trees import (
     WNIDS,
     cifar10_tree,
     imagefolder_tree,
     imagenet_tree,
-    jpeg_bytes,
-    picture,
-    png_bytes,
 )
-
-
-def make_params(tmp_path: Path, *overrides: str):
-    return params_module.load(
-        REPO / "params.yaml",
-        [f"paths.shards={tmp_path / 'shards'}", f"paths.metrics={tmp_path / 'metrics'}", *overrides],
-    )
-
-
-def imagenet_params(tmp_path: Path, root: Path, *overrides: str):
-    # The tiny trees reject 2 of ~18 train files on purpose, and have 6 files a train class: val
-    # holds out 1 of them.
-    return make_params(
-        tmp_path,
-        "data.source=imagenet",
-        f"data.root={root}",
-        "data.val_per_class=1",
-        "shard.maxcount=4",
-        "shard.max_reject_fraction=0.2",
-        *overrides,
-    )
-
-
-def imagenet_source(root: Path) -> sources.Dataset:
-    return sources.imagenet(root, seed=0, val_per_class=1)
-
-
-def read_shards(shards: Path, split: str) -> dict[str, tuple[int, bytes]]:
-    """{key: (label, jpeg bytes)} of a split, read with plain tarfile."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for path in sorted((shards / split).glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for info in tar:
-                key, _, ext = info.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return {key: (int(s["cls"]), s["jpg"]) for key, s in samples.items()}
-
-
-def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", "--params", str(REPO / "params.yaml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
+from tests.helpers import imagenet_params, imagenet_source, make_params, read_shards, run_stage
 
 
 @pytest.mark.parametrize("val_format", ["loc_csv", "devkit", "folders"])
@@ -283,29 +229,6 @@ def test_cifar10_reader_refuses_anything_but_arrays(tmp_path):
         sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
-CONVERSION = Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
-
-
-def test_to_rgb_jpeg_by_content():
-    import numpy as np
-
-    pixels = picture(np.random.default_rng(0), 32, 24)
-    good = jpeg_bytes(pixels)
-    assert to_rgb_jpeg(good, CONVERSION)[:2] == (good, None)
-    assert to_rgb_jpeg(jpeg_bytes(pixels, "CMYK"), CONVERSION).converted_from == "CMYK"
-    png = to_rgb_jpeg(png_bytes(pixels), CONVERSION)
-    assert png.converted_from == "PNG RGB"
-    assert png.size == (32, 24)
-    assert list(png.channel_means) == pytest.approx(pixels.reshape(-1, 3).mean(axis=0).tolist())
-    for data, reason in [
-        (b"", "empty file"),
-        (b"hello, not an image", "not an image"),
-        (good[:200], "truncated image"),
-    ]:
-        with pytest.raises(Rejected, match=reason):
-            to_rgb_jpeg(data, CONVERSION)
-
-
 def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finishes(tmp_path):
     tree = imagenet_tree(tmp_path / "raw")
     reference = shard.shard(imagenet_params(tmp_path / "ref", tree.root))
@@ -324,56 +247,3 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finis
     assert result["splits"]["train"]["shards"][0]["sha256"] == kept["sha256"]
     assert not staging.exists()
     assert not list((tmp_path / "shards").rglob("*.tmp-*")) and not list((tmp_path / "shards").rglob("*.json.*"))
-
-
-def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
-    overrides = ["--set", f"paths.shards={tmp_path / 'shards'}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
-    assert run_stage("shard", *overrides).returncode == 0
-    ok = run_stage("verify", *overrides)
-    assert ok.returncode == 0, ok.stderr
-    metrics = json.loads((tmp_path / "metrics" / "shards.json").read_text())
-    assert metrics["train"]["num_samples"] == 1077 and metrics["val"]["num_shards"] == 2
-    assert metrics["test"] == {"num_samples": 360, "num_shards": 2, "rejected": 0, "converted": 0}
-
-    victim = tmp_path / "shards" / "val" / "shard-000001.tar"
-    data = bytearray(victim.read_bytes())
-    data[700] ^= 0xFF
-    victim.write_bytes(bytes(data))
-    (tmp_path / "shards" / "val" / "shard-000009.tar").write_bytes(b"")
-    bad = run_stage("verify", *overrides)
-    assert bad.returncode == 1
-    assert f"verify: {victim}: sha256 differs from the manifest" in bad.stderr
-    assert "shard-000009.tar: a shard the manifest does not list" in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].startswith("verify: FAILED")
-
-
-def test_verify_without_a_manifest_is_an_error(tmp_path):
-    (tmp_path / "shards" / "train").mkdir(parents=True)
-    result = run_stage("verify", "--set", f"paths.shards={tmp_path / 'shards'}")
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip()
-        == f"error: {tmp_path / 'shards' / 'manifest.json'}: missing; run `python -m pipeline.shard` first"
-    )
-
-
-def test_verify_counts_samples_by_key(tmp_path):
-    shard.shard(make_params(tmp_path))
-    manifest = read_manifest(str(tmp_path / "shards"))
-    manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
-    problems = verify.verify(tmp_path / "shards", manifest)
-    assert any("samples, manifest says" in p for p in problems)
-
-
-def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
-    """int() refuses over 4,300 digits: a hostile .cls is a problem line, not a traceback."""
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    path = shards / "shard.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, data in [("a.jpg", jpeg_bytes(picture(__import__("numpy").random.default_rng(0), 8, 8))), ("a.cls", b"9" * 5000)]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    count, problems = verify.check_samples(path, 10)
-    assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]

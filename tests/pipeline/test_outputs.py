@@ -23,7 +23,7 @@ from pipeline import shard, sources
 from pipeline.errors import UsageError
 from tests.conftest import REPO
 from tests.data_trees import imagefolder_tree
-from tests.pipeline.test_shard import make_params, read_shards, run_stage
+from tests.helpers import make_params, read_shards, run_stage
 
 
 def tree(tmp_path: Path, per_class: int = 3) -> Path:

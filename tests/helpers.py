@@ -1,0 +1,88 @@
+"""What many test modules share: params whose outputs stay in a test's folder, the stages as
+subprocesses, and the shards read back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import webdataset as wds
+
+from pipeline import loader, sources, transforms
+from pipeline import params as params_module
+from pipeline.images import Conversion
+from pipeline.tars import tar_samples
+from tests.conftest import REPO
+
+# Small limits, so that the tests' small images cross them.
+CONVERSION = Conversion(quality=95, max_side=None, min_side=8, max_pixels=10_000, max_bytes=100_000)
+
+
+def tmp_paths(root: Path, shards: Path | None = None) -> list[str]:
+    """Overrides that keep a test's outputs under `root`: every path of params.yaml and the
+    MLflow store (shards at `shards` when given: a module's shared shards)."""
+    return [
+        f"paths.shards={shards or root / 'shards'}",
+        f"paths.ray_storage={root / 'ray'}",
+        f"paths.reports={root / 'reports'}",
+        f"paths.metrics={root / 'metrics'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+    ]
+
+
+def make_params(tmp_path: Path, *overrides: str) -> params_module.Params:
+    """params.yaml with its outputs under tmp_path, and `overrides`."""
+    return params_module.load(REPO / "params.yaml", [*tmp_paths(tmp_path), *overrides])
+
+
+def imagenet_params(tmp_path: Path, root: Path, *overrides: str):
+    # The tiny trees reject 2 of ~18 train files on purpose, and have 6 files a train class: val
+    # holds out 1 of them.
+    return make_params(
+        tmp_path,
+        "data.source=imagenet",
+        f"data.root={root}",
+        "data.val_per_class=1",
+        "shard.maxcount=4",
+        "shard.max_reject_fraction=0.2",
+        *overrides,
+    )
+
+
+def imagenet_source(root: Path) -> sources.Dataset:
+    return sources.imagenet(root, seed=0, val_per_class=1)
+
+
+def read_shards(shards: Path, split: str) -> dict[str, tuple[int, bytes]]:
+    """{key: (label, jpeg bytes)} of a split, read with plain tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for path in sorted((shards / split).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return {key: (int(s["cls"]), s["jpg"]) for key, s in samples.items()}
+
+
+def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", "--params", str(REPO / "params.yaml"), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw) -> loader.Batches:
+    """Digit shards' train (or val) batches, as a training run makes them."""
+    kw = {"batch_size": 32, "num_workers": 2, "seed": 0, **kw}
+    transform = transforms.train_transform("cifar", flip=False) if train else transforms.eval_transform("cifar")
+    return loader.make_loader(str(shards), "train" if train else "val", transform, epoch=epoch, train=train, **kw)
+
+
+def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
+    """(key, jpg, cls) of every sample of one shard, read by the loader's tar reader."""
+    return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), tar_samples)]

@@ -1,0 +1,67 @@
+"""The verify stage: every shard rechecked against the manifest, each problem one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+
+from pipeline import shard, verify
+from pipeline.manifest import read_manifest
+from tests.data_trees import jpeg_bytes, picture
+from tests.helpers import make_params, run_stage
+
+
+def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
+    overrides = ["--set", f"paths.shards={tmp_path / 'shards'}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
+    assert run_stage("shard", *overrides).returncode == 0
+    ok = run_stage("verify", *overrides)
+    assert ok.returncode == 0, ok.stderr
+    metrics = json.loads((tmp_path / "metrics" / "shards.json").read_text())
+    assert metrics["train"]["num_samples"] == 1077 and metrics["val"]["num_shards"] == 2
+    assert metrics["test"] == {"num_samples": 360, "num_shards": 2, "rejected": 0, "converted": 0}
+
+    victim = tmp_path / "shards" / "val" / "shard-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (tmp_path / "shards" / "val" / "shard-000009.tar").write_bytes(b"")
+    bad = run_stage("verify", *overrides)
+    assert bad.returncode == 1
+    assert f"verify: {victim}: sha256 differs from the manifest" in bad.stderr
+    assert "shard-000009.tar: a shard the manifest does not list" in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("verify: FAILED")
+
+
+def test_verify_without_a_manifest_is_an_error(tmp_path):
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    result = run_stage("verify", "--set", f"paths.shards={tmp_path / 'shards'}")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {tmp_path / 'shards' / 'manifest.json'}: missing; run `python -m pipeline.shard` first"
+    )
+
+
+def test_verify_counts_samples_by_key(tmp_path):
+    shard.shard(make_params(tmp_path))
+    manifest = read_manifest(str(tmp_path / "shards"))
+    manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
+    problems = verify.verify(tmp_path / "shards", manifest)
+    assert any("samples, manifest says" in p for p in problems)
+
+
+def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
+    """int() refuses over 4,300 digits: a hostile .cls is a problem line, not a traceback."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    path = shards / "shard.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.jpg", jpeg_bytes(picture(np.random.default_rng(0), 8, 8))), ("a.cls", b"9" * 5000)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    count, problems = verify.check_samples(path, 10)
+    assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]
