@@ -86,3 +86,37 @@ def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw) 
 def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
     """(key, jpg, cls) of every sample of one shard, read by the loader's tar reader."""
     return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), tar_samples)]
+
+
+# num_params as the options make them: A (zero-padding identity) adds nothing to plain, B adds
+# projections where dimensions grow, C projections on every shortcut.
+EXTRA_PARAMS = {"none": 0, "A": 0, "B": 500, "C": 4000}
+
+
+def finished_trial(depth: int, shortcut: str, train: float, val: float, num_params: int | None = None) -> dict:
+    """One finished trial of reports/sweep.json (pipeline.records.trial_record), its curve ending at
+    (train, val) after 4 epochs."""
+    return {
+        "depth": depth,
+        "shortcut": shortcut,
+        "num_params": 1000 * depth + EXTRA_PARAMS[shortcut] if num_params is None else num_params,
+        "best_val_top1_error": val,
+        "best_val_top5_error": val / 4,
+        "best_val_loss": 0.1,
+        "final_train_top1_error": train,
+        "final_val_top1_error": val,
+        "epochs": 4,
+        "planned_epochs": 4,
+        "wall_time_s": 12.0,
+        "curve": {
+            "epoch": [0, 1, 2, 3],
+            "train_top1_error": [0.9, 0.5, (0.5 + train) / 2, train],
+            "val_top1_error": [0.9, 0.6, (0.6 + val) / 2, val],
+        },
+        "checkpoint": f"file:///ckpt/{depth}-{shortcut}",
+        "mlflow_run_id": f"run-{depth}-{shortcut}",
+    }
+
+
+def failed_trial(depth: int, shortcut: str) -> dict:
+    return {"depth": depth, "shortcut": shortcut, "error": "RayTaskError: worker died"}

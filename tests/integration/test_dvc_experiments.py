@@ -21,8 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.report import trial_key
 from tests.conftest import REPO
+from tests.helpers import failed_trial, finished_trial
 from tests.integration.conftest import run
-from tests.pipeline.test_report import failed, record
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,8 @@ def mlflow_runs(repo: Path, trials: list[tuple[int, str]]) -> dict[tuple[int, st
 def write_inputs(repo: Path, errors: dict, runs: dict, failed_trials: list[tuple[int, str]] = ()) -> None:
     """What the stages before report leave for it: reports/sweep.json, metrics/eval.json and
     metrics/registry.json."""
-    trials = [record(d, s, *errors[(d, s)]) | {"mlflow_run_id": runs[(d, s)]} for d, s in errors]
-    trials += [failed(d, s) for d, s in failed_trials]
+    trials = [finished_trial(d, s, *errors[(d, s)]) | {"mlflow_run_id": runs[(d, s)]} for d, s in errors]
+    trials += [failed_trial(d, s) for d, s in failed_trials]
     best = min(trials, key=lambda t: t.get("best_val_top1_error", 1.0))
     evaluation = {
         "depth": best["depth"], "shortcut": best["shortcut"], "split": "test", "crop": "single",

@@ -13,40 +13,9 @@ import yaml
 from pipeline import params as params_module
 from pipeline import report
 from tests.conftest import REPO
+from tests.helpers import failed_trial, finished_trial
 
 PNG = b"\x89PNG\r\n\x1a\n"
-# num_params as the options make them: A (zero-padding identity) adds nothing to plain, B adds
-# projections where dimensions grow, C projections on every shortcut.
-EXTRA_PARAMS = {"none": 0, "A": 0, "B": 500, "C": 4000}
-
-
-def record(depth: int, shortcut: str, train: float, val: float, num_params: int | None = None) -> dict:
-    """One finished trial of reports/sweep.json (pipeline.tune.records), its curve ending at
-    (train, val) after 4 epochs."""
-    return {
-        "depth": depth,
-        "shortcut": shortcut,
-        "num_params": 1000 * depth + EXTRA_PARAMS[shortcut] if num_params is None else num_params,
-        "best_val_top1_error": val,
-        "best_val_top5_error": val / 4,
-        "best_val_loss": 0.1,
-        "final_train_top1_error": train,
-        "final_val_top1_error": val,
-        "epochs": 4,
-        "planned_epochs": 4,
-        "wall_time_s": 12.0,
-        "curve": {
-            "epoch": [0, 1, 2, 3],
-            "train_top1_error": [0.9, 0.5, (0.5 + train) / 2, train],
-            "val_top1_error": [0.9, 0.6, (0.6 + val) / 2, val],
-        },
-        "checkpoint": f"file:///ckpt/{depth}-{shortcut}",
-        "mlflow_run_id": f"run-{depth}-{shortcut}",
-    }
-
-
-def failed(depth: int, shortcut: str) -> dict:
-    return {"depth": depth, "shortcut": shortcut, "error": "RayTaskError: worker died"}
 
 
 # (depth, shortcut): (final train error, best val error), a sweep where every claim holds:
@@ -70,7 +39,7 @@ def sweep(errors: dict = HELD, **changes: tuple[float, float]) -> list[dict]:
     for key, value in changes.items():
         shortcut, depth = key.split("_")
         errors[(int(depth), "none" if shortcut == "plain" else shortcut)] = value
-    return [record(d, s, *errors[(d, s)]) for d, s in sorted(errors, key=lambda k: (k[0], "none ABC".index(k[1])))]
+    return [finished_trial(d, s, *errors[(d, s)]) for d, s in sorted(errors, key=lambda k: (k[0], "none ABC".index(k[1])))]
 
 
 def by_id(results: list[dict]) -> dict[str, dict]:
@@ -246,8 +215,8 @@ def test_not_tested_on_an_empty_sweep():
 
 def test_failed_trials_are_skipped_and_named():
     # B failed at 56 (its record has "error" in place of the numbers), and a 110-layer plain net.
-    trials = [failed(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
-    trials.append(failed(110, "none"))
+    trials = [failed_trial(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
+    trials.append(failed_trial(110, "none"))
     results = by_id(report.claims(trials))
     for c in results.values():
         assert c["evidence"]["skipped_failed_trials"] == ["ResNet-56 (B)", "plain-110"]
@@ -266,7 +235,7 @@ def params():
 
 def test_results_md_lists_every_claim_with_its_verdict(tmp_path, params):
     # a not held (plain-56 trains better), b and c held, d and e not tested (no B, C); a failure.
-    trials = [t for t in sweep(plain_56=(0.04, 0.33)) if t["shortcut"] in ("none", "A")] + [failed(56, "B")]
+    trials = [t for t in sweep(plain_56=(0.04, 0.33)) if t["shortcut"] in ("none", "A")] + [failed_trial(56, "B")]
     results = report.write_report(tmp_path, params, trials, None, None, 0.0111)
     assert json.loads((tmp_path / "claims.json").read_text()) == results
     text = (tmp_path / "results.md").read_text()
@@ -297,7 +266,7 @@ def test_dvc_declares_claims_json_a_metric_of_the_report_stage():
 
 
 def test_trials_json_holds_each_finished_trials_errors_under_its_name(tmp_path, params):
-    trials = [failed(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
+    trials = [failed_trial(56, "B") if (t["depth"], t["shortcut"]) == (56, "B") else t for t in sweep()]
     report.write_report(tmp_path, params, trials, None, None, None)
     written = json.loads((tmp_path / "trials.json").read_text())
     # In the sweep's order; the failed ResNet-56 (B) has no numbers, so no entry.
@@ -312,13 +281,13 @@ def test_trials_json_holds_each_finished_trials_errors_under_its_name(tmp_path, 
 
 
 def test_curves_are_one_csv_per_finished_trial_epochs_from_1(tmp_path, params):
-    trials = [t for t in sweep() if t["depth"] == 20] + [failed(56, "none")]
+    trials = [t for t in sweep() if t["depth"] == 20] + [failed_trial(56, "none")]
     report.write_report(tmp_path, params, trials, None, None, None)
     curves = tmp_path / "curves"
     assert sorted(p.name for p in curves.iterdir()) == [
         "plain-20.csv", "resnet-20-A.csv", "resnet-20-B.csv", "resnet-20-C.csv",
     ]  # fmt: skip
-    # record(): train 0.9, 0.5, then halfway to 0.05, then 0.05; val 0.9, 0.6, halfway, 0.08.
+    # finished_trial(): train 0.9, 0.5, then halfway to 0.05, then 0.05; val 0.9, 0.6, halfway, 0.08.
     assert (curves / "plain-20.csv").read_text() == (
         "epoch,train_error,val_error\n"
         "1,0.9,0.9\n"
@@ -348,14 +317,14 @@ def test_a_new_sweep_replaces_the_curves_folder_whole(tmp_path, params):
 def test_what_dvc_compares_holds_no_path_of_this_machine(tmp_path, params):
     # The records name checkpoints (file:///ckpt/...) and MLflow runs; Git keeps trials.json and
     # curves/, so none of that may reach them.
-    report.write_report(tmp_path, params, sweep() + [failed(110, "A")], None, None, None)
+    report.write_report(tmp_path, params, sweep() + [failed_trial(110, "A")], None, None, None)
     for path in [tmp_path / "trials.json", *(tmp_path / "curves").iterdir()]:
         text = path.read_text()
         assert "ckpt" not in text and "run-" not in text and str(tmp_path) not in text and "/" not in text
 
 
 def test_no_trial_finished_gives_empty_trials_and_curves(tmp_path, params):
-    report.write_report(tmp_path, params, [failed(20, "none"), failed(20, "A")], None, None, None)
+    report.write_report(tmp_path, params, [failed_trial(20, "none"), failed_trial(20, "A")], None, None, None)
     assert json.loads((tmp_path / "trials.json").read_text()) == {}
     assert list((tmp_path / "curves").iterdir()) == []
 
@@ -385,7 +354,7 @@ EXTREMES = {
 
 def test_the_pictures_are_written(tmp_path, params):
     trials = sweep(EXTREMES)
-    report.write_report(tmp_path, params, trials + [failed(56, "C")], None, None, 0.0111)
+    report.write_report(tmp_path, params, trials + [failed_trial(56, "C")], None, None, 0.0111)
     for name in ("curves.png", "final_errors.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == PNG and len(data) > 10_000

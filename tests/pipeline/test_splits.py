@@ -1,12 +1,11 @@
 """Three splits, and what each is for: val chooses (the best epoch, the best trial, the registry's
 champion), test is only reported. Per source, where each split comes from (pipeline/sources.py's
-table); every holdout seeded and byte-identical on a rerun; the manifest's schema 2; and the
-registry's tie rule on a real MLflow store."""
+table); every holdout seeded and byte-identical on a rerun; the manifest's schema 2.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from collections import Counter
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 
-from pipeline import register, shard, sources, verify
+from pipeline import shard, sources, verify
 from pipeline.errors import UsageError
 from pipeline.manifest import MANIFEST, SCHEMA, read_manifest
 from tests.data_trees import WNIDS, cifar10_tree, imagefolder_tree, imagenet_tree, jpeg_bytes, picture
@@ -260,82 +258,6 @@ def test_shards_of_schema_1_are_one_line_and_the_shard_stage_replaces_them(tmp_p
 
 
 # --- choosing on val: the best epoch, the best trial, the registry's tie rule ---------------------
-
-
-def test_register_takes_only_the_test_figures_of_the_chosen_checkpoint(tmp_path):
-    trial = {"checkpoint": "/ray/run-b/checkpoint_000004", "mlflow_run_id": "b"}
-    chosen = {"mlflow_run_id": "b", "checkpoint_name": "checkpoint_000004", "top1_error": 0.0}
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "val"}))
-    with pytest.raises(UsageError, match="eval.json: measured on the 'val' split, expected 'test'; rerun"):
-        register.read_eval(str(tmp_path), trial)
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test", "checkpoint_name": "checkpoint_000003"}))
-    with pytest.raises(UsageError, match=r"figures of run b checkpoint_000003, not of the sweep's best trial \(run b checkpoint_000004\)"):
-        register.read_eval(str(tmp_path), trial)
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test"}))
-    assert register.read_eval(str(tmp_path), trial)["checkpoint_name"] == "checkpoint_000004"
-
-
-NAME, ALIAS = "resnet-digits", "champion"
-
-
-@pytest.fixture
-def registry(tmp_path) -> MlflowClient:
-    """A real MLflow store (SQLite) holding the registered model, no version yet."""
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client.create_registered_model(NAME)
-    os.makedirs(tmp_path / "model", exist_ok=True)
-    return client
-
-
-def new_version(client: MlflowClient, tmp_path: Path, **tags: float) -> str:
-    """A version whose tags are what register writes (the model itself plays no part)."""
-    version = client.create_model_version(NAME, str(tmp_path / "model"), tags={k: repr(v) for k, v in tags.items()})
-    return str(version.version)
-
-
-def champion(client: MlflowClient) -> str:
-    return str(client.get_model_version_by_alias(NAME, ALIAS).version)
-
-
-def test_the_alias_moves_on_a_lower_val_error_or_an_equal_one_with_a_lower_val_loss(registry, tmp_path):
-    def settle(**tags: float) -> bool:
-        moved, message = register.settle_alias(registry, NAME, ALIAS, new_version(registry, tmp_path, **tags))
-        assert ("does not beat" in message) != moved
-        return moved
-
-    # Both errors 0: the error alone could never move the alias again.
-    assert settle(val_top1_error=0.0, val_loss=0.10, test_top1_error=0.01) and champion(registry) == "1"
-    assert settle(val_top1_error=0.0, val_loss=0.05) and champion(registry) == "2"  # equal error, lower loss
-    assert not settle(val_top1_error=0.0, val_loss=0.07) and champion(registry) == "2"  # equal error, higher loss
-    assert not settle(val_top1_error=0.0, val_loss=0.05) and champion(registry) == "2"  # equal on both: it stays
-    assert not settle(val_top1_error=0.01, val_loss=0.001) and champion(registry) == "2"  # higher error
-    registry.set_registered_model_alias(NAME, ALIAS, "5")
-    assert settle(val_top1_error=0.0, val_loss=0.9) and champion(registry) == "6"  # lower error, whatever the loss
-    _, message = register.settle_alias(
-        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.0, val_loss=0.95)
-    )
-    assert message == (
-        "version 7 registered without the alias: its val top-1 error 0.00% ties version 6's, and its val loss 0.95 "
-        "does not beat version 6's 0.9, which keeps 'champion'"
-    )
-
-
-def test_a_champion_from_before_the_val_loss_tag_is_ranked_by_its_old_error_and_an_unknown_loss(registry, tmp_path):
-    # What register tagged before the test split: `top1_error`, the val error, and no loss.
-    old = str(registry.create_model_version(NAME, str(tmp_path / "model"), tags={"top1_error": repr(0.0)}).version)
-    registry.set_registered_model_alias(NAME, ALIAS, old)
-    moved, _ = register.settle_alias(
-        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.01, val_loss=0.01)
-    )
-    assert not moved and champion(registry) == old  # a higher error does not take it
-    moved, message = register.settle_alias(
-        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.0, val_loss=0.2)
-    )
-    assert moved and champion(registry) == "3"  # an equal error with a loss beats one without
-    assert (
-        message
-        == "alias 'champion' -> version 3 (its val top-1 error 0.00% ties version 1's, and its val loss 0.2 beats unrecorded)"
-    )
 
 
 def test_an_image_rejected_in_a_held_out_val_counts_against_val(tmp_path):
