@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 
 def fsync_file(path: Path) -> None:
     """Flush a written file's data to disk, so that renaming it to its final name never
@@ -49,9 +51,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: str | Path) -> str:
+    """The sha256 of a file, a local path or a URL (s3://...), read 1 MiB at a time."""
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with fsspec.open(str(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

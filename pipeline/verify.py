@@ -2,7 +2,8 @@
 
     python -m pipeline.verify [--params params.yaml]
 
-Checks each shard's sha256, size and sample count, that every sample has a JPEG the loader will
+Shards may be local or `s3://` (any fsspec URL), as the loader reads them. Checks each
+shard's sha256, size and sample count, that every sample has a JPEG the loader will
 decode (its header read: no more pixels than `MAX_PIXELS`) and an integer label
 within the classes, that the split totals add up, and that no shard lies on disk that the
 manifest does not list. A member the loader would refuse to read (sparse, or over
@@ -18,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 import jpegcrop
 from pipeline import cli
 from pipeline.files import sha256_of, write_json_atomic
@@ -27,13 +30,13 @@ from pipeline.params import Params
 from pipeline.tars import member_refusal
 
 
-def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
-    """(number of samples, problems) of one tar shard."""
+def check_samples(path: str | Path, num_classes: int) -> tuple[int, list[str]]:
+    """(number of samples, problems) of one tar shard, a local path or a URL."""
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
     refused: set[str] = set()  # samples with a member left unread: that member's line says it all
     problems = []
     try:
-        with tarfile.open(path) as tar:
+        with fsspec.open(str(path), "rb") as f, tarfile.open(fileobj=f) as tar:
             for info in tar:
                 if not info.isfile():
                     problems.append(f"{path}: {info.name}: not a regular file")
@@ -72,20 +75,22 @@ def check_samples(path: Path, num_classes: int) -> tuple[int, list[str]]:
     return len(members), problems
 
 
-def verify(shards: Path, manifest: dict[str, Any]) -> list[str]:
+def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Every problem of the shards under `shards` (a folder or a URL), one line each."""
+    fs, root = fsspec.core.url_to_fs(str(shards))
+    base = str(shards).rstrip("/")
     problems = []
-    listed = set()
     num_classes = len(manifest["classes"])
     for split, info in manifest["splits"].items():
         total = 0
         for entry in info["shards"]:
-            path = shards / entry["name"]
-            listed.add(path)
-            if not path.is_file():
+            path = f"{base}/{entry['name']}"
+            if not fs.isfile(f"{root}/{entry['name']}"):
                 problems.append(f"{path}: missing")
                 continue
-            if path.stat().st_size != entry["bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+            size = fs.size(f"{root}/{entry['name']}")
+            if size != entry["bytes"]:
+                problems.append(f"{path}: {size} bytes, manifest says {entry['bytes']}")
             if sha256_of(path) != entry["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest")
             # Its samples are checked all the same: nothing the loader would refuse is read, and
@@ -97,9 +102,11 @@ def verify(shards: Path, manifest: dict[str, Any]) -> list[str]:
             total += entry["num_samples"]
         if total != info["num_samples"]:
             problems.append(f"{split}: shards hold {total} samples, manifest says {info['num_samples']}")
-    for path in sorted(shards.glob("*/*.tar")):
-        if path not in listed:
-            problems.append(f"{path}: a shard the manifest does not list")
+    listed = {entry["name"] for info in manifest["splits"].values() for entry in info["shards"]}
+    for found in sorted(fs.glob(f"{root}/*/*.tar")):
+        name = found[len(root.rstrip("/")) + 1 :]
+        if name not in listed:
+            problems.append(f"{base}/{name}: a shard the manifest does not list")
     return problems
 
 
@@ -117,8 +124,8 @@ def shard_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     params: Params = cli.parse("verify", "Recheck the shards against their manifest.", argv)
-    shards = Path(params.paths.shards)
-    manifest = read_manifest(str(shards))
+    shards = params.paths.shards
+    manifest = read_manifest(shards)
     problems = verify(shards, manifest)
     if problems:
         for line in problems:

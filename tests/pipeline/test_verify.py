@@ -65,3 +65,30 @@ def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     count, problems = verify.check_samples(path, 10)
     assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]
+
+
+def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("verify-bucket")
+    fs.put(str(digit_shards), "verify-bucket/shards", recursive=True)
+    url = "s3://verify-bucket/shards"
+    overrides = ["--set", f"paths.shards={url}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
+    ok = run_stage("verify", *overrides)
+    assert ok.returncode == 0, ok.stderr
+    assert "verify: train: 7 shards, 1077 samples: OK" in ok.stdout
+
+    # One shard altered, one gone, one the manifest does not list.
+    altered, gone = "verify-bucket/shards/val/shard-000000.tar", "verify-bucket/shards/test/shard-000001.tar"
+    data = bytearray(fs.cat(altered))
+    data[-2000] ^= 0xFF
+    fs.pipe(altered, bytes(data))
+    fs.rm(gone)
+    fs.pipe("verify-bucket/shards/train/shard-999999.tar", b"")
+    failed = run_stage("verify", *overrides)
+    assert failed.returncode == 1
+    lines = failed.stderr.splitlines()
+    assert f"verify: {url}/val/shard-000000.tar: sha256 differs from the manifest" in lines
+    assert f"verify: {url}/test/shard-000001.tar: missing" in lines
+    assert f"verify: {url}/train/shard-999999.tar: a shard the manifest does not list" in lines
