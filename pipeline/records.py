@@ -80,6 +80,26 @@ def in_sweep_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
 
 
+TABLE_COLUMNS = ("depth", "shortcut", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall")
+
+
+def table_row(trial: dict[str, Any]) -> list[str]:
+    """A trial's cells under TABLE_COLUMNS, in the sweep's tables (the tune stage's console, the
+    report's results.md); a failed trial's are empty past "failed"."""
+    if "error" in trial:
+        return [str(trial["depth"]), trial["shortcut"], "failed", *[""] * (len(TABLE_COLUMNS) - 3)]
+    return [
+        str(trial["depth"]),
+        trial["shortcut"],
+        f"{trial['num_params']:,}",
+        f"{trial['best_val_top1_error']:.2%}",
+        f"{trial['final_train_top1_error']:.2%}",
+        f"{trial['final_val_top1_error']:.2%}",
+        str(trial["epochs"]),
+        f"{trial['wall_time_s']:.0f} s",
+    ]
+
+
 def sweep_finished(trial_epochs: list[int | None], grid_size: int, planned_epochs: int, early_stopping: bool) -> bool:
     """Whether every trial of the grid exists and ran to its end. `trial_epochs`: each trial's
     epochs done, None for a trial that failed (it is over). A scheduler that stops trials early

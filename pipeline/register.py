@@ -84,9 +84,8 @@ def shards_dvc_hash() -> str:
     return next((o.get("md5", "unknown") for o in outs), "unknown")
 
 
-def description(
-    params: Params, trial: dict[str, Any], evaluation: dict[str, Any], manifest: dict[str, Any], setup: serving.Setup
-) -> str:
+def description(params: Params, trial: dict[str, Any], evaluation: dict[str, Any], manifest: dict[str, Any]) -> str:
+    setup = serving.setup_of(params.model.arch, manifest, Conversion.of(params.shard))
     spec = resnet.spec_for(resnet.model_name(params.model.arch, trial["depth"]))
     kind = "plain" if trial["shortcut"] == "none" else f"residual, shortcut option {trial['shortcut']}"
     loss = trial.get("best_val_loss")
@@ -157,13 +156,13 @@ def keeping_times(client: mlflow.MlflowClient, run_id: str):
         client.set_terminated(run_id, info.status, end_time=info.end_time)
 
 
-def log_model_unmoved(client: mlflow.MlflowClient, trial: dict[str, Any], setup: serving.Setup, examples: list[bytes]):
+def log_model_unmoved(client: mlflow.MlflowClient, trial: dict[str, Any], params: Params, manifest: dict[str, Any]):
     """The trial's best checkpoint as the servable model, in the trial's run at its best epoch:
     MLflow copies the run's metrics of that step (train and val, and the test figures evaluate
     logged there) onto the logged model."""
     net = checkpoints.model_from_checkpoint(trial["checkpoint"])
     with keeping_times(client, trial["mlflow_run_id"]), mlflow.start_run(run_id=trial["mlflow_run_id"]):
-        return serving.log_model(net, setup, examples, step=trial.get("best_epoch", 0))
+        return serving.log_run_model(net, params, manifest, step=trial.get("best_epoch", 0))
 
 
 def record_on_parent_run(client: mlflow.MlflowClient, trial: dict[str, Any], evaluation: dict[str, Any], model: str) -> None:
@@ -198,8 +197,7 @@ def register(params: Params) -> dict[str, Any]:
     client = mlflow.MlflowClient(uri)
     name, alias = params.mlflow.registered_model, params.mlflow.alias
 
-    setup = serving.setup_of(params.model.arch, manifest, Conversion.of(params.shard))
-    info = log_model_unmoved(client, trial, setup, serving.example_images(params.paths.shards, manifest))
+    info = log_model_unmoved(client, trial, params, manifest)
     tags = {
         "depth": str(trial["depth"]),
         "shortcut": trial["shortcut"],
@@ -216,7 +214,7 @@ def register(params: Params) -> dict[str, Any]:
         tags[VAL_LOSS_TAG] = repr(trial["best_val_loss"])
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.update_model_version(
-        name, version.version, description=description(params, trial, evaluation, manifest, setup)
+        name, version.version, description=description(params, trial, evaluation, manifest)
     )
     record_on_parent_run(client, trial, evaluation, f"models:/{name}/{version.version}")
 

@@ -46,7 +46,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline import cli, files, tracking
 from pipeline.params import Params
-from pipeline.records import read_sweep
+from pipeline.records import TABLE_COLUMNS, read_sweep, table_row
 
 # Paper, Table 6: CIFAR-10 test error (%) of the residual nets (option A).
 PAPER_CIFAR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -127,6 +127,11 @@ def depths_of(nets: Nets, *shortcuts: str) -> list[int]:
     return sorted({d for d, _ in nets if all((d, s) in nets for s in shortcuts)})
 
 
+def final_train_errors(nets: Nets, shortcut: str, *depths: int) -> tuple[float, ...]:
+    """The final train errors of the nets of one shortcut at `depths`: what claims a-c compare."""
+    return tuple(nets[(depth, shortcut)]["final_train_top1_error"] for depth in depths)
+
+
 def verdict(claim_id: str, claim: str, held: bool | None, evidence: dict[str, Any]) -> dict[str, Any]:
     return {"id": claim_id, "claim": claim, "held": held, "evidence": evidence}
 
@@ -140,8 +145,7 @@ def degradation(nets: Nets) -> dict[str, Any]:
     if len(depths) < 2:
         reason = f"needs finished plain nets at two depths or more; the sweep has them at {depths or 'none'}"
         return verdict("degradation", claim, None, {"reason": reason, "plain_depths": depths})
-    shallow = nets[(depths[0], "none")]["final_train_top1_error"]
-    deep = nets[(depths[-1], "none")]["final_train_top1_error"]
+    shallow, deep = final_train_errors(nets, "none", depths[0], depths[-1])
     evidence = {
         "shallow_depth": depths[0],
         "deep_depth": depths[-1],
@@ -184,8 +188,7 @@ def residual_gains_from_depth(nets: Nets) -> dict[str, Any]:
     if len(depths) < 2:
         reason = f"needs finished ResNets (A) at two depths or more; the sweep has them at {depths or 'none'}"
         return verdict("residual_gains_from_depth", claim, None, {"reason": reason, "resnet_A_depths": depths})
-    shallow = nets[(depths[0], "A")]["final_train_top1_error"]
-    deep = nets[(depths[-1], "A")]["final_train_top1_error"]
+    shallow, deep = final_train_errors(nets, "A", depths[0], depths[-1])
     evidence = {
         "shallow_depth": depths[0],
         "deep_depth": depths[-1],
@@ -547,18 +550,14 @@ def results_table(
     lines = [
         f"# Sweep results: {params.data.source}, {params.model.arch}-style nets",
         "",
-        "| depth | shortcut | params | best val top-1 | final train top-1 | final val top-1 | epochs | wall time | paper |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join([*TABLE_COLUMNS, "paper"]) + " |",
+        "|---" * (len(TABLE_COLUMNS) + 1) + "|",
     ]
     for t in trials:
-        if "error" in t:
-            lines.append(f"| {t['depth']} | {SHORTCUT_LABEL.get(t['shortcut'], t['shortcut'])} | failed | | | | | | |")
-            continue
-        lines.append(
-            f"| {t['depth']} | {SHORTCUT_LABEL[t['shortcut']]} | {t['num_params']:,} | {t['best_val_top1_error']:.2%} "
-            f"| {t['final_train_top1_error']:.2%} | {t['final_val_top1_error']:.2%} | {t['epochs']} "
-            f"| {t['wall_time_s']:.0f} s | {paper_error(params.model.arch, t['depth'], t['shortcut'])} |"
-        )
+        cells = table_row(t)
+        cells[1] = SHORTCUT_LABEL.get(t["shortcut"], t["shortcut"])
+        paper = "" if "error" in t else paper_error(params.model.arch, t["depth"], t["shortcut"])
+        lines.append("| " + " | ".join([*cells, paper]) + " |")
     lines.append("")
     if evaluation:
         e = evaluation

@@ -41,6 +41,7 @@ from PIL import Image
 from pipeline import transforms
 from pipeline.images import Conversion, Rejected, rgb_of, to_rgb_jpeg
 from pipeline.manifest import shard_list
+from pipeline.params import Params
 from pipeline.recipe import PROFILES
 from pipeline.tars import tar_samples
 
@@ -171,6 +172,13 @@ def example_images(shards: str, manifest: dict[str, Any], count: int = 3) -> lis
     """The first few val images, as the shards store them (what a consumer would send)."""
     url, _ = shard_list(shards, manifest, "val")[0]
     return [sample["jpg"] for sample in islice(tar_samples(iter([{"url": url}])), count)]
+
+
+def log_run_model(net: torch.nn.Module, params: Params, manifest: dict[str, Any], step: int):
+    """`log_model` for a net trained on the shards of params: their preprocessing, and a few
+    of their val images as the input example. Into the active MLflow run."""
+    setup = setup_of(params.model.arch, manifest, Conversion.of(params.shard))
+    return log_model(net, setup, example_images(params.paths.shards, manifest), step=step)
 
 
 def images_from_arrays(arrays: list[np.ndarray]) -> list[bytes]:

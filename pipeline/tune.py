@@ -29,7 +29,15 @@ from pipeline import checkpoints, cli, driver, tracking
 from pipeline.files import write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS, Params, check_sweep
-from pipeline.records import METRIC, failed_record, in_sweep_order, sweep_finished, trial_record
+from pipeline.records import (
+    METRIC,
+    TABLE_COLUMNS,
+    failed_record,
+    in_sweep_order,
+    sweep_finished,
+    table_row,
+    trial_record,
+)
 from resnet.summary import count_params
 
 # MLflow params that would misdescribe a run: the parent run is the whole grid, not the one
@@ -233,16 +241,14 @@ def sweep(params: Params) -> dict[str, Any]:
 
 
 def format_table(trials: list[dict[str, Any]]) -> str:
-    header = f"{'depth':>5}  {'shortcut':<8}  {'params':>10}  {'best val err':>12}  {'final train err':>15}  {'epochs':>6}  {'wall':>7}"
-    lines = [header, "-" * len(header)]
-    for t in trials:
-        if "error" in t:
-            lines.append(f"{t['depth']:>5}  {t['shortcut']:<8}  failed: {t['error']}")
-            continue
-        lines.append(
-            f"{t['depth']:>5}  {t['shortcut']:<8}  {t['num_params']:>10,}  {t['best_val_top1_error']:>12.2%}"
-            f"  {t['final_train_top1_error']:>15.2%}  {t['epochs']:>6}  {t['wall_time_s']:>6.0f}s"
-        )
+    """The sweep's table for the console: columns aligned, a failed trial's error in full."""
+    rows = [list(TABLE_COLUMNS), *map(table_row, trials)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    for line, trial in zip(range(2, len(lines)), trials, strict=True):
+        if "error" in trial:
+            lines[line] = f"{lines[line].rstrip()}: {trial['error']}"
     return "\n".join(lines)
 
 

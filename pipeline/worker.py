@@ -31,7 +31,6 @@ from ray.train import Checkpoint
 from ray.train.v2._internal.execution import context as train_context
 
 from pipeline import checkpoints, loader, recipe, serving, tracking, transforms
-from pipeline.images import Conversion
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
 from pipeline.records import METRIC
@@ -265,10 +264,7 @@ def log_final_model(run: Rank) -> None:
         return
     if tracking.has_logged_model(run.config["tracking_uri"], run.config["mlflow_run_id"]):
         return
-    params = run.params
-    setup = serving.setup_of(params.model.arch, run.manifest, Conversion.of(params.shard))
-    examples = serving.example_images(params.paths.shards, run.manifest)
-    serving.log_model(run.net, setup, examples, step=params.train.epochs - 1)
+    serving.log_run_model(run.net, run.params, run.manifest, step=run.params.train.epochs - 1)
 
 
 def train_loop(config: dict[str, Any]) -> None:
