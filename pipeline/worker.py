@@ -94,7 +94,7 @@ def quiet_worker_logs() -> None:
 
 
 @dataclass
-class Rank:
+class RankState:
     """One rank's part of a run: what it trains, on what, and what it has done so far."""
 
     params: Params
@@ -117,7 +117,7 @@ class Rank:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
 
-def set_up(config: dict[str, Any]) -> Rank:
+def set_up(config: dict[str, Any]) -> RankState:
     """The net (the same initial weights on every rank), its DDP wrapper and the optimizer."""
     params = Params.model_validate(config["params"])
     context = ray.train.get_context()
@@ -137,85 +137,85 @@ def set_up(config: dict[str, Any]) -> Rank:
         momentum=params.train.momentum,
         weight_decay=params.train.weight_decay,
     )
-    return Rank(
+    return RankState(
         params, config, context.get_world_rank(), context.get_world_size(), device, manifest, net, model, optimizer,
         recipe.schedule(params),
     )  # fmt: skip
 
 
-def restore(run: Rank) -> None:
+def restore(state: RankState) -> None:
     """Continue from the latest checkpoint Ray Train hands this run, if any."""
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return
     with checkpoint.as_directory() as directory:
-        state = checkpoints.load(directory)
-    run.net.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.schedule.load_state_dict(state["schedule"])
-    run.history, run.start_epoch = state["history"], state["epoch"] + 1
+        saved = checkpoints.load(directory)
+    state.net.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.schedule.load_state_dict(saved["schedule"])
+    state.history, state.start_epoch = saved["history"], saved["epoch"] + 1
 
 
-def start_tracking(run: Rank) -> None:
+def start_tracking(state: RankState) -> None:
     """Rank 0 reopens the run's MLflow run, tags where the ranks run, and logs the epochs the
     checkpoint has and MLflow lacks: an epoch checkpointed just before a crash may not have
     reached MLflow, and one logged after the last checkpoint Ray registered will be trained
     again (and must not be logged twice)."""
-    nodes: list[str] = [ray.get_runtime_context().get_node_id()] * run.world_size
+    nodes: list[str] = [ray.get_runtime_context().get_node_id()] * state.world_size
     if dist.is_initialized():
         dist.all_gather_object(nodes, nodes[0])  # every rank takes part
-    if run.rank != 0:
+    if state.rank != 0:
         return
-    run_id, uri = run.config["mlflow_run_id"], run.config["tracking_uri"]
-    run.mlflow_client = tracking.client(uri)
+    run_id, uri = state.config["mlflow_run_id"], state.config["tracking_uri"]
+    state.mlflow_client = tracking.client(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    mlflow.set_tags({"ray.world_size": run.world_size, "ray.nodes": ",".join(sorted(set(nodes)))})
-    run.logged = tracking.logged_steps(run.mlflow_client, run_id, METRIC)
-    for entry in run.history:
-        log_epoch_once(run, entry)
-    if run.start_epoch:
-        say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {run.start_epoch + 1}")
+    mlflow.set_tags({"ray.world_size": state.world_size, "ray.nodes": ",".join(sorted(set(nodes)))})
+    state.logged = tracking.logged_steps(state.mlflow_client, run_id, METRIC)
+    for entry in state.history:
+        log_epoch_once(state, entry)
+    if state.start_epoch:
+        say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}")
 
 
-def log_epoch_once(run: Rank, metrics: dict[str, float]) -> None:
+def log_epoch_once(state: RankState, metrics: dict[str, float]) -> None:
     epoch = int(metrics["epoch"])
-    if run.rank == 0 and epoch not in run.logged:
-        tracking.log_epoch(run.mlflow_client, run.config["mlflow_run_id"], epoch, metrics, int(time.time() * 1000))
-        run.logged.add(epoch)
+    if state.rank == 0 and epoch not in state.logged:
+        tracking.log_epoch(state.mlflow_client, state.config["mlflow_run_id"], epoch, metrics, int(time.time() * 1000))
+        state.logged.add(epoch)
 
 
-def epoch_batches(run: Rank, split: str, epoch: int) -> loader.Batches:
-    params, arch = run.params, run.params.model.arch
+def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
+    params, arch = state.params, state.params.model.arch
     train = split == "train"
     return loader.make_loader(
         params.paths.shards,
         split,
         transforms.train_transform(arch, params.train.flip) if train else transforms.eval_transform(arch),
-        batch_size=recipe.per_worker_batch(params.train.batch_size, run.world_size),
+        batch_size=recipe.per_worker_batch(params.train.batch_size, state.world_size),
         num_workers=params.train.loader_workers,
         epoch=epoch,
         seed=params.train.seed,
         train=train,
-        manifest=run.manifest,
-        pin_memory=run.device.type == "cuda",
+        manifest=state.manifest,
+        pin_memory=state.device.type == "cuda",
     )
 
 
-def train_epoch(run: Rank, epoch: int) -> dict[str, float]:
+def train_epoch(state: RankState, epoch: int) -> dict[str, float]:
     """One epoch of training and the val scores, summed over the ranks."""
-    torch.manual_seed(loader.epoch_seed(run.params.train.seed, epoch, run.rank))
-    mean = run.manifest["mean"]
+    torch.manual_seed(loader.epoch_seed(state.params.train.seed, epoch, state.rank))
+    mean = state.manifest["mean"]
     started = time.perf_counter()
     loss_sum, errors, seen = run_epoch(
-        run.model, epoch_batches(run, "train", epoch), run.optimizer, run.device, mean,
-        recipe.PROFILES[run.params.model.arch].lighting, run.autocast, partial(run.schedule.lr, epoch),
+        state.model, epoch_batches(state, "train", epoch), state.optimizer, state.device, mean,
+        recipe.PROFILES[state.params.model.arch].lighting, state.autocast, partial(state.schedule.lr, epoch),
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
-    loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], run.device)
-    net = getattr(run.model, "module", run.model)
-    val = score(net, epoch_batches(run, "val", epoch), run.device, mean, run.autocast)
-    top1, top5, val_loss_sum, val_seen = all_reduce_sum(list(val), run.device)
+    loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], state.device)
+    net = getattr(state.model, "module", state.model)
+    val = score(net, epoch_batches(state, "val", epoch), state.device, mean, state.autocast)
+    top1, top5, val_loss_sum, val_seen = all_reduce_sum(list(val), state.device)
     return {
         "epoch": epoch,
         "train_loss": loss_sum / seen,
@@ -223,29 +223,29 @@ def train_epoch(run: Rank, epoch: int) -> dict[str, float]:
         "val_top1_error": top1 / val_seen,
         "val_top5_error": top5 / val_seen,
         "val_loss": val_loss_sum / val_seen,  # the registry's tie-break (pipeline.register)
-        "lr": run.schedule.lr(epoch),  # at the epoch's end, for the record
+        "lr": state.schedule.lr(epoch),  # at the epoch's end, for the record
         "images_per_s": seen / train_seconds,
         "epoch_time_s": time.perf_counter() - started,
     }
 
 
-def checkpoint_and_report(run: Rank, epoch: int, metrics: dict[str, float]) -> None:
+def checkpoint_and_report(state: RankState, epoch: int, metrics: dict[str, float]) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray Train waits for all of them)."""
     with tempfile.TemporaryDirectory() as directory:
-        if run.rank == 0:
+        if state.rank == 0:
             checkpoints.save(
                 directory,
                 {
-                    "model_args": checkpoints.model_args(run.params, len(run.manifest["classes"])),
-                    "model": run.net.state_dict(),
-                    "optimizer": run.optimizer.state_dict(),
-                    "schedule": run.schedule.state_dict(),
+                    "model_args": checkpoints.model_args(state.params, len(state.manifest["classes"])),
+                    "model": state.net.state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "schedule": state.schedule.state_dict(),
                     "epoch": epoch,
-                    "history": run.history,
-                    "mean": run.manifest["mean"],
+                    "history": state.history,
+                    "mean": state.manifest["mean"],
                 },
             )
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if run.rank == 0 else None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if state.rank == 0 else None)
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:
@@ -257,36 +257,36 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
     )
 
 
-def log_final_model(run: Rank) -> None:
+def log_final_model(state: RankState) -> None:
     """The servable model (pipeline.serving) at the last epoch, once per run: a rerun of a
     finished run trains nothing and logs nothing new."""
-    if run.rank != 0 or not run.config["log_model"]:
+    if state.rank != 0 or not state.config["log_model"]:
         return
-    if tracking.has_logged_model(run.config["tracking_uri"], run.config["mlflow_run_id"]):
+    if tracking.has_logged_model(state.config["tracking_uri"], state.config["mlflow_run_id"]):
         return
-    serving.log_run_model(run.net, run.params, run.manifest, step=run.params.train.epochs - 1)
+    serving.log_run_model(state.net, state.params, state.manifest, step=state.params.train.epochs - 1)
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """The per-worker training function of the TorchTrainer (pipeline.driver.fit)."""
     quiet_worker_logs()
-    run = set_up(config)
-    restore(run)
-    start_tracking(run)
-    epochs = run.params.train.epochs
-    for epoch in range(run.start_epoch, epochs):
-        metrics = train_epoch(run, epoch)
-        run.schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
-        run.history.append(metrics)
-        checkpoint_and_report(run, epoch, metrics)
-        log_epoch_once(run, metrics)
-        if run.rank == 0 and config["say_epochs"]:
+    state = set_up(config)
+    restore(state)
+    start_tracking(state)
+    epochs = state.params.train.epochs
+    for epoch in range(state.start_epoch, epochs):
+        metrics = train_epoch(state, epoch)
+        state.schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
+        state.history.append(metrics)
+        checkpoint_and_report(state, epoch, metrics)
+        log_epoch_once(state, metrics)
+        if state.rank == 0 and config["say_epochs"]:
             say(epoch_line(metrics, epochs))
-    if run.history and run.start_epoch >= epochs:
+    if state.history and state.start_epoch >= epochs:
         # Resumed after its last epoch was checkpointed but before whoever waits on this run took
         # the result (a Ctrl-C in between): say the final result again, or a sweep would see a
         # trial that never reported and count it unfinished.
-        ray.train.report(run.history[-1])
-    log_final_model(run)
-    if run.rank == 0:
+        ray.train.report(state.history[-1])
+    log_final_model(state)
+    if state.rank == 0:
         mlflow.end_run()
