@@ -16,16 +16,15 @@ from torch.utils.data import default_collate, get_worker_info
 
 
 class BatchBuffers:
-    """Shared-memory batch buffers that each DataLoader worker fills again and again.
+    """Why: DataLoader's default collate stacks every batch into a new shared-memory segment,
+    and the first write to each 4 KiB page of a new segment is a page fault. Reusing a few
+    segments per worker avoids those faults (BENCHMARKS.md measures the saving).
 
-    DataLoader's default collate stacks every batch into a new shared-memory segment, and
-    writing a fresh segment costs a page fault per 4 KiB: on these machines as much as a
-    quarter of the JPEG decode. Here each worker stacks into one of its own buffers instead,
-    taking one whose previous batch the training process has let go of. The training process
-    keeps a weak reference to each batch's storage and marks the buffer free once no tensor
-    (nor any view of one) holds it, so a batch stays valid for as long as anything uses it.
-    A worker that finds no buffer free maps another, up to `per_worker`, and past that stacks
-    into a fresh segment as DataLoader does.
+    How: shared flags say which buffers are busy. A worker takes a free buffer (mapping a new
+    one while it has fewer than `per_worker`), marks it busy and stacks the batch into it; with
+    none free it falls back to a fresh segment, as DataLoader does. The training process keeps a
+    weak reference to each batch's storage, and once the reference is dead (no tensor, nor any
+    view of one, holds the batch) it clears the buffer's flag.
     """
 
     def __init__(self, num_workers: int, per_worker: int) -> None:
