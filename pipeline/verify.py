@@ -5,8 +5,8 @@
 Shards may be local or `s3://` (any fsspec URL), as the loader reads them. Checks each
 shard's sha256, size and sample count, that every sample has a JPEG the loader will
 decode (its header read: no more pixels than `MAX_PIXELS`) and an integer label
-within the classes, that the split totals add up, and that no shard lies on disk that the
-manifest does not list. A member the loader would refuse to read (sparse, or over
+within the classes, that the split totals add up, and that no shard lies in the folder that
+the manifest does not list. A member the loader would refuse to read (sparse, or over
 `MAX_MEMBER_BYTES`) is reported without being read. Any mismatch is printed, one line
 each, and the stage exits 1.
 """
@@ -75,23 +75,50 @@ def check_samples(path: str | Path, num_classes: int) -> tuple[int, list[str]]:
     return len(members), problems
 
 
+def location(shards: str | Path) -> str:
+    """How problem lines name the shards folder: a URL as given, a local path as pathlib
+    writes it (`./data/shards/` as `data/shards`), as these lines read before URLs were."""
+    text = str(shards)
+    return text.rstrip("/") if "://" in text or "::" in text else str(Path(text))
+
+
+def file_size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    """Bytes of the file at `path`, or None where there is none (absent, or a folder): one
+    request on an object store, where isfile and size would be two."""
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info["size"] if info["type"] == "file" else None
+
+
+def stored_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The names (`split/shard.tar`) of the tars one folder below `root`, in pathlib's order.
+    Listed, not globbed: a `[` in a local folder's name would be a glob pattern, and the
+    shard the manifest does not list would go unreported."""
+    prefix = root.rstrip("/") + "/"
+    found = (path[len(prefix) :] for path in fs.find(root, maxdepth=2, withdirs=True) if path.startswith(prefix))
+    tars = [name for name in found if name.count("/") == 1 and name.endswith(".tar")]
+    return sorted(tars, key=lambda name: name.split("/"))  # as pathlib sorts: folder, then file
+
+
 def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
     """Every problem of the shards under `shards` (a folder or a URL), one line each."""
     fs, root = fsspec.core.url_to_fs(str(shards))
-    base = str(shards).rstrip("/")
+    base = location(shards)
     problems = []
     num_classes = len(manifest["classes"])
     for split, info in manifest["splits"].items():
         total = 0
         for entry in info["shards"]:
             path = f"{base}/{entry['name']}"
-            if not fs.isfile(f"{root}/{entry['name']}"):
+            size = file_size(fs, f"{root}/{entry['name']}")
+            if size is None:
                 problems.append(f"{path}: missing")
                 continue
-            size = fs.size(f"{root}/{entry['name']}")
             if size != entry["bytes"]:
                 problems.append(f"{path}: {size} bytes, manifest says {entry['bytes']}")
-            if sha256_of(path) != entry["sha256"]:
+            if sha256_of(path) != entry["sha256"]:  # streamed through fsspec, 1 MiB at a time
                 problems.append(f"{path}: sha256 differs from the manifest")
             # Its samples are checked all the same: nothing the loader would refuse is read, and
             # the lines say what is wrong beyond "differs".
@@ -103,8 +130,7 @@ def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
         if total != info["num_samples"]:
             problems.append(f"{split}: shards hold {total} samples, manifest says {info['num_samples']}")
     listed = {entry["name"] for info in manifest["splits"].values() for entry in info["shards"]}
-    for found in sorted(fs.glob(f"{root}/*/*.tar")):
-        name = found[len(root.rstrip("/")) + 1 :]
+    for name in stored_shards(fs, root):
         if name not in listed:
             problems.append(f"{base}/{name}: a shard the manifest does not list")
     return problems

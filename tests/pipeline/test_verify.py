@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -92,3 +93,21 @@ def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_se
     assert f"verify: {url}/val/shard-000000.tar: sha256 differs from the manifest" in lines
     assert f"verify: {url}/test/shard-000001.tar: missing" in lines
     assert f"verify: {url}/train/shard-999999.tar: a shard the manifest does not list" in lines
+
+
+def test_verify_names_local_shards_as_pathlib_does_and_lists_them_without_globbing(digit_shards, tmp_path, monkeypatch):
+    """A `[` in the folder's name is no glob pattern: the unlisted shard is still found; and a
+    local path is named as pathlib writes it, as before URLs were read."""
+    shards = tmp_path / "run[1]" / "shards"
+    shutil.copytree(digit_shards, shards)
+    (shards / "train" / "shard-999999.tar").write_bytes(b"")
+    (shards / "val" / "shard-000000.tar").unlink()
+    manifest = read_manifest(str(shards))
+    val = manifest["splits"]["val"]
+    left = val["num_samples"] - val["shards"][0]["num_samples"]
+    monkeypatch.chdir(tmp_path)
+    assert verify.verify("./run[1]/shards/", manifest) == [
+        "run[1]/shards/val/shard-000000.tar: missing",
+        f"val: shards hold {left} samples, manifest says {val['num_samples']}",
+        "run[1]/shards/train/shard-999999.tar: a shard the manifest does not list",
+    ]
