@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pandas as pd
@@ -109,3 +110,89 @@ def test_no_finished_trial_with_a_checkpoint_and_no_sweep_file_are_one_line_erro
         records.best_trial([{"depth": 20, "shortcut": "A", "error": "died"}, {"depth": 20, "shortcut": "B", "checkpoint": None}])
     with pytest.raises(UsageError, match=r"sweep\.json: missing; run `python -m pipeline\.tune` first$"):
         records.read_sweep(str(tmp_path))
+
+
+def test_val_rank_orders_a_list_of_results_best_first():
+    results = [(0.2, 0.1), (0.1, None), (0.1, 0.3), (0.0, 5.0), (0.1, 0.2)]
+    ranked = sorted(results, key=lambda r: records.val_rank(*r))
+    assert ranked == [(0.0, 5.0), (0.1, 0.2), (0.1, 0.3), (0.1, None), (0.2, 0.1)]
+
+
+def test_epochs_of_drops_reports_without_a_val_error_and_reads_float_epochs_as_the_same_epoch():
+    # A Tune history read through pandas can carry epochs as floats; a row without a val error
+    # (the key absent, or None) is a report of something else.
+    history = [epoch(2, 0.4), {"epoch": 0}, epoch(0.0, 0.6), epoch(1, 0.5), epoch(2.0, 0.3)]
+    epochs = records.epochs_of(history)
+    assert [int(e["epoch"]) for e in epochs] == [0, 1, 2]
+    assert [e["val_top1_error"] for e in epochs] == [0.6, 0.5, 0.3]
+    assert records.epochs_of([{"epoch": 0, "val_top1_error": None}, {"epoch": 1}]) == []
+
+
+def test_the_best_epoch_ranks_a_nan_loss_last_and_a_lower_error_beats_any_loss():
+    assert records.best_epoch([epoch(0, 0.1, float("nan")), epoch(1, 0.1, 7.0)])["epoch"] == 1
+    assert records.best_epoch([epoch(0, 0.2, 0.01), epoch(1, 0.1, 7.0)])["epoch"] == 1
+    assert records.best_epoch([epoch(3, 0.1, None), epoch(5, 0.1, None)])["epoch"] == 3  # no loss at all: earliest
+
+
+def test_a_trial_record_of_a_resumed_trial_takes_its_last_epoch_from_the_later_report():
+    run = {"num_params": 270, "wall_time_s": 30.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
+    # Reported out of order, epoch 2 twice (the trial resumed after it), and last a row without val.
+    history = [epoch(1, 0.3, 0.6, 0.4), epoch(0, 0.5, 0.9, 0.6), epoch(2, 0.25, 0.5, 0.3),
+               epoch(2, 0.2, float("nan"), 0.1), epoch(3, None, None, 0.01)]  # fmt: skip
+    record = records.trial_record(20, "none", history, planned_epochs=3, run=run)
+    assert (record["final_train_top1_error"], record["final_val_top1_error"]) == (0.1, 0.2)
+    assert record["epochs"] == 3 and record["curve"]["epoch"] == [0, 1, 2]
+    assert record["curve"]["val_top1_error"] == [0.5, 0.3, 0.2]
+    # The best epoch is the later report of epoch 2, whose loss is NaN: recorded as no loss.
+    assert (record["best_epoch"], record["best_val_top1_error"], record["best_val_loss"]) == (2, 0.2, None)
+    json.dumps(record, allow_nan=False)  # sweep.json: plain JSON, no NaN
+
+
+def test_a_trial_record_keeps_the_best_epochs_loss_and_top5_not_the_last_ones():
+    run = {"num_params": 270, "wall_time_s": 30.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
+    history = [epoch(0, 0.1, 0.25), {**epoch(1, 0.1, 0.125), "val_top5_error": 0.5}, epoch(2, 0.3, 0.01)]
+    record = records.trial_record(20, "A", history, planned_epochs=3, run=run)
+    assert (record["best_epoch"], record["best_val_loss"], record["best_val_top5_error"]) == (1, 0.125, 0.5)
+    assert record["final_val_top1_error"] == 0.3
+    assert all(type(record[k]) is float for k in ("best_val_top1_error", "best_val_top5_error", "best_val_loss"))
+
+
+def test_a_grid_missing_a_trial_is_unfinished_even_with_early_stopping():
+    assert not records.sweep_finished([4, 2], grid_size=3, planned_epochs=4, early_stopping=True)
+    assert not records.sweep_finished([], grid_size=1, planned_epochs=4, early_stopping=False)
+
+
+def test_failed_trials_are_over_and_a_trial_past_its_planned_epochs_is_finished():
+    assert records.sweep_finished([None, None], grid_size=2, planned_epochs=4, early_stopping=False)
+    assert records.sweep_finished([5, 4], grid_size=2, planned_epochs=4, early_stopping=False)
+    assert not records.sweep_finished([None, 0], grid_size=2, planned_epochs=4, early_stopping=False)  # never reported
+
+
+def test_sweep_order_is_by_depth_as_a_number_then_plain_a_b_c():
+    shuffled = [{"depth": d, "shortcut": s} for d in (110, 20, 56) for s in ("C", "A", "none", "B")]
+    ordered = [(r["depth"], r["shortcut"]) for r in records.in_sweep_order(shuffled)]
+    assert ordered == [(d, s) for d in (20, 56, 110) for s in ("none", "A", "B", "C")]
+
+
+def test_the_best_trial_passes_over_failed_trials_and_trials_without_a_checkpoint():
+    trials = [
+        {"depth": 20, "shortcut": "none", "error": "RayTaskError: worker died"},  # no numbers at all
+        {"depth": 20, "shortcut": "A", "best_val_top1_error": 0.0, "best_val_loss": 0.01, "checkpoint": None},
+        {"depth": 20, "shortcut": "B", "best_val_top1_error": 0.0, "best_val_loss": 0.01},  # no checkpoint key
+        {"depth": 20, "shortcut": "C", "best_val_top1_error": 0.0, "best_val_loss": 0.01, "checkpoint": ""},
+        {"depth": 56, "shortcut": "A", "best_val_top1_error": 0.2, "best_val_loss": 0.9, "checkpoint": "kept"},
+        {"depth": 56, "shortcut": "B", "best_val_top1_error": 0.3, "best_val_loss": 0.1, "checkpoint": "worse"},
+    ]
+    assert records.best_trial(trials)["checkpoint"] == "kept"
+    with pytest.raises(UsageError):
+        records.best_trial([])
+
+
+def test_read_sweep_reads_the_records_back_and_names_the_missing_file_by_its_path(tmp_path):
+    trials = [{"depth": 20, "shortcut": "A", "best_val_top1_error": 0.1}, {"depth": 56, "shortcut": "B", "error": "x"}]
+    (tmp_path / records.SWEEP_FILE).write_text(json.dumps(trials))
+    assert records.read_sweep(str(tmp_path)) == trials
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(UsageError) as raised:
+        records.read_sweep(str(missing))
+    assert str(raised.value).startswith(f"{missing / 'sweep.json'}: missing")

@@ -35,6 +35,56 @@ def test_a_versions_rank_comes_from_its_tags_an_old_ones_from_top1_error_with_no
     assert register.version_rank({}) == (math.inf, math.inf)
 
 
+def test_a_lower_val_error_takes_the_alias_whatever_the_losses_and_says_whose_error_it_beats():
+    takes, why = register.decide((0.01, 9.0), ("3", (0.02, 0.001)))
+    assert takes and why == "val top-1 error 1.00% beats version 3's 2.00%"
+    takes, why = register.decide((0.01, math.inf), ("3", (0.02, 0.5)))  # no loss of its own
+    assert takes and "beats version 3's" in why
+
+
+def test_a_higher_val_error_does_not_take_the_alias_whatever_the_losses():
+    keeps, why = register.decide((0.02, 0.001), ("4", (0.01, 9.0)))
+    assert not keeps and "2.00% does not beat version 4's 1.00%" in why
+    assert not register.decide((0.02, 0.001), ("4", (0.01, math.inf)))[0]
+
+
+def test_on_equal_val_errors_the_lower_val_loss_takes_the_alias_and_a_higher_or_equal_one_does_not():
+    takes, why = register.decide((0.0, 0.05), ("2", (0.0, 0.1)))
+    assert takes and "ties version 2's" in why and "0.05 beats 0.1" in why
+    keeps, why = register.decide((0.0, 0.2), ("2", (0.0, 0.1)))
+    assert not keeps and "ties version 2's" in why and "0.2 does not beat version 2's 0.1" in why
+    assert not register.decide((0.0, 0.1), ("2", (0.0, 0.1)))[0]
+
+
+def test_on_equal_val_errors_a_new_version_without_a_loss_never_takes_the_alias():
+    keeps, why = register.decide((0.0, math.inf), ("2", (0.0, 0.1)))
+    assert not keeps and "unrecorded does not beat version 2's 0.1" in why
+    keeps, why = register.decide((0.0, math.inf), ("2", (0.0, math.inf)))  # neither has one: the champion stays
+    assert not keeps and why.endswith("unrecorded does not beat version 2's unrecorded")
+
+
+def test_no_champion_means_the_new_version_takes_the_alias_even_without_figures():
+    assert register.decide((math.inf, math.inf), None) == (True, "no version held it")
+
+
+@pytest.mark.parametrize(
+    ("new_error", "takes"),
+    [(0.04, True), (0.05, True), (0.06, False)],  # lower error; equal error and a loss beats none; higher error
+)
+def test_an_old_champion_with_only_top1_error_ranks_by_it_with_an_unknown_loss(new_error, takes):
+    old = register.version_rank({"top1_error": "0.05", "depth": "20"})
+    new = register.version_rank({"val_top1_error": repr(new_error), "val_loss": "3.5", "test_top1_error": "0.9"})
+    assert old == (0.05, math.inf)
+    assert register.decide(new, ("1", old))[0] is takes
+
+
+def test_a_versions_rank_reads_the_val_tags_before_the_old_one_and_a_nan_loss_as_unrecorded():
+    assert register.version_rank({"val_top1_error": "0.1", "top1_error": "0.0"}) == (0.1, math.inf)
+    assert register.version_rank({"val_top1_error": "0.1", "val_loss": "nan"}) == (0.1, math.inf)
+    # The test figures are recorded, never ranked.
+    assert register.version_rank({"test_top1_error": "0.0", "val_top1_error": "0.3", "val_loss": "0.7"}) == (0.3, 0.7)
+
+
 def test_register_takes_only_the_test_figures_of_the_chosen_checkpoint(tmp_path):
     trial = {"checkpoint": "/ray/run-b/checkpoint_000004", "mlflow_run_id": "b"}
     chosen = {"mlflow_run_id": "b", "checkpoint_name": "checkpoint_000004", "top1_error": 0.0}

@@ -257,6 +257,129 @@ def test_results_md_lists_every_claim_with_its_verdict(tmp_path, params):
     assert "SVC baseline" in text and "1.11%" in text
 
 
+# --- results.md's table, and how the evidence reads ------------------------------------------
+
+# eval.json as pipeline.evaluate writes it, and registry.json as pipeline.register does.
+EVALUATION = {
+    "mlflow_run_id": "run-56-A", "checkpoint_name": "checkpoint_000003", "depth": 56, "shortcut": "A",
+    "split": "test", "crop": "single", "top1_error": 0.0111, "top5_error": 0.0, "loss": 0.05, "num_samples": 360,
+}  # fmt: skip
+REGISTRY = {
+    "registered_model": "resnet-digits", "version": 3, "alias": "champion", "alias_moved": True,
+    "message": "alias 'champion' -> version 3 (no version held it)",
+}  # fmt: skip
+
+
+def table_lines(text: str) -> list[str]:
+    """The rows of results.md's first table, its header and rule included."""
+    start = text.index("| depth |")
+    return text[start : text.index("\n\n", start)].splitlines()
+
+
+def test_results_table_has_a_headline_a_row_a_trial_and_the_papers_number_beside_option_a(params):
+    trials = [finished_trial(20, "none", 0.05, 0.08), finished_trial(20, "A", 0.02, 0.05), failed_trial(56, "B")]
+    text = report.results_table(params, trials, None, None, None)
+    assert text.splitlines()[0] == "# Sweep results: digits, cifar-style nets"
+    header, rule, *rows = table_lines(text)
+    assert header == (
+        "| depth | shortcut | params | best val top-1 | final train top-1 | final val top-1 | epochs | wall | paper |"
+    )
+    assert rule == "|---|---|---|---|---|---|---|---|---|"
+    assert rows == [
+        "| 20 | plain | 20,000 | 8.00% | 5.00% | 8.00% | 4 | 12 s |  |",  # Table 6 has ResNets (A) only
+        "| 20 | ResNet (A) | 20,000 | 5.00% | 2.00% | 5.00% | 4 | 12 s | 8.75% (CIFAR-10, Table 6) |",
+        "| 56 | ResNet (B) | failed |  |  |  |  |  |  |",
+    ]
+    # Nothing was evaluated, registered or fitted: no line pretends it was.
+    assert "Best trial" not in text and "Registry:" not in text and "SVC baseline" not in text
+    assert text.endswith(".\n") and not text.endswith("\n\n")
+
+
+def test_results_table_ends_with_the_claims_section_of_the_same_trials(params):
+    trials = sweep()
+    text = report.results_table(params, trials, None, None, None)
+    section = text[text.index("## The paper's claims, checked on this sweep") :]
+    assert text.index("| depth |") < text.index("## The paper's claims")
+    assert section == report.claims_section(report.claims(trials))
+    assert "5 held, 0 not held, 0 not tested." in section
+    assert len(table_lines(text)) == 2 + len(trials)
+
+
+def test_results_table_gives_the_test_figures_the_ten_crop_ones_the_baseline_and_the_registry(params):
+    evaluation = {**EVALUATION, "ten_crop": {"top1_error": 0.0083, "top5_error": 0.0, "loss": 0.04, "num_samples": 360}}
+    text = report.results_table(params, sweep(), evaluation, REGISTRY, 0.0111)
+    lines = text.splitlines()
+    assert (
+        "Best trial (56-layer, shortcut A) on 360 test images, single crop: top-1 error 1.11%, top-5 error 0.00%."
+    ) in lines
+    assert "10-crop: top-1 error 0.83%, top-5 error 0.00%." in lines
+    assert (
+        "SVC baseline (scikit-learn, gamma=0.001), fitted on the same train split, on the test split: top-1 error 1.11%."
+    ) in lines
+    assert "Registry: resnet-digits version 3; alias 'champion' -> version 3 (no version held it)." in lines
+    assert "10-crop" not in report.results_table(params, sweep(), EVALUATION, None, None)
+
+
+def test_results_table_of_imagenet_size_nets_cites_tables_2_and_3():
+    params = params_module.load(REPO / "params.yaml", ["model.arch=imagenet", "model.depth=18"])
+    trials = [finished_trial(34, "none", 0.3, 0.3), finished_trial(34, "B", 0.2, 0.25), finished_trial(50, "A", 0.2, 0.2)]
+    text = report.results_table(params, trials, None, None, None)
+    assert text.splitlines()[0] == "# Sweep results: digits, imagenet-style nets"
+    papers = [row.strip("|").split("|")[-1].strip() for row in table_lines(text)[2:]]
+    assert papers == ["28.54% (ImageNet 10-crop, Tables 2-3)", "24.52% (ImageNet 10-crop, Tables 2-3)", ""]
+
+
+def test_trial_metrics_name_each_finished_trial_in_the_sweeps_order_and_leave_out_failures():
+    trials = [finished_trial(56, "C", 0.008, 0.03), failed_trial(20, "A"), finished_trial(20, "none", 0.05, 0.08)]
+    metrics = report.trial_metrics(trials)
+    assert list(metrics) == ["resnet-56-C", "plain-20"]
+    assert metrics["resnet-56-C"] == {"best_val_error": 0.03, "final_train_error": 0.008}
+    assert report.trial_metrics([failed_trial(20, "A")]) == {}
+
+
+def test_a_curve_csv_counts_epochs_from_1_and_keeps_every_digit_of_the_errors():
+    curve = {"epoch": [0, 1, 2], "train_top1_error": [1, 1 / 3, 0.0], "val_top1_error": [0.9, 2 / 3, 0.1]}
+    text = report.curve_csv({"curve": curve})
+    header, *rows = text.splitlines()
+    assert header == "epoch,train_error,val_error" and text.endswith("\n")
+    assert rows[0] == "1,1.0,0.9"
+    parsed = [tuple(map(float, row.split(","))) for row in rows]
+    assert parsed == [(1, 1.0, 0.9), (2, 1 / 3, 2 / 3), (3, 0.0, 0.1)]  # read back exactly
+    empty = {"epoch": [], "train_top1_error": [], "val_top1_error": []}
+    assert report.curve_csv({"curve": empty}) == "epoch,train_error,val_error\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("ratio", None, "n/a"),
+        ("all_beat_plain", True, "yes"),
+        ("held", False, "no"),  # a bool, not the int 0
+        ("B_num_params", 1_734_000, "1,734,000"),
+        ("deep_depth", 1202, "1202"),
+        ("ratio", 0.25, "0.250"),
+        ("max_ratio", 1 / 3, "0.333"),
+        ("gap", 0.25, "25.00%"),
+        ("difference", -0.01, "-1.00%"),
+        ("plain_deep_final_train_error", 0.0028, "0.28%"),
+        ("untested_depths", [56, 110], "56, 110"),
+        ("untested_depths", [], "none"),
+        ("reason", "needs two depths", "needs two depths"),
+        ("evidence", {"plain_num_params": 20000, "spread": 0.01}, "plain num params: 20,000, spread: 1.00%"),
+    ],
+)
+def test_format_value_shows_errors_in_percent_ratios_as_decimals_and_counts_with_commas(key, value, shown):
+    assert report.format_value(key, value) == shown
+
+
+def test_per_depth_rows_read_as_layers_with_their_numbers():
+    row = {"depth": 20, "plain_best_val_error": 0.0333, "spread": 0.01, "all_beat_plain": False, "held": True}
+    assert report.format_row(row) == "20 layers (plain best val error: 3.33%, spread: 1.00%, all beat plain: no, held: yes)"
+    assert report.format_row({"spread": 0.01}) == "spread: 1.00%"  # no depth: the plain evidence
+    rows = [{"depth": 20, "held": True}, {"depth": 56, "A_num_params": 56000, "held": False}]
+    assert report.format_value("depths", rows) == "20 layers (held: yes); 56 layers (A num params: 56,000, held: no)"
+
+
 def test_dvc_declares_claims_json_a_metric_of_the_report_stage():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     assert {"${paths.reports}/claims.json": {"cache": False}} in stage["metrics"]

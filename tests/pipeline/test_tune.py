@@ -3,6 +3,9 @@ another experiment, another name), a trial's params and label, the console table
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 
 from pipeline import params as params_module
@@ -18,30 +21,78 @@ def name_with(*overrides: str, manifest_sha: str = SHA) -> str:
     return tune.sweep_name(params_module.load(REPO / "params.yaml", list(overrides)), manifest_sha)
 
 
-@pytest.mark.parametrize(
-    "override",
-    ["train.warmup_epochs=2", "train.epochs=3", "train.lr=0.05", "train.flip=true", "train.seed=1",
-     "tune.depths=[20]", "tune.scheduler=asha", "model.bottleneck=v1.5", "model.zero_init_residual=true"],
-)  # fmt: skip
-def test_a_param_that_changes_a_result_renames_the_sweep(override):
-    assert name_with(override) != name_with()
+# One changed value for every param of the sections the name reads (model, train, tune) that is
+# neither how the trials run (EXECUTION_KEYS) nor varied by the grid (model.depth, shortcut).
+RESULT_OVERRIDES = {
+    "model.arch": ("model.arch=imagenet", "model.depth=18"),  # the depth follows: depth alone never renames it
+    "model.bottleneck": ("model.bottleneck=v1.5",),
+    "model.zero_init_residual": ("model.zero_init_residual=true",),
+    "train.epochs": ("train.epochs=3",),
+    "train.batch_size": ("train.batch_size=64",),
+    "train.lr": ("train.lr=0.05",),
+    "train.momentum": ("train.momentum=0.5",),
+    "train.weight_decay": ("train.weight_decay=5.0e-4",),
+    "train.seed": ("train.seed=1",),
+    "train.milestones": ("train.milestones=[0.5]",),
+    "train.plateau_patience": ("train.plateau_patience=5",),
+    "train.warmup_depth": ("train.warmup_depth=56",),
+    "train.warmup_epochs": ("train.warmup_epochs=2",),
+    "train.flip": ("train.flip=true",),
+    "tune.depths": ("tune.depths=[20]",),
+    "tune.shortcuts": ("tune.shortcuts=[none, A]",),
+    "tune.scheduler": ("tune.scheduler=asha",),
+    "tune.grace_period": ("tune.grace_period=2",),
+}
+
+
+def test_every_param_that_changes_a_result_has_an_override_here():
+    sections = {"model": params_module.Model, "train": params_module.Train, "tune": params_module.Tune}
+    result_keys = {
+        f"{section}.{key}"
+        for section, schema in sections.items()
+        for key in schema.model_fields
+        if key not in EXECUTION_KEYS.get(section, ()) and f"{section}.{key}" not in ("model.depth", "model.shortcut")
+    }
+    assert set(RESULT_OVERRIDES) == result_keys
+
+
+@pytest.mark.parametrize("key", RESULT_OVERRIDES)
+def test_a_param_that_changes_a_result_renames_the_sweep(key):
+    default = params_module.load(REPO / "params.yaml")
+    changed = params_module.load(REPO / "params.yaml", list(RESULT_OVERRIDES[key]))
+    section, field = key.split(".")
+    assert getattr(getattr(changed, section), field) != getattr(getattr(default, section), field)
+    assert name_with(*RESULT_OVERRIDES[key]) != name_with()
 
 
 EXECUTION_OVERRIDES = {
     "num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2", "loader_workers": "2", "compile": "true",
     "max_failures": "0", "checkpoints_to_keep": "5", "run_name": "mine", "max_concurrent_trials": "1", "name": "mine",
+    "workers": "4",
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("section, key", [(s, k) for s, keys in EXECUTION_KEYS.items() if s != "shard" for k in keys])
+@pytest.mark.parametrize("section, key", [(s, k) for s, keys in EXECUTION_KEYS.items() for k in keys])
 def test_how_and_where_trials_run_does_not_rename_the_sweep(section, key):
-    assert name_with(f"{section}.{key}={EXECUTION_OVERRIDES[key]}") == name_with()
+    override = f"{section}.{key}={EXECUTION_OVERRIDES[key]}"
+    changed = getattr(params_module.load(REPO / "params.yaml", [override]), section)
+    assert getattr(changed, key) != getattr(getattr(params_module.load(REPO / "params.yaml"), section), key)
+    assert name_with(override) == name_with()
 
 
 def test_the_grid_varies_depth_and_shortcut_so_they_do_not_rename_it_but_the_data_does():
     assert name_with("model.depth=56", "model.shortcut=C") == name_with()
     assert name_with(manifest_sha="b" * 64) != name_with()
     assert name_with() == name_with() and name_with().startswith("sweep-")
+
+
+def test_the_sweep_name_is_the_same_for_the_same_experiment_however_its_params_were_given():
+    # The order of the overrides, and a value given as params.yaml already has it, change nothing.
+    a = name_with("train.lr=0.05", "train.epochs=3")
+    assert a == name_with("train.epochs=3", "train.lr=0.05") == name_with("train.lr=0.05", "train.epochs=3", "train.seed=0")
+    assert re.fullmatch(r"sweep-[0-9a-f]{8}", a)  # a Ray storage folder and an MLflow run name
+    # The paths, the data section (the manifest stands for the data) and MLflow's names are no part of it.
+    assert name_with("paths.reports=/elsewhere", "paths.ray_storage=/tmp/ray", "mlflow.experiment=other") == name_with()
 
 
 def test_a_trials_params_and_label():
@@ -51,8 +102,36 @@ def test_a_trials_params_and_label():
     assert tune.trial_label("cifar", 56, "C") == "cifar_resnet56-C"
 
 
+def test_a_trials_params_are_the_sweeps_but_for_depth_shortcut_and_run_name():
+    sweep_params = params_module.load(REPO / "params.yaml", ["train.lr=0.05", "model.bottleneck=v1.5"])
+    base = sweep_params.model_dump(mode="json")
+    before = copy.deepcopy(base)
+    trial = tune.trial_params(base, 56, "none", "sweep-x-0002")
+    assert base == before  # the config Tune hands every trial is left as it was
+    expected = copy.deepcopy(base)
+    expected["model"] |= {"depth": 56, "shortcut": "none"}
+    expected["train"]["run_name"] = "sweep-x-0002"
+    assert trial.model_dump(mode="json") == expected
+    assert isinstance(trial, params_module.Params)
+
+
+def test_a_trials_label_names_the_net_as_resnet_does_and_its_shortcut():
+    assert tune.trial_label("cifar", 20, "none") == "cifar_resnet20-none"
+    assert tune.trial_label("imagenet", 50, "B") == "resnet50-B"
+
+
 def test_the_console_table_has_a_row_a_trial_and_names_a_failure():
     table = tune.format_table([finished_trial(20, "A", 0.02, 0.05), failed_trial(56, "B")]).splitlines()
     assert table[0].split()[:2] == ["depth", "shortcut"] and len(table) == 4
     assert table[2].split()[:2] == ["20", "A"] and "5.00%" in table[2] and "2.00%" in table[2]
     assert table[3].split()[:3] == ["56", "B", "failed:"]
+
+
+def test_the_console_table_aligns_its_columns_and_gives_a_failures_error_in_full():
+    trials = [finished_trial(20, "none", 0.5, 0.55), finished_trial(110, "C", 0.0, 0.0123, num_params=1_734_000)]
+    header, rule, *rows = tune.format_table([*trials, failed_trial(56, "A")]).splitlines()
+    assert len(header) == len(rule) == len(rows[0]) == len(rows[1]) and set(rule) == {"-"}
+    assert rows[1].split() == ["110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s"]
+    # Right-aligned: each finished row's cells end where the header's columns end.
+    assert rows[0].index("20") + 2 == header.index("depth") + len("depth")
+    assert rows[2].endswith("failed: RayTaskError: worker died")
