@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -157,7 +158,11 @@ def log_model(net: torch.nn.Module, setup: Setup, examples: list[bytes], step: i
         example = pd.DataFrame({INPUT_COLUMN: examples})
         classifier = ImageClassifier()
         classifier.setup, classifier.network = setup, torch.export.load(network).module()
-        signature = infer_signature(example, classifier.predict(None, example))
+        with warnings.catch_warnings():
+            # MLflow warns that an integer column cannot hold a missing value; the integer column
+            # is the output's predicted class, which is never missing.
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning)
+            signature = infer_signature(example, classifier.predict(None, example))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=__file__,
