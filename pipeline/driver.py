@@ -149,15 +149,29 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
     return f"{resnet.model_name(params.model.arch, params.model.depth)}-{params.model.shortcut}-{digest}"
 
 
+# What a cluster that a stage starts on its own machine runs with (Ray 2.60's Train v2 settings).
+LOCAL_CLUSTER_ENV = {
+    # A worker's `ray.train.report` waits until the Train controller has taken its previous
+    # report, and the controller looks every 2 s by default; an epoch of the digits takes about
+    # a second, so each epoch waited up to 2 s more, and each run's end as long. Polling every
+    # 0.2 s costs the training nothing measurable (BENCHMARKS.md).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
+    # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
+    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def ray_init() -> None:
-    """Join the cluster RAY_ADDRESS names, else start a local one (dashboard on 127.0.0.1)."""
+    """Join the cluster RAY_ADDRESS names, else start a local one (dashboard on 127.0.0.1: Ray
+    Train's placement-group cleaner asks its State API whether each run's controller lives, and
+    logs a warning a second without it)."""
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
-    # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
-    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
-    ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}})
+    env = {key: os.environ.get(key, value) for key, value in LOCAL_CLUSTER_ENV.items()}
+    ray.init(log_to_driver=True, runtime_env={"env_vars": env})

@@ -44,7 +44,7 @@ def trial_record(
     depth: int, shortcut: str, history: list[dict[str, Any]], planned_epochs: int, run: dict[str, Any]
 ) -> dict[str, Any]:
     """One finished trial's record, from its per-epoch results and its MLflow run (`run`:
-    num_params, wall_time_s, checkpoint, mlflow_run_id)."""
+    num_params, wall_time_s, overhead_s, checkpoint, mlflow_run_id; the two times: pipeline.tune.TrialTimes)."""
     epochs = epochs_of(history)
     best = best_epoch(epochs)
     loss = best.get("val_loss")
@@ -61,6 +61,7 @@ def trial_record(
         "epochs": int(epochs[-1]["epoch"]) + 1,
         "planned_epochs": planned_epochs,
         "wall_time_s": run["wall_time_s"],
+        "overhead_s": run["overhead_s"],
         "curve": {
             "epoch": [int(row["epoch"]) for row in epochs],
             "train_top1_error": [float(row["train_top1_error"]) for row in epochs],
@@ -80,7 +81,10 @@ def in_sweep_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
 
 
-TABLE_COLUMNS = ("depth", "shortcut", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall")
+TABLE_COLUMNS = (
+    "depth", "shortcut", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall",
+    "overhead",
+)  # fmt: skip
 
 
 def table_row(trial: dict[str, Any]) -> list[str]:
@@ -96,8 +100,13 @@ def table_row(trial: dict[str, Any]) -> list[str]:
         f"{trial['final_train_top1_error']:.2%}",
         f"{trial['final_val_top1_error']:.2%}",
         str(trial["epochs"]),
-        f"{trial['wall_time_s']:.0f} s",
+        seconds(trial["wall_time_s"]),
+        seconds(trial.get("overhead_s")),  # none in records written before it was measured
     ]
+
+
+def seconds(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.0f} s"
 
 
 def sweep_finished(trial_epochs: list[int | None], grid_size: int, planned_epochs: int, early_stopping: bool) -> bool:

@@ -108,6 +108,7 @@ def finished_trial(depth: int, shortcut: str, train: float, val: float, num_para
         "epochs": 4,
         "planned_epochs": 4,
         "wall_time_s": 12.0,
+        "overhead_s": 3.0,
         "curve": {
             "epoch": [0, 1, 2, 3],
             "train_top1_error": [0.9, 0.5, (0.5 + train) / 2, train],

@@ -83,7 +83,8 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     trials = json.loads((clone / "reports" / "sweep.json").read_text())
     assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
     for t in trials:
-        assert {"num_params", "best_val_top1_error", "best_val_loss", "final_train_top1_error", "epochs", "wall_time_s"} <= set(t)
+        assert {"num_params", "best_val_top1_error", "best_val_loss", "final_train_top1_error", "epochs"} <= set(t)
+        assert 0 < t["overhead_s"] < t["wall_time_s"]  # pipeline.tune.TrialTimes
         assert t["best_val_loss"] > 0
     # The val split chose the trial; the figures reported are the test split's.
     evaluation = json.loads((clone / "metrics" / "eval.json").read_text())
@@ -130,24 +131,30 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     assert str(client.get_model_version_by_alias("resnet-digits", "champion").version) == "1"
 
 
-def test_an_interrupted_sweep_resumes(tmp_path):
+def sweep_in(folder: Path, *overrides: str) -> tuple[dict[str, str], list[str]]:
+    """The environment and arguments of a stage run on a tiny sweep with its outputs in `folder`
+    (on a local cluster and MLflow store of its own), the digits already sharded there."""
     from tests.conftest import REPO
 
-    shards = tmp_path / "shards"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    overrides = [
-        f"paths.shards={shards}",
-        f"paths.ray_storage={tmp_path / 'ray'}",
-        f"paths.reports={tmp_path / 'reports'}",
-        f"paths.metrics={tmp_path / 'metrics'}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.epochs=3",
+    overrides = (
+        f"paths.shards={folder / 'shards'}",
+        f"paths.ray_storage={folder / 'ray'}",
+        f"paths.reports={folder / 'reports'}",
+        f"paths.metrics={folder / 'metrics'}",
+        f"mlflow.tracking_uri=sqlite:///{folder / 'mlflow.db'}",
         "train.batch_size=64",
         "tune.depths=[8]",
-        "tune.shortcuts=[none, A]",
-    ]
+        *overrides,
+    )
     args = ["--params", str(REPO / "params.yaml"), *[a for o in overrides for a in ("--set", o)]]
-    subprocess.run([sys.executable, "-m", "pipeline.shard", *args], env=env, cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline.shard", *args], env=env, cwd=folder, check=True, capture_output=True)
+    return env, args
+
+
+def test_an_interrupted_sweep_resumes(tmp_path):
+
+    env, args = sweep_in(tmp_path, "train.epochs=3", "tune.shortcuts=[none, A]")
 
     first = subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline.tune", *args],
@@ -172,6 +179,7 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     assert "resuming sweep" in second.stdout
     trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
     assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 3), ("A", 3)]
+    assert all(0 < t["overhead_s"] < t["wall_time_s"] for t in trials)  # timed from the resumption
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("resnet")
@@ -182,3 +190,23 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")]
         assert steps == [0, 1, 2]
+
+
+def test_trials_that_wait_for_a_slot_run_in_a_reused_trial_process_each_in_its_own_mlflow_run(tmp_path):
+    """One trial at a time: Tune hands each next trial the previous one's process (reuse_actors)."""
+    env, args = sweep_in(tmp_path, "train.epochs=1", "tune.shortcuts=[none, A, B]", "tune.max_concurrent_trials=1")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    assert [t["shortcut"] for t in trials] == ["none", "A", "B"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for trial in trials:
+        run = client.get_run(trial["mlflow_run_id"])
+        assert run.data.params["model.shortcut"] == trial["shortcut"]
+        assert run.info.run_name == f"cifar_resnet8-{trial['shortcut']}" and run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [0]
+        assert 0 < trial["overhead_s"] < trial["wall_time_s"]
+    assert len({t["mlflow_run_id"] for t in trials}) == 3 and len({t["checkpoint"] for t in trials}) == 3

@@ -83,7 +83,7 @@ def test_the_best_epoch_is_the_lowest_error_then_the_lowest_loss_then_the_earlie
 
 
 def test_a_trial_record_holds_its_best_epoch_its_last_and_its_curve():
-    run = {"num_params": 270, "wall_time_s": 30.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
+    run = {"num_params": 270, "wall_time_s": 30.0, "overhead_s": 6.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
     history = [epoch(0, 0.5, 1.0, 0.6), epoch(1, 0.1, None, 0.2), epoch(2, 0.2, 0.3, 0.05)]
     record = records.trial_record(56, "B", history, planned_epochs=4, run=run)
     assert record["best_epoch"] == 1 and record["best_val_top1_error"] == 0.1 and record["best_val_loss"] is None
@@ -135,7 +135,7 @@ def test_the_best_epoch_ranks_a_nan_loss_last_and_a_lower_error_beats_any_loss()
 
 
 def test_a_trial_record_of_a_resumed_trial_takes_its_last_epoch_from_the_later_report():
-    run = {"num_params": 270, "wall_time_s": 30.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
+    run = {"num_params": 270, "wall_time_s": 30.0, "overhead_s": 6.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
     # Reported out of order, epoch 2 twice (the trial resumed after it), and last a row without val.
     history = [epoch(1, 0.3, 0.6, 0.4), epoch(0, 0.5, 0.9, 0.6), epoch(2, 0.25, 0.5, 0.3),
                epoch(2, 0.2, float("nan"), 0.1), epoch(3, None, None, 0.01)]  # fmt: skip
@@ -149,7 +149,7 @@ def test_a_trial_record_of_a_resumed_trial_takes_its_last_epoch_from_the_later_r
 
 
 def test_a_trial_record_keeps_the_best_epochs_loss_and_top5_not_the_last_ones():
-    run = {"num_params": 270, "wall_time_s": 30.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
+    run = {"num_params": 270, "wall_time_s": 30.0, "overhead_s": 6.0, "checkpoint": "/ckpt", "mlflow_run_id": "r"}
     history = [epoch(0, 0.1, 0.25), {**epoch(1, 0.1, 0.125), "val_top5_error": 0.5}, epoch(2, 0.3, 0.01)]
     record = records.trial_record(20, "A", history, planned_epochs=3, run=run)
     assert (record["best_epoch"], record["best_val_loss"], record["best_val_top5_error"]) == (1, 0.125, 0.5)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline import params as params_module
-from pipeline import tune
+from pipeline import records, tracking, tune
 from pipeline.params import EXECUTION_KEYS
 from tests.conftest import REPO
 from tests.helpers import failed_trial, finished_trial
@@ -131,7 +132,29 @@ def test_the_console_table_aligns_its_columns_and_gives_a_failures_error_in_full
     trials = [finished_trial(20, "none", 0.5, 0.55), finished_trial(110, "C", 0.0, 0.0123, num_params=1_734_000)]
     header, rule, *rows = tune.format_table([*trials, failed_trial(56, "A")]).splitlines()
     assert len(header) == len(rule) == len(rows[0]) == len(rows[1]) and set(rule) == {"-"}
-    assert rows[1].split() == ["110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s"]
+    assert rows[1].split() == ["110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s"]
     # Right-aligned: each finished row's cells end where the header's columns end.
     assert rows[0].index("20") + 2 == header.index("depth") + len("depth")
     assert rows[2].endswith("failed: RayTaskError: worker died")
+
+
+def test_a_record_from_before_trials_were_timed_leaves_the_overhead_cell_empty():
+    trial = finished_trial(20, "A", 0.02, 0.05)
+    del trial["overhead_s"]
+    assert records.table_row(trial)[-2:] == ["12 s", ""]
+
+
+def test_a_trials_times_reach_its_mlflow_run_wall_and_what_its_epochs_did_not_take(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.client(uri)
+    experiment = tracking.experiment_id(client, "resnet")
+    run_id = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: "sweep-1-t1"}).info.run_id
+    clock = iter([100.0, 130.5])
+    monkeypatch.setattr(tune.time, "monotonic", lambda: next(clock))
+    times, trial = tune.TrialTimes(uri, experiment, "sweep-1"), SimpleNamespace(trial_id="t1")
+    times.on_trial_start(0, [], trial)
+    for seconds in (10.0, 12.0):
+        times.on_trial_result(0, [], trial, {"epoch_time_s": seconds, "val_top1_error": 0.1})
+    times.on_trial_result(0, [], trial, {"done": True})  # Tune's own final result has no epoch
+    times.on_trial_complete(0, [], trial)
+    assert client.get_run(run_id).data.metrics == {"wall_time_s": 30.5, "overhead_s": 8.5}
