@@ -81,29 +81,29 @@ class TrialTimes(ray.tune.Callback):
     MLflow run, where the sweep's records read them. A trial that a rerun resumes is timed from
     its resumption, against the epochs it ran since."""
 
+    clock = staticmethod(time.monotonic)
+
     def __init__(self, uri: str, experiment: str, sweep: str):
         self.uri, self.experiment, self.sweep = uri, experiment, sweep
-        self.started: dict[str, float] = {}
-        self.epoch_seconds: dict[str, float] = {}
+        self.running: dict[str, list[float]] = {}  # trial id -> [started, seconds in epochs]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.started[trial.trial_id] = time.monotonic()
-        self.epoch_seconds[trial.trial_id] = 0.0
+        self.running[trial.trial_id] = [self.clock(), 0.0]
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if trial.trial_id in self.epoch_seconds:
-            self.epoch_seconds[trial.trial_id] += result.get("epoch_time_s", 0.0)
+        if trial.trial_id in self.running:
+            self.running[trial.trial_id][1] += result.get("epoch_time_s", 0.0)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if trial.trial_id not in self.started:
+        if trial.trial_id not in self.running:
             return
-        wall = time.monotonic() - self.started.pop(trial.trial_id)
+        started, epoch_seconds = self.running.pop(trial.trial_id)
+        wall = self.clock() - started
         mlflow_client = tracking.client(self.uri)
         run_id = tracking.find_run(mlflow_client, self.experiment, f"{self.sweep}-{trial.trial_id}")
         if run_id:
-            overhead = wall - self.epoch_seconds.pop(trial.trial_id)
             mlflow_client.log_metric(run_id, "wall_time_s", wall)
-            mlflow_client.log_metric(run_id, "overhead_s", overhead)
+            mlflow_client.log_metric(run_id, "overhead_s", wall - epoch_seconds)
 
 
 class SweepInterrupted(Exception):
