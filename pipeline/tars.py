@@ -1,7 +1,8 @@
 """Reading the shards' tar files: WebDataset's tar reader, made safe for shards others wrote.
 
 `tar_samples` turns shard URLs into samples (dicts of member bytes keyed by extension) as
-`wds.tarfile_to_samples` does, but reads each member in one piece, refuses members whose header
+`wds.tarfile_to_samples` does, but reads each member in one piece (the plain headers that the
+shard stage writes parsed here, anything else by tarfile), refuses members whose header
 asks for more memory than any shard the stage writes would need (`member_refusal`), and
 `whole_shards` fails at a shard that holds fewer samples than its manifest says. Members are
 bytes only: nothing is unpickled. Shards may be local paths or `s3://` (any fsspec URL).
@@ -42,35 +43,92 @@ def member_refusal(member: tarfile.TarInfo) -> str | None:
     zero-filled: 250 KB in the tar can read as 16 GiB. The shard stage never writes one."""
     if member.issparse():
         return f"a sparse file, {member.size} bytes once its holes are filled; shards hold no sparse files"
-    if member.size > MAX_MEMBER_BYTES:
-        return f"{member.size} bytes, over the limit of {MAX_MEMBER_BYTES} bytes for a member"
+    return size_refusal(member.size)
+
+
+def size_refusal(size: int) -> str | None:
+    if size > MAX_MEMBER_BYTES:
+        return f"{size} bytes, over the limit of {MAX_MEMBER_BYTES} bytes for a member"
     return None
+
+
+def plain_member(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular file's tar header that needs none of tar's extensions, parsed
+    as tarfile parses it (`TarInfo.frombuf`); None for any other header (pax and GNU headers,
+    sparse files, links, directories, a bad checksum, the archive's end), which tarfile reads.
+    Reading these few fields instead of all of them, and the data without a file object around
+    it, reads a shard's members in 0.03 ms a sample instead of 0.08 (BENCHMARKS.md)."""
+    if (
+        len(header) != tarfile.BLOCKSIZE
+        or header[156:157] not in (tarfile.REGTYPE, tarfile.AREGTYPE)
+        or header[124] in (0o200, 0o377)  # a size in base-256 (over 8 GiB)
+    ):
+        return None
+    try:
+        checksum, size = tarfile.nti(header[148:156]), tarfile.nti(header[124:136])
+    except tarfile.InvalidHeaderError:
+        return None
+    # The checksum's field counts as spaces. (tarfile also accepts the signed sum of old tars.)
+    if size < 0 or checksum != 256 + sum(header[:148]) + sum(header[156:]):
+        return None
+    name = tarfile.nts(header[:100], tarfile.ENCODING, "surrogateescape")
+    prefix = tarfile.nts(header[345:500], tarfile.ENCODING, "surrogateescape")
+    if prefix:  # a ustar name longer than 100 bytes
+        name = f"{prefix}/{name}"
+    return None if name.endswith("/") else (name, size)
+
+
+def plain_members(stream: io.IOBase, url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of a seekable tar's members from where `stream` is up to the first header
+    `plain_member` leaves to tarfile, where `stream` is left."""
+    while True:
+        header = stream.read(tarfile.BLOCKSIZE)
+        member = plain_member(header)
+        if member is None:
+            stream.seek(-len(header), io.SEEK_CUR)
+            return
+        name, size = member
+        refusal = size_refusal(size)
+        if refusal:
+            raise ValueError(refused(url, name, refusal))
+        data = stream.read(size)
+        padding = -size % tarfile.BLOCKSIZE
+        if len(data) != size or len(stream.read(padding)) != padding:
+            raise tarfile.ReadError("unexpected end of data")  # as tarfile says it
+        yield name, data
 
 
 def tar_members(sources: Iterator[dict]) -> Iterator[dict]:
     """WebDataset's `tar_file_expander`, reading each member in one piece: WebDataset opens every
     tar in tarfile's stream mode, which copies a member 10 KiB at a time, a tenth of a JPEG's
-    decode. Files and object stores (fsspec) seek; a pipe is read as a stream. A member
-    `member_refusal` refuses is an error, before any of it is read."""
+    decode. Files and object stores (fsspec) seek: their plain members are read by
+    `plain_members`, and tarfile reads on from the first member that needs more; a pipe is read
+    by tarfile as a stream. A member `member_refusal` refuses is an error, before any of it is
+    read."""
     for source in sources:
         url, stream = source["url"], source["stream"]
         try:
             seekable = isinstance(stream, io.IOBase) and stream.seekable()  # WebDataset's Pipe is neither
-            with stream, tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
-                for member in tar:
-                    if member.isreg():
-                        refusal = member_refusal(member)
-                        if refusal:
-                            raise ValueError(
-                                f"{url}: {member.name}: {refusal}; check the shards with `python -m pipeline.verify`"
-                            )
-                        yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
-                    tar.members = []  # the headers read so far, which tarfile would keep to the end
+            with stream:
+                for name, data in plain_members(stream, url) if seekable else ():
+                    yield {"fname": name, "data": data, "__url__": url}
+                with tarfile.open(fileobj=stream, mode="r:" if seekable else "r|") as tar:
+                    for member in tar:
+                        if member.isreg():
+                            refusal = member_refusal(member)
+                            if refusal:
+                                raise ValueError(refused(url, member.name, refusal))
+                            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
+                        tar.members = []  # the headers read so far, which tarfile would keep to the end
         except (tarfile.TarError, EOFError) as error:
             raise ValueError(
                 f"{url}: not a readable tar ({error}); check the shards with `python -m pipeline.verify`"
             ) from None
         yield {}  # a shard's end: WebDataset's group_by_keys never joins members of two shards
+
+
+def refused(url: str, name: str, refusal: str) -> str:
+    return f"{url}: {name}: {refusal}; check the shards with `python -m pipeline.verify`"
 
 
 def tar_samples(urls: Iterator[dict]) -> Iterator[dict]:
