@@ -2,7 +2,8 @@
 
     python -m pipeline.verify [--params params.yaml]
 
-Shards may be local or `s3://` (any fsspec URL), as the loader reads them. Checks each
+Shards may be local or `s3://` (any fsspec URL), as the loader reads them; a remote shard is
+downloaded once, to a temporary file, for its hash and its samples. Checks each
 shard's sha256, size and sample count, that every sample has a JPEG the loader will
 decode (its header read: no more pixels than `MAX_PIXELS`) and an integer label
 within the classes, that the split totals add up, and that no shard lies in the folder that
@@ -15,11 +16,15 @@ from __future__ import annotations
 
 import sys
 import tarfile
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 import jpegcrop
 from pipeline import cli
@@ -30,8 +35,10 @@ from pipeline.params import Params
 from pipeline.tars import member_refusal
 
 
-def check_samples(path: str | Path, num_classes: int) -> tuple[int, list[str]]:
-    """(number of samples, problems) of one tar shard, a local path or a URL."""
+def check_samples(path: str | Path, num_classes: int, name: str | None = None) -> tuple[int, list[str]]:
+    """(number of samples, problems) of one tar shard, a local path or a URL; the problem lines
+    call it `name` (by default, its path)."""
+    name = name or str(path)
     members: dict[str, dict[str, bytes]] = defaultdict(dict)
     refused: set[str] = set()  # samples with a member left unread: that member's line says it all
     problems = []
@@ -39,12 +46,12 @@ def check_samples(path: str | Path, num_classes: int) -> tuple[int, list[str]]:
         with fsspec.open(str(path), "rb") as f, tarfile.open(fileobj=f) as tar:
             for info in tar:
                 if not info.isfile():
-                    problems.append(f"{path}: {info.name}: not a regular file")
+                    problems.append(f"{name}: {info.name}: not a regular file")
                     continue
                 key, _, ext = info.name.partition(".")
                 refusal = member_refusal(info)
                 if refusal:
-                    problems.append(f"{path}: {info.name}: {refusal}")
+                    problems.append(f"{name}: {info.name}: {refusal}")
                     refused.add(key)
                     members.setdefault(key, {})  # still a sample, for the count
                 elif ext in ("jpg", "cls"):
@@ -52,26 +59,26 @@ def check_samples(path: str | Path, num_classes: int) -> tuple[int, list[str]]:
     except (tarfile.TarError, OSError) as e:
         # What came before still counts: a member claiming more than the tar holds (refused
         # above) makes tarfile find the tar cut short at the next header.
-        return 0, [*problems, f"{path}: not a readable tar ({e})"]
+        return 0, [*problems, f"{name}: not a readable tar ({e})"]
     for key, sample in members.items():
         if key in refused:
             continue
         if "jpg" not in sample or "cls" not in sample:
-            problems.append(f"{path}: sample {key} lacks {'jpg' if 'jpg' not in sample else 'cls'}")
+            problems.append(f"{name}: sample {key} lacks {'jpg' if 'jpg' not in sample else 'cls'}")
             continue
         try:
             width, height = jpegcrop.size(sample["jpg"])  # the header only
         except ValueError as e:
-            problems.append(f"{path}: sample {key}: .jpg: {e}")
+            problems.append(f"{name}: sample {key}: .jpg: {e}")
         else:
             if width * height > MAX_PIXELS:  # the line the loader's error would end with
                 problems.append(
-                    f"{path}: sample {key}: {width} x {height} pixels, over the decoder's limit of {MAX_PIXELS} pixels"
+                    f"{name}: sample {key}: {width} x {height} pixels, over the decoder's limit of {MAX_PIXELS} pixels"
                 )
         label = sample["cls"].decode("ascii", "replace")
         # A label of thousands of digits is no class, and int() refuses it (Python's digit limit).
         if not label.isdigit() or len(label) > 9 or int(label) >= num_classes:
-            problems.append(f"{path}: sample {key}: label {label!r} not in 0..{num_classes - 1}")
+            problems.append(f"{name}: sample {key}: label {label!r} not in 0..{num_classes - 1}")
     return len(members), problems
 
 
@@ -102,6 +109,19 @@ def stored_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     return sorted(tars, key=lambda name: name.split("/"))  # as pathlib sorts: folder, then file
 
 
+@contextmanager
+def readable_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A local path to read the file at `path` from: itself when local, else a temporary copy,
+    so that a shard in an object store is downloaded once for its hash and its samples."""
+    if isinstance(fs, LocalFileSystem):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="verify-") as scratch:
+        local = str(Path(scratch) / "shard.tar")
+        fs.get_file(path, local)
+        yield local
+
+
 def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
     """Every problem of the shards under `shards` (a folder or a URL), one line each."""
     fs, root = fsspec.core.url_to_fs(str(shards))
@@ -118,11 +138,12 @@ def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
                 continue
             if size != entry["bytes"]:
                 problems.append(f"{path}: {size} bytes, manifest says {entry['bytes']}")
-            if sha256_of(path) != entry["sha256"]:  # streamed through fsspec, 1 MiB at a time
-                problems.append(f"{path}: sha256 differs from the manifest")
-            # Its samples are checked all the same: nothing the loader would refuse is read, and
-            # the lines say what is wrong beyond "differs".
-            count, sample_problems = check_samples(path, num_classes)
+            with readable_copy(fs, f"{root}/{entry['name']}") as local:
+                if sha256_of(local) != entry["sha256"]:
+                    problems.append(f"{path}: sha256 differs from the manifest")
+                # Its samples are checked all the same: nothing the loader would refuse is read,
+                # and the lines say what is wrong beyond "differs".
+                count, sample_problems = check_samples(local, num_classes, name=path)
             problems += sample_problems
             if count != entry["num_samples"]:
                 problems.append(f"{path}: {count} samples, manifest says {entry['num_samples']}")

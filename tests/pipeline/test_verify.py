@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+from collections import Counter
 
 import numpy as np
 
@@ -111,3 +112,34 @@ def test_verify_names_local_shards_as_pathlib_does_and_lists_them_without_globbi
         f"val: shards hold {left} samples, manifest says {val['num_samples']}",
         "run[1]/shards/train/shard-999999.tar: a shard the manifest does not list",
     ]
+
+
+def test_verify_downloads_each_shard_on_s3_once(digit_shards, s3_server, monkeypatch):
+    """Its hash and its samples are read from one download (a temporary copy), not two."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("verify-once")
+    fs.put(str(digit_shards), "verify-once/shards", recursive=True)
+    reads: Counter[str] = Counter()
+    get_file, open_file = s3fs.S3FileSystem._get_file, s3fs.S3FileSystem._open
+
+    async def counted_get_file(self, rpath, lpath, **kwargs):
+        reads[rpath.removeprefix("s3://")] += 1
+        return await get_file(self, rpath, lpath, **kwargs)
+
+    def counted_open(self, path, *args, **kwargs):
+        reads[path.removeprefix("s3://")] += 1
+        return open_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted_get_file)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", counted_open)
+    manifest = read_manifest(str(digit_shards))
+    # fsspec keeps one S3FileSystem per configuration, with its sync methods bound when made.
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        assert verify.verify("s3://verify-once/shards", manifest) == []
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    names = [entry["name"] for split in manifest["splits"].values() for entry in split["shards"]]
+    assert reads == Counter(f"verify-once/shards/{name}" for name in names)
