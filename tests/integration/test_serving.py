@@ -74,7 +74,7 @@ def train_trial(params, root: Path, uri: str) -> dict:
     tracking.log_epoch(client, child, best, {"val_top1_error": scores.top1 / scores.seen, "val_loss": scores.loss_sum / scores.seen}, int(time.time() * 1000))
     checkpoint = root / "ray" / "sweep-served-0" / f"checkpoint_{best:06d}"
     checkpoint.mkdir(parents=True)
-    torch.save({"model_args": checkpoints.model_args(params, 10), "model": net.state_dict()}, checkpoint / checkpoints.CHECKPOINT_FILE)
+    checkpoints.save(checkpoint, {"model_args": checkpoints.model_args(params, 10), "model": net.state_dict()})
     for run in (child, parent):
         client.set_terminated(run, "FINISHED")
     return {
