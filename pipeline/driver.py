@@ -22,7 +22,7 @@ import resnet
 from pipeline import loader, recipe, worker
 from pipeline.errors import UsageError
 from pipeline.params import EXECUTION_KEYS, Params
-from pipeline.records import METRIC
+from pipeline.records import CHECKPOINT_SCORE
 
 
 def preflight(params: Params, manifest: dict[str, Any]) -> None:
@@ -120,7 +120,7 @@ def fit(
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,
-                checkpoint_score_attribute=METRIC,
+                checkpoint_score_attribute=CHECKPOINT_SCORE,
                 checkpoint_score_order="min",
             ),
             callbacks=callbacks,

@@ -17,6 +17,7 @@ import resnet
 from pipeline.errors import UsageError
 
 METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
+CHECKPOINT_SCORE = "val_rank_score"  # `val_rank` as the one number Ray Train ranks checkpoints by
 SWEEP_FILE = "sweep.json"
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 
@@ -26,6 +27,20 @@ def val_rank(error: float, loss: float | None) -> tuple[float, float]:
     cross-entropy loss. A few hundred val images can all be right, and then the error alone
     cannot tell two models apart. A loss not recorded (runs from before it was) ranks last."""
     return error, math.inf if loss is None or math.isnan(loss) else loss
+
+
+def val_rank_score(error: float, loss: float | None) -> float:
+    """`val_rank` as one number, lower is better, for what ranks by a single metric: Ray Train
+    keeps a run's best checkpoints by one reported value, and by the error alone it keeps the
+    latest of equal errors, which need not be the epoch `best_epoch` picks (the lower loss).
+    The loss, capped, is scaled below the error's smallest step (one image in a million), so it
+    only orders equal errors: the same order as `val_rank` for val sets of up to a million images
+    and losses below `LOSS_CAP`."""
+    capped = LOSS_CAP if loss is None or math.isnan(loss) else min(loss, LOSS_CAP)
+    return error + capped / LOSS_CAP * 1e-7
+
+
+LOSS_CAP = 100.0  # a mean cross-entropy above this is a diverged model, whatever its error
 
 
 def epochs_of(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from ray.train.v2._internal.execution import context as train_context
 from pipeline import checkpoints, loader, recipe, serving, tracking, transforms
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.records import METRIC
+from pipeline.records import CHECKPOINT_SCORE, METRIC, val_rank_score
 from pipeline.scoring import score
 
 
@@ -245,7 +245,9 @@ def checkpoint_and_report(state: RankState, epoch: int, metrics: dict[str, float
                     "mean": state.manifest["mean"],
                 },
             )
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if state.rank == 0 else None)
+        score = val_rank_score(metrics[METRIC], metrics["val_loss"])  # what Ray keeps checkpoints by
+        checkpoint = Checkpoint.from_directory(directory) if state.rank == 0 else None
+        ray.train.report({**metrics, CHECKPOINT_SCORE: score}, checkpoint=checkpoint)
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:

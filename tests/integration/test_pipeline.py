@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from pipeline import checkpoints
 from pipeline.manifest import read_manifest, shard_list
 from tests.integration.conftest import run
 
@@ -86,6 +87,7 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
         assert {"num_params", "best_val_top1_error", "best_val_loss", "final_train_top1_error", "epochs"} <= set(t)
         assert 0 < t["overhead_s"] < t["wall_time_s"]  # pipeline.tune.TrialTimes
         assert t["best_val_loss"] > 0
+        assert checkpoints.load(t["checkpoint"])["epoch"] == t["best_epoch"]  # the weights are the best epoch's
     # The val split chose the trial; the figures reported are the test split's.
     evaluation = json.loads((clone / "metrics" / "eval.json").read_text())
     assert evaluation["split"] == "test" and evaluation["crop"] == "single" and evaluation["num_samples"] == 360

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from types import SimpleNamespace
 
@@ -116,6 +117,23 @@ def test_val_rank_orders_a_list_of_results_best_first():
     results = [(0.2, 0.1), (0.1, None), (0.1, 0.3), (0.0, 5.0), (0.1, 0.2)]
     ranked = sorted(results, key=lambda r: records.val_rank(*r))
     assert ranked == [(0.0, 5.0), (0.1, 0.2), (0.1, 0.3), (0.1, None), (0.2, 0.1)]
+
+
+def test_val_rank_score_orders_as_val_rank_down_to_one_image_in_a_million():
+    """Ray Train keeps checkpoints by this one number: it must rank epochs as `best_epoch` does."""
+    images = 1_000_000
+    errors = [0.0, 1 / images, 0.5 - 1 / images, 0.5, 1.0, 37 / 360, 38 / 360, 1 / 3]
+    losses = [0.0, 1e-6, 0.2, 0.2 + 1e-6, 6.9, 99.9, 100.0, 1e9, None, float("nan")]
+    results = [(e, loss) for e in errors for loss in losses]
+    def order(x, y) -> int:
+        return (x > y) - (x < y)
+
+    for a, b in itertools.combinations(results, 2):
+        by_rank = order(records.val_rank(*a), records.val_rank(*b))
+        by_score = order(records.val_rank_score(*a), records.val_rank_score(*b))
+        # Losses at or over the cap (or unrecorded) tie, and then only the error orders.
+        capped = min(records.val_rank(*a)[1], records.val_rank(*b)[1]) >= records.LOSS_CAP
+        assert by_score == by_rank or (capped and a[0] == b[0] and by_score == 0), (a, b)
 
 
 def test_epochs_of_drops_reports_without_a_val_error_and_reads_float_epochs_as_the_same_epoch():
