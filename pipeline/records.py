@@ -29,6 +29,9 @@ def val_rank(error: float, loss: float | None) -> tuple[float, float]:
     return error, math.inf if loss is None or math.isnan(loss) else loss
 
 
+LOSS_CAP = 100.0  # a mean cross-entropy above this is a diverged model, whatever its error
+
+
 def val_rank_score(error: float, loss: float | None) -> float:
     """`val_rank` as one number, lower is better, for what ranks by a single metric: Ray Train
     keeps a run's best checkpoints by one reported value, and by the error alone it keeps the
@@ -38,9 +41,6 @@ def val_rank_score(error: float, loss: float | None) -> float:
     and losses below `LOSS_CAP`."""
     capped = LOSS_CAP if loss is None or math.isnan(loss) else min(loss, LOSS_CAP)
     return error + capped / LOSS_CAP * 1e-7
-
-
-LOSS_CAP = 100.0  # a mean cross-entropy above this is a diverged model, whatever its error
 
 
 def epochs_of(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
