@@ -21,6 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 import resnet
 from pipeline import loader, recipe, worker
 from pipeline.errors import UsageError
+from pipeline.files import project_path
 from pipeline.params import EXECUTION_KEYS, Params
 from pipeline.records import CHECKPOINT_SCORE
 
@@ -133,8 +134,11 @@ def fit(
 
 
 def absolute_paths(params: Params) -> Params:
-    """Every path of params `absolute`, resolved against the driver's directory."""
+    """Every path of params `absolute`: the outputs DVC tracks against the driver's directory,
+    Ray's checkpoints against the project's (`files.project_path`: a queued DVC experiment's
+    checkpoints must outlive its temporary copy)."""
     paths = {k: absolute(v) for k, v in params.paths.model_dump().items()}
+    paths["ray_storage"] = project_path(params.paths.ray_storage)
     return params.model_copy(update={"paths": params.paths.model_copy(update=paths)})
 
 

@@ -89,12 +89,12 @@ def main(argv: list[str] | None = None) -> None:
             f"(chosen on val: {best['best_val_top1_error']:.2%})"
         )
     # At the step of the checkpoint's epoch: the model register logs there carries them too.
-    client = tracking.client(tracking.tracking_uri(params))
+    store = tracking.store(params)
     step = best.get("best_epoch", 0)
     for prefix, figures in (("test_single", result), ("test_ten", result.get("ten_crop"))):
         if figures:
-            client.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"], step=step)
-            client.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"], step=step)
+            store.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"], step=step)
+            store.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"], step=step)
     out = Path(params.paths.metrics) / "eval.json"
     write_json_atomic(out, result)
     print(f"wrote {out}")

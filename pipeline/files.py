@@ -51,6 +51,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
+def project_path(path: str) -> str:
+    """A path of params made absolute against the project's folder: the folder DVC names in
+    DVC_ROOT (for a queued or `--temp` experiment, which runs in a temporary copy under
+    .dvc/tmp/exps, the project's own, not the copy), else the working directory. For what the
+    stages keep outside DVC (the MLflow store, Ray's checkpoints), which must outlive the copy;
+    the outputs DVC tracks stay relative to the working directory, where DVC collects them."""
+    if "://" in path:
+        return path
+    return str((Path(os.environ.get("DVC_ROOT") or ".") / path).resolve())
+
+
 def sha256_of(path: str | Path) -> str:
     """The sha256 of a file, a local path or a URL (s3://...), read 1 MiB at a time."""
     h = hashlib.sha256()

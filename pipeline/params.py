@@ -45,7 +45,7 @@ EXECUTION_KEYS = {
         "checkpoints_to_keep",
         "run_name",
     ),
-    "tune": ("max_concurrent_trials", "name"),
+    "tune": ("max_concurrent_trials", "name", "max_failures"),
     "shard": ("workers",),  # the shards are the same bytes whatever the number of processes
 }
 
@@ -154,6 +154,7 @@ class Tune(Section):
     max_concurrent_trials: int | None = Field(ge=1)  # null: as many as the cluster's CPUs/GPUs fit
     scheduler: Literal["none", "asha"]
     grace_period: int = Field(ge=1)  # ASHA: epochs every trial gets before it may be stopped
+    max_failures: int = Field(ge=0)  # retries of a failed trial, from its checkpoint, before the sweep gives up on it
     name: str | None  # null: derived from the config, so rerunning a sweep resumes it
 
 
@@ -162,6 +163,7 @@ class MLflow(Section):
     experiment: str
     registered_model: str
     alias: str
+    retry_seconds: float = Field(gt=0)  # how long a call waits out an unanswering store before it fails
 
 
 class Params(Section):

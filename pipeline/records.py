@@ -75,6 +75,8 @@ def trial_record(
         "final_val_top1_error": float(epochs[-1][METRIC]),
         "epochs": int(epochs[-1]["epoch"]) + 1,
         "planned_epochs": planned_epochs,
+        # Fewer epochs than planned in a finished sweep: a scheduler (ASHA) stopped the trial.
+        "stopped_early": int(epochs[-1]["epoch"]) + 1 < planned_epochs,
         "wall_time_s": run["wall_time_s"],
         "overhead_s": run["overhead_s"],
         "curve": {
@@ -87,8 +89,9 @@ def trial_record(
     }
 
 
-def failed_record(depth: int, shortcut: str, error: str) -> dict[str, Any]:
-    return {"depth": depth, "shortcut": shortcut, "error": error}
+def failed_record(depth: int, shortcut: str, error: str, error_file: str | None = None) -> dict[str, Any]:
+    """A trial that failed: its one-line cause, and the file that holds its whole traceback."""
+    return {"depth": depth, "shortcut": shortcut, "error": error, "error_file": error_file}
 
 
 def in_sweep_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,7 +117,7 @@ def table_row(trial: dict[str, Any]) -> list[str]:
         f"{trial['best_val_top1_error']:.2%}",
         f"{trial['final_train_top1_error']:.2%}",
         f"{trial['final_val_top1_error']:.2%}",
-        str(trial["epochs"]),
+        f"{trial['epochs']}{' (stopped early)' if trial.get('stopped_early') else ''}",
         seconds(trial["wall_time_s"]),
         seconds(trial.get("overhead_s")),  # none in records written before it was measured
     ]

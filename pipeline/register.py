@@ -109,10 +109,10 @@ def version_rank(tags: dict[str, str]) -> tuple[float, float]:
     return val_rank(error, loss)
 
 
-def champion_rank(client: mlflow.MlflowClient, name: str, alias: str) -> tuple[str, tuple[float, float]] | None:
+def champion_rank(store: tracking.Store, name: str, alias: str) -> tuple[str, tuple[float, float]] | None:
     """(version, its val_rank) of the version holding the alias; None when no version holds it."""
     try:
-        version = client.get_model_version_by_alias(name, alias)
+        version = store.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
     return version.version, version_rank(version.tags)
@@ -135,45 +135,45 @@ def decide(new: tuple[float, float], current: tuple[str, tuple[float, float]] | 
     return False, f"{tie} does not beat version {version}'s {shown(loss)}"
 
 
-def settle_alias(client: mlflow.MlflowClient, name: str, alias: str, version: str) -> tuple[bool, str]:
+def settle_alias(store: tracking.Store, name: str, alias: str, version: str) -> tuple[bool, str]:
     """Move the alias to a newly registered version if it beats the version holding it, both
     ranked from their registry tags; (whether it moved, the stage's one-line verdict)."""
-    moved, why = decide(version_rank(client.get_model_version(name, version).tags), champion_rank(client, name, alias))
+    moved, why = decide(version_rank(store.get_model_version(name, version).tags), champion_rank(store, name, alias))
     if moved:
-        client.set_registered_model_alias(name, alias, version)
+        store.set_registered_model_alias(name, alias, version)
         return True, f"alias '{alias}' -> version {version} ({why})"
     return False, f"version {version} registered without the alias: {why}, which keeps '{alias}'"
 
 
 @contextmanager
-def keeping_times(client: mlflow.MlflowClient, run_id: str):
+def keeping_times(store: tracking.Store, run_id: str):
     """Reopening a finished run (to log a model into it) moves its end time: put it back after,
     so the run's duration stays its training's."""
-    info = client.get_run(run_id).info
+    info = store.get_run(run_id).info
     try:
         yield
     finally:
-        client.set_terminated(run_id, info.status, end_time=info.end_time)
+        store.set_terminated(run_id, info.status, end_time=info.end_time)
 
 
-def log_model_unmoved(client: mlflow.MlflowClient, trial: dict[str, Any], params: Params, manifest: dict[str, Any]):
+def log_model_unmoved(store: tracking.Store, trial: dict[str, Any], params: Params, manifest: dict[str, Any]):
     """The trial's best checkpoint as the servable model, in the trial's run at its best epoch:
     MLflow copies the run's metrics of that step (train and val, and the test figures evaluate
     logged there) onto the logged model."""
     net = checkpoints.model_from_checkpoint(trial["checkpoint"])
-    with keeping_times(client, trial["mlflow_run_id"]), mlflow.start_run(run_id=trial["mlflow_run_id"]):
-        return serving.log_run_model(net, params, manifest, step=trial.get("best_epoch", 0))
+    with keeping_times(store, trial["mlflow_run_id"]), store.call(mlflow.start_run, run_id=trial["mlflow_run_id"]):
+        return serving.log_run_model(store, net, params, manifest, step=trial.get("best_epoch", 0))
 
 
-def record_on_parent_run(client: mlflow.MlflowClient, trial: dict[str, Any], evaluation: dict[str, Any], model: str) -> None:
+def record_on_parent_run(store: tracking.Store, trial: dict[str, Any], evaluation: dict[str, Any], model: str) -> None:
     """The sweep's result on the sweep's own run, the one a person opens first. (Metrics and tags
     do not reopen a run: its times stay.)"""
-    child = client.get_run(trial["mlflow_run_id"])
+    child = store.get_run(trial["mlflow_run_id"])
     parent = child.data.tags.get("mlflow.parentRunId")
     if parent is None:  # a run trained by `pipeline.train`, outside a sweep
         return
     for key, value in (("best_val_top1_error", trial["best_val_top1_error"]), ("test_top1_error", evaluation["top1_error"])):
-        client.log_metric(parent, key, value)
+        store.log_metric(parent, key, value)
     summary = (
         f"Best trial: [{child.info.run_name}](#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}), "
         f"val top-1 error {trial['best_val_top1_error']:.2%} (it chose the trial), test top-1 error "
@@ -185,19 +185,18 @@ def record_on_parent_run(client: mlflow.MlflowClient, trial: dict[str, Any], eva
         "registered_model_version": model,
         "mlflow.note.content": summary,
     }.items():
-        client.set_tag(parent, key, value)
+        store.set_tag(parent, key, value)
 
 
 def register(params: Params) -> dict[str, Any]:
     trial = best_trial(read_sweep(params.paths.reports))
     evaluation = read_eval(params.paths.metrics, trial)
     manifest = read_manifest(params.paths.shards)
-    uri = tracking.tracking_uri(params)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    store = tracking.store(params)
+    mlflow.set_tracking_uri(store.uri)
     name, alias = params.mlflow.registered_model, params.mlflow.alias
 
-    info = log_model_unmoved(client, trial, params, manifest)
+    info = log_model_unmoved(store, trial, params, manifest)
     tags = {
         "depth": str(trial["depth"]),
         "shortcut": trial["shortcut"],
@@ -212,14 +211,14 @@ def register(params: Params) -> dict[str, Any]:
     }
     if trial.get("best_val_loss") is not None:  # a sweep from before val_loss was recorded has none
         tags[VAL_LOSS_TAG] = repr(trial["best_val_loss"])
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    client.update_model_version(
+    version = store.call(mlflow.register_model, info.model_uri, name, tags=tags)
+    store.update_model_version(
         name, version.version, description=description(params, trial, evaluation, manifest)
     )
-    record_on_parent_run(client, trial, evaluation, f"models:/{name}/{version.version}")
+    record_on_parent_run(store, trial, evaluation, f"models:/{name}/{version.version}")
 
-    moved, verdict = settle_alias(client, name, alias, str(version.version))
-    champion = client.get_model_version_by_alias(name, alias)
+    moved, verdict = settle_alias(store, name, alias, str(version.version))
+    champion = store.get_model_version_by_alias(name, alias)
     return {
         "registered_model": name,
         "version": int(version.version),

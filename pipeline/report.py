@@ -106,9 +106,12 @@ def claims(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Each is `{"id", "claim", "held", "evidence"}`: held is True, False, or None when the sweep
     lacks what the claim needs (then evidence["reason"] says what). A failed trial (a record
-    with "error") is left out, and named in every claim's evidence["skipped_failed_trials"]."""
+    with "error") is left out, and named in every claim's evidence["skipped_failed_trials"]; so is
+    a trial a scheduler stopped early (its final errors are an early epoch's), under
+    "skipped_stopped_early_trials"."""
     failed = [net_name(t["depth"], t["shortcut"]) for t in trials if "error" in t]
-    nets = {(t["depth"], t["shortcut"]): t for t in trials if "error" not in t}
+    stopped = [net_name(t["depth"], t["shortcut"]) for t in trials if t.get("stopped_early")]
+    nets = {(t["depth"], t["shortcut"]): t for t in trials if "error" not in t and not t.get("stopped_early")}
     results = [
         degradation(nets),
         residual_fixes_degradation(nets),
@@ -116,9 +119,10 @@ def claims(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
         shortcut_options(nets),
         parameter_counts(nets),
     ]
-    if failed:
-        for result in results:
-            result["evidence"]["skipped_failed_trials"] = failed
+    for key, skipped in (("skipped_failed_trials", failed), ("skipped_stopped_early_trials", stopped)):
+        if skipped:
+            for result in results:
+                result["evidence"][key] = skipped
     return results
 
 
@@ -626,18 +630,18 @@ def main(argv: list[str] | None = None) -> None:
     registry = read_optional(Path(params.paths.metrics) / "registry.json")
     results = write_report(out, params, trials, evaluation, registry, baseline)
 
-    mlflow_client = tracking.client(tracking.tracking_uri(params))
+    store = tracking.store(params)
     finished = [t for t in trials if "error" not in t]
     if finished:
-        parent = mlflow_client.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
+        parent = store.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
         if parent:
             for name in OUTPUTS:
-                mlflow_client.log_artifact(parent, str(out / name), artifact_path="report")
-            mlflow_client.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
-            mlflow_client.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
-            mlflow_client.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
+                store.log_artifact(parent, str(out / name), artifact_path="report")
+            store.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
+            store.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
+            store.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
             if baseline is not None:
-                mlflow_client.log_metric(parent, "svc_baseline_test_top1_error", baseline)
+                store.log_metric(parent, "svc_baseline_test_top1_error", baseline)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join([*(str(out / name) for name in OUTPUTS), f"{out / CURVES}/"]))
 

@@ -39,7 +39,7 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from pipeline import transforms
+from pipeline import tracking, transforms
 from pipeline.images import Conversion, Rejected, rgb_of, to_rgb_jpeg
 from pipeline.manifest import shard_list
 from pipeline.params import Params
@@ -148,7 +148,7 @@ def export(net: torch.nn.Module, side: tuple[int, int], path: Path) -> None:
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), path)
 
 
-def log_model(net: torch.nn.Module, setup: Setup, examples: list[bytes], step: int = 0):
+def log_model(store: tracking.Store, net: torch.nn.Module, setup: Setup, examples: list[bytes], step: int = 0):
     """Log the classifier into the active MLflow run (at `step`: MLflow copies the run's metrics
     of that step onto the logged model). `examples`: a few encoded images, the input example."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +163,8 @@ def log_model(net: torch.nn.Module, setup: Setup, examples: list[bytes], step: i
             # is the output's predicted class, which is never missing.
             warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning)
             signature = infer_signature(example, classifier.predict(None, example))
-        return mlflow.pyfunc.log_model(
+        return store.call(
+            mlflow.pyfunc.log_model,
             name="model",
             python_model=__file__,
             artifacts={"network": str(network), "setup": str(config)},
@@ -179,11 +180,11 @@ def example_images(shards: str, manifest: dict[str, Any], count: int = 3) -> lis
     return [sample["jpg"] for sample in islice(tar_samples(iter([{"url": url}])), count)]
 
 
-def log_run_model(net: torch.nn.Module, params: Params, manifest: dict[str, Any], step: int):
+def log_run_model(store: tracking.Store, net: torch.nn.Module, params: Params, manifest: dict[str, Any], step: int):
     """`log_model` for a net trained on the shards of params: their preprocessing, and a few
     of their val images as the input example. Into the active MLflow run."""
     setup = setup_of(params.model.arch, manifest, Conversion.of(params.shard))
-    return log_model(net, setup, example_images(params.paths.shards, manifest), step=step)
+    return log_model(store, net, setup, example_images(params.paths.shards, manifest), step=step)
 
 
 def images_from_arrays(arrays: list[np.ndarray]) -> list[bytes]:

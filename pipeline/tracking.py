@@ -1,28 +1,43 @@
-"""MLflow: where runs go, and the one run each training run writes into (resumes included)."""
+"""MLflow: where runs go, the one door every call to it goes through (`Store`, which retries
+what a store that races or goes away makes fail), and the one run each training run writes
+into (resumes included)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import queue
+import re
+import sqlite3
 import subprocess
+import sys
+import threading
+import time
 import urllib.parse
 import warnings
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 import mlflow
+import requests
 import sqlalchemy.engine
 import sqlalchemy.exc
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
-from mlflow.tracking import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient  # only here: everything else asks a Store
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
+from pipeline.files import project_path
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
+
+T = TypeVar("T")
 
 # MLflow's limits: a param value's length (longer is refused), params per log_batch call.
 MAX_PARAM_VALUE = 6000
@@ -32,12 +47,13 @@ RUN_NAME_TAG = "pipeline.run_name"
 
 
 def tracking_uri(params: Params) -> str:
-    """MLFLOW_TRACKING_URI wins over params; a relative SQLite path becomes absolute, so that
-    training workers in other directories write to the same file."""
+    """MLFLOW_TRACKING_URI wins over params; a relative SQLite path becomes absolute, in the
+    project's folder (`files.project_path`), so that training workers in other directories, and
+    DVC's queued experiments in a temporary copy, write to the project's one store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+        uri = prefix + project_path(uri[len(prefix) :])
     return uri
 
 
@@ -66,13 +82,170 @@ def redacted(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user_info.partition(':')[0]}:***@{host}"))
 
 
-def client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+# The retry schedule: waits double from FIRST_WAIT_S up to MAX_WAIT_S, for as long as
+# `mlflow.retry_seconds` allows. A store that comes back is noticed within MAX_WAIT_S.
+FIRST_WAIT_S = 1.0
+MAX_WAIT_S = 30.0
+
+# MLflow's HTTP client retries on its own (7 attempts over about 2 minutes, a warning line per
+# attempt) and waits up to 120 s for an answer. The Store's schedule replaces the first, so that
+# one schedule with one pair of outage lines covers every store; the second is cut so that a
+# server that hangs rather than refuses is noticed within the schedule's waits.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+# Calls that may run twice without doing anything twice: MLflow checks for the dataset, then
+# inserts it, so two runs logging the same new dataset at once can collide on its unique key;
+# the second attempt finds it.
+IDEMPOTENT_CALLS = {"log_inputs"}
+
+# The SQL store's words for a database that is busy or gone for a moment.
+SQL_BUSY = ("database is locked", "database is busy", "could not connect", "connection refused", "server closed")
 
 
-def experiment_id(mlflow: MlflowClient, name: str) -> str:
-    experiment = mlflow.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+class TrackingUnavailable(Exception):
+    """The store did not answer within `mlflow.retry_seconds`."""
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def causes(error: BaseException):
+    """The error and what it was raised from or during (MLflow wraps the HTTP client's errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def failure_kind(error: BaseException, idempotent: bool) -> str | None:
+    """"outage" (the store does not answer), "busy" (it answers, but a concurrent writer was in the
+    way: retried without a word), or None (a real error: raised at once)."""
+    for cause in causes(error):
+        if isinstance(cause, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return "outage"
+        if isinstance(cause, sqlalchemy.exc.IntegrityError | sqlite3.IntegrityError):
+            return "busy" if idempotent else None
+        if isinstance(cause, sqlalchemy.exc.OperationalError | sqlite3.OperationalError):
+            return "busy" if any(word in str(cause).lower() for word in SQL_BUSY) else None
+        if isinstance(cause, MlflowException):
+            message = str(cause)
+            if re.search(r"failed with error code (429|50[0234])\b", message):
+                return "outage"  # an HTTP answer, but from a proxy or a server that cannot serve now
+            if cause.error_code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"):
+                return "outage"
+            if any(word in message.lower() for word in SQL_BUSY):
+                return "busy"  # a server whose own database was busy
+    return None
+
+
+def stdout_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class Store:
+    """The project's one door to MLflow: every call a stage, trial or worker makes goes through
+    `call` (or through an MlflowClient method of the same name, which `call`s it), and so through
+    one retry schedule.
+
+    A call that fails because the store is away (connection refused or reset, a timeout, HTTP
+    429/5xx) or busy (SQLite locked, a create that raced another writer's) is tried again after
+    waits of 1, 2, 4 ... 30 s, until it succeeds or the store has been away `budget_s` seconds:
+    then `TrackingUnavailable`. Other errors are raised at once. An outage prints one line when
+    it starts and one when it ends, however many calls and retries it spans."""
+
+    def __init__(self, uri: str, budget_s: float, say: Callable[[str], None] = stdout_line):
+        for key, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # read by MLflow at each request; see MLFLOW_HTTP_DEFAULTS
+        self.uri, self.budget_s, self.say = uri, budget_s, say
+        self._client = MlflowClient(tracking_uri=uri)
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+
+    def __reduce__(self):
+        # Tune saves its callbacks with the sweep's state: a Store travels as what makes it.
+        return Store, (self.uri, self.budget_s, self.say)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)  # not the client's: copy and pickle ask before __init__ has run
+        method = getattr(self._client, name)
+        return functools.partial(self.call, method) if callable(method) else method
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """fn(*args, **kwargs), retried while the store is away or busy, for up to budget_s."""
+        return self.call_while(lambda waited: waited < self.budget_s, fn, *args, **kwargs)
+
+    def call_while(self, keep_trying: Callable[[float], bool], fn: Callable[..., T], *args, **kwargs) -> T:
+        """`call`, retried for as long as keep_trying(seconds since the first failure) says."""
+        idempotent = getattr(fn, "__name__", "") in IDEMPOTENT_CALLS
+        wait, first_failure = FIRST_WAIT_S, None
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as error:
+                kind = failure_kind(error, idempotent)
+                if kind is None:
+                    raise
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if kind == "outage":
+                    self._outage_began(error)
+                if not keep_trying(now - first_failure):
+                    raise TrackingUnavailable(
+                        f"MLflow at {redacted(self.uri)} did not answer for {now - first_failure:.0f} s ({one_line(error)})"
+                    ) from error
+                time.sleep(wait)
+                wait = min(2 * wait, MAX_WAIT_S)
+                continue
+            self._outage_ended()
+            return result
+
+    def _outage_began(self, error: BaseException) -> None:
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                self.say(
+                    f"MLflow at {redacted(self.uri)} is not answering ({one_line(error)}); retrying for up to "
+                    f"{self.budget_s:.0f} s, and training goes on"
+                )
+
+    def _outage_ended(self) -> None:
+        with self._lock:
+            if self._down_since is not None:
+                self.say(f"MLflow at {redacted(self.uri)} answers again after {time.monotonic() - self._down_since:.0f} s")
+                self._down_since = None
+
+    def best_effort(self, fn: Callable[..., T], *args, **kwargs) -> T | None:
+        """`call`, but a store that stays away costs one line, not the run: for records that a
+        rerun writes again (a run's end time, its status)."""
+        try:
+            return self.call(fn, *args, **kwargs)
+        except TrackingUnavailable as e:
+            self.say(f"not recorded in MLflow: {getattr(fn, '__name__', fn)} ({e})")
+            return None
+
+
+def store(params: Params, say: Callable[[str], None] = stdout_line) -> Store:
+    return Store(tracking_uri(params), params.mlflow.retry_seconds, say)
+
+
+def experiment_id(store: Store, name: str) -> str:
+    """The experiment's id, made if missing. Another process may make it between the look and
+    the make: then it is there to find."""
+    experiment = store.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    try:
+        return store.create_experiment(name)
+    except MlflowException:
+        experiment = store.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -111,9 +284,9 @@ def quoted(value: str) -> str:
     raise ValueError(f"{value!r} cannot be quoted in an MLflow search filter: it holds both ' and \"")
 
 
-def find_run(mlflow: MlflowClient, experiment: str, run_name: str) -> str | None:
+def find_run(store: Store, experiment: str, run_name: str) -> str | None:
     if not ("'" in run_name and '"' in run_name):
-        runs = mlflow.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` = {quoted(run_name)}", max_results=1)
+        runs = store.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` = {quoted(run_name)}", max_results=1)
         return runs[0].info.run_id if runs else None
     # A name with both quotes cannot be written in a filter. LIKE, with the one-character wildcard
     # in place of each quote (and of each backslash: LIKE's escape character on PostgreSQL and
@@ -121,7 +294,7 @@ def find_run(mlflow: MlflowClient, experiment: str, run_name: str) -> str | None
     pattern = "".join("_" if c in "'\"\\" else c for c in run_name)
     page_token = None
     while True:
-        page = mlflow.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` LIKE '{pattern}'", page_token=page_token)
+        page = store.search_runs([experiment], f"tags.`{RUN_NAME_TAG}` LIKE '{pattern}'", page_token=page_token)
         for run in page:
             if run.data.tags.get(RUN_NAME_TAG) == run_name:
                 return run.info.run_id
@@ -131,7 +304,7 @@ def find_run(mlflow: MlflowClient, experiment: str, run_name: str) -> str | None
 
 
 def start_or_resume_run(
-    uri: str,
+    store: Store,
     params: Params,
     run_name: str,
     extra_params: dict[str, Any],
@@ -146,9 +319,8 @@ def start_or_resume_run(
     command that made it, e.g. "pipeline.tune") and `commit`, the code's git commit, which the
     stage's driver reads (`git_commit`): Ray's workers and Tune's trials run in folders without
     the repository. (MLflow's UI shows the commit beside the source, and only with one.)"""
-    mlflow_client = client(uri)
-    experiment = experiment_id(mlflow_client, params.mlflow.experiment)
-    existing = find_run(mlflow_client, experiment, run_name)
+    experiment = experiment_id(store, params.mlflow.experiment)
+    existing = find_run(store, experiment, run_name)
     if existing:
         return existing
     tags = {
@@ -159,21 +331,25 @@ def start_or_resume_run(
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment, run_name=display_name or run_name, tags=tags)
+    run = store.create_run(experiment, run_name=display_name or run_name, tags=tags)
     config = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if k not in omit}
     values = {**config, **{k: str(v) for k, v in extra_params.items()}}
     # Params are readable by everyone with access to the experiment, a password is not for them.
     values["mlflow.tracking_uri"] = redacted(params.mlflow.tracking_uri)
     items = [Param(k, v[:MAX_PARAM_VALUE]) for k, v in sorted(values.items())]
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        mlflow_client.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        store.log_batch(run.info.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
     return run.info.run_id
 
 
-def log_shards_input(uri: str, run_id: str, shards: str, manifest_sha: str, source: str) -> None:
+def log_shards_input(store: Store, run_id: str, shards: str, manifest_sha: str, source: str) -> None:
     """The run's training data on its MLflow page (the Datasets column): the shards' location,
     with the manifest's sha256 as digest (cut to the 36 characters MLflow stores; the run's
-    `manifest_sha256` param has it whole). Logging it again, on a resume, adds nothing."""
+    `manifest_sha256` param has it whole). Logging it again, on a resume, adds nothing.
+
+    The dataset itself is one row per experiment, made by the first run that logs it: a sweep
+    logs it on its own run before any trial starts, so that its trials, which start at once,
+    only link to it (two first loggers race on its unique key: then `Store` tries again)."""
     with warnings.catch_warnings():
         # MLflow registers its local-files source under two names, then warns that a local path
         # "can be interpreted in multiple ways": the two are the same class.
@@ -181,24 +357,92 @@ def log_shards_input(uri: str, run_id: str, shards: str, manifest_sha: str, sour
         location = resolve_dataset_source(shards)
     dataset = MetaDataset(location, name=f"{source}-shards", digest=manifest_sha[:MAX_DATASET_DIGEST_SIZE])
     context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-    client(uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
+    store.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
 
 
-def logged_steps(mlflow: MlflowClient, run_id: str, key: str) -> set[int]:
-    return {m.step for m in mlflow.get_metric_history(run_id, key)}
+def epoch_metrics(epoch: int, metrics: dict[str, float], timestamp_ms: int) -> list[Metric]:
+    return [Metric(key, float(value), timestamp_ms, epoch) for key, value in metrics.items()]
 
 
-def log_epoch(mlflow: MlflowClient, run_id: str, epoch: int, metrics: dict[str, float], timestamp_ms: int) -> None:
-    mlflow.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), timestamp_ms, epoch) for key, value in metrics.items()],
-    )
-
-
-def has_logged_model(uri: str, run_id: str) -> bool:
-    mlflow.set_tracking_uri(uri)
-    run = client(uri).get_run(run_id)
-    models = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = {quoted(run_id)}", output_format="list"
+def has_logged_model(store: Store, run_id: str) -> bool:
+    mlflow.set_tracking_uri(store.uri)
+    run = store.get_run(run_id)
+    models = store.call(
+        mlflow.search_logged_models,
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = {quoted(run_id)}",
+        output_format="list",
     )
     return bool(models)
+
+
+def ranges(numbers: list[int]) -> str:
+    """[3, 4, 5, 8] -> "4..6, 9" (epochs counted from 1, as the console shows them)."""
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}..{b + 1}" for a, b in spans)
+
+
+class RunWriter:
+    """A training run's MLflow records, written by a thread of its own, so that the training
+    step never waits on the store: `log_epoch` queues and returns. While the store is away the
+    epochs wait in the queue (and in the checkpoint's history, whatever happens to this
+    process); the thread retries with `Store`'s schedule, without giving up, until `close`.
+
+    The thread first reads which epochs MLflow has (a resumed run's earlier attempt may have
+    written some), so an epoch is written once, whatever the restarts. `close` waits for the
+    queue to drain while the store's outage is shorter than its budget, and returns the epochs
+    MLflow still lacks, which the same command writes when rerun (the checkpoint has them)."""
+
+    STOP = None
+
+    def __init__(self, store: Store, run_id: str, key: str, tags: dict[str, str], system_metrics: bool = True):
+        self.store, self.run_id, self.key = store, run_id, key
+        self.pending: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
+        self.closing = threading.Event()
+        self.unwritten: list[int] = []
+        self.monitor: SystemMetricsMonitor | None = None
+        self.thread = threading.Thread(target=self._write, args=(tags, system_metrics), daemon=True, name="mlflow-writer")
+        self.thread.start()
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.pending.put((epoch, epoch_metrics(epoch, metrics, int(time.time() * 1000))))
+
+    def close(self) -> list[int]:
+        """Wait for what is queued to be written; the epochs MLflow lacks after all."""
+        self.closing.set()
+        self.pending.put(self.STOP)
+        self.thread.join()
+        return sorted(self.unwritten)
+
+    def _keep_trying(self, waited: float) -> bool:
+        return not self.closing.is_set() or waited < self.store.budget_s
+
+    def _write(self, tags: dict[str, str], system_metrics: bool) -> None:
+        try:
+            logged = {m.step for m in self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, self.key)}
+            self.store.call_while(self._keep_trying, self.store.update_run, self.run_id, status="RUNNING")
+            tags_logged = [RunTag(k, str(v)) for k, v in tags.items()]
+            self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, tags=tags_logged)
+            if system_metrics:
+                self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.store.uri)
+                self.monitor.start()
+        except TrackingUnavailable:
+            logged = None
+        while (item := self.pending.get()) is not self.STOP:
+            epoch, metrics = item
+            if logged is None:
+                self.unwritten.append(epoch)
+            elif epoch not in logged:
+                try:
+                    self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, metrics=metrics)
+                    logged.add(epoch)
+                except TrackingUnavailable:
+                    self.unwritten.append(epoch)
+                    logged = None  # the store stayed away past its budget: the rest wait for a rerun
+        if self.monitor is not None:
+            self.monitor.finish()

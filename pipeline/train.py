@@ -24,10 +24,10 @@ def train(params: Params) -> dict:
     driver.preflight(params, manifest)  # and before an MLflow run is opened for it
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     run_name = params.train.run_name or driver.default_run_name(params, manifest_sha)
-    uri = tracking.tracking_uri(params)
+    store = tracking.store(params)
     num_params = count_params(checkpoints.build_model(params, len(manifest["classes"])))
     run_id = tracking.start_or_resume_run(
-        uri,
+        store,
         params,
         run_name,
         {
@@ -38,17 +38,17 @@ def train(params: Params) -> dict:
         commit=tracking.git_commit(),
         source="pipeline.train",
     )
-    tracking.log_shards_input(uri, run_id, params.paths.shards, manifest_sha, manifest["source"])
-    print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(uri)}", flush=True)
+    tracking.log_shards_input(store, run_id, params.paths.shards, manifest_sha, manifest["source"])
+    print(f"run {run_name}: MLflow run {run_id} at {tracking.redacted(store.uri)}", flush=True)
     driver.ray_init()
-    result = driver.fit(params, run_name, run_id, uri)
+    result = driver.fit(params, run_name, run_id, store.uri)
     summary = {
         "run_name": run_name,
         "mlflow_run_id": run_id,
         "checkpoint": checkpoints.checkpoint_uri(result.checkpoint) if result.checkpoint else None,
         "metrics": result.metrics,
     }
-    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    store.best_effort(store.set_terminated, run_id, "FINISHED")
     return summary
 
 

@@ -83,8 +83,8 @@ class TrialTimes(ray.tune.Callback):
 
     clock = staticmethod(time.monotonic)
 
-    def __init__(self, uri: str, experiment: str, sweep: str):
-        self.uri, self.experiment, self.sweep = uri, experiment, sweep
+    def __init__(self, store: tracking.Store, experiment: str, sweep: str):
+        self.store, self.experiment, self.sweep = store, experiment, sweep
         self.running: dict[str, list[float]] = {}  # trial id -> [started, seconds in epochs]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -99,11 +99,13 @@ class TrialTimes(ray.tune.Callback):
             return
         started, epoch_seconds = self.running.pop(trial.trial_id)
         wall = self.clock() - started
-        mlflow_client = tracking.client(self.uri)
-        run_id = tracking.find_run(mlflow_client, self.experiment, f"{self.sweep}-{trial.trial_id}")
+        try:
+            run_id = tracking.find_run(self.store, self.experiment, f"{self.sweep}-{trial.trial_id}")
+        except tracking.TrackingUnavailable:
+            return  # the time is a record, not a result: the sweep goes on without it
         if run_id:
-            mlflow_client.log_metric(run_id, "wall_time_s", wall)
-            mlflow_client.log_metric(run_id, "overhead_s", wall - epoch_seconds)
+            self.store.best_effort(self.store.log_metric, run_id, "wall_time_s", wall)
+            self.store.best_effort(self.store.log_metric, run_id, "overhead_s", wall - epoch_seconds)
 
 
 class SweepInterrupted(Exception):
@@ -122,15 +124,16 @@ def trial_label(arch: str, depth: int, shortcut: str) -> str:
     return f"{resnet.model_name(arch, depth)}-{shortcut}"
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
-    trial_id = ray.tune.get_context().get_trial_id()
+def open_trial_run(config: dict[str, Any], trial_id: str) -> tuple[Params, tracking.Store, str]:
+    """A trial's params and its MLflow child run, found again on a retry or a resumed sweep.
+    Every trial of a sweep does this at once: nothing here creates a record that another trial
+    could be creating too (the sweep made the experiment and the dataset first)."""
     run_name = f"{config['sweep']}-{trial_id}"
     params = trial_params(config["params"], config["depth"], config["shortcut"], run_name)
-    uri = config["tracking_uri"]
+    store = tracking.Store(config["tracking_uri"], params.mlflow.retry_seconds)
     num_params = count_params(checkpoints.build_model(params, config["num_classes"]))
     run_id = tracking.start_or_resume_run(
-        uri,
+        store,
         params,
         run_name,
         {"num_params": num_params, "manifest_sha256": config["manifest_sha256"], "trial_id": trial_id},
@@ -140,16 +143,22 @@ def run_trial(config: dict[str, Any]) -> None:
         display_name=trial_label(params.model.arch, config["depth"], config["shortcut"]),
         omit=TRIAL_OMITS,
     )
-    tracking.log_shards_input(uri, run_id, params.paths.shards, config["manifest_sha256"], config["data_source"])
+    tracking.log_shards_input(store, run_id, params.paths.shards, config["manifest_sha256"], config["data_source"])
+    return params, store, run_id
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
+    params, store, run_id = open_trial_run(config, ray.tune.get_context().get_trial_id())
+    run_name = params.train.run_name
     result = driver.fit(
-        params, run_name, run_id, uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
+        params, run_name, run_id, store.uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
     )
-    mlflow_client = tracking.client(uri)
     # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
     kept = [(metrics[METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
     best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
-    mlflow_client.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
-    mlflow_client.set_terminated(run_id, "FINISHED")
+    store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
+    store.set_terminated(run_id, "FINISHED")
 
 
 def sweep_name(params: Params, manifest_sha: str) -> str:
@@ -174,17 +183,17 @@ def concurrent_trials(params: Params) -> int:
     return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
 
 
-def records(grid: ray.tune.ResultGrid, sweep: str, uri: str, experiment: str, epochs: int) -> list[dict[str, Any]]:
+def records(grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experiment: str, epochs: int) -> list[dict[str, Any]]:
     """reports/sweep.json's records (pipeline.records), from Tune's results and each trial's
     MLflow run."""
-    mlflow_client = tracking.client(uri)
     out = []
     for result in grid:
         config, history = result.config, result.metrics_dataframe
         if result.error or history is None or METRIC not in history:
-            out.append(failed_record(config["depth"], config["shortcut"], str(result.error)))
+            cause = tracking.one_line(getattr(result.error, "cause", None) or result.error) if result.error else "no epoch"
+            out.append(failed_record(config["depth"], config["shortcut"], cause, f"{result.path}/error.txt"))
             continue
-        run = mlflow_client.get_run(tracking.find_run(mlflow_client, experiment, f"{sweep}-{result.metrics['trial_id']}"))
+        run = store.get_run(tracking.find_run(store, experiment, f"{sweep}-{result.metrics['trial_id']}"))
         about_run = {
             "num_params": int(run.data.params["num_params"]),
             "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
@@ -205,7 +214,9 @@ def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
     return sweep_finished(trial_epochs, grid_size, params.train.epochs, params.tune.scheduler != "none")
 
 
-def new_or_restored_tuner(params: Params, name: str, trial_config: dict[str, Any], experiment: str) -> ray.tune.Tuner:
+def new_or_restored_tuner(
+    params: Params, name: str, trial_config: dict[str, Any], store: tracking.Store, experiment: str
+) -> ray.tune.Tuner:
     """The grid's Tuner; the saved one when a sweep of this name was interrupted (with the
     callbacks it was made with)."""
     storage = driver.absolute(params.paths.ray_storage)
@@ -235,19 +246,48 @@ def new_or_restored_tuner(params: Params, name: str, trial_config: dict[str, Any
             scheduler=scheduler,
             max_concurrent_trials=concurrent_trials(params),
             # A trial that waits for a slot runs in the process of the trial that freed it, which
-            # has imported torch, MLflow and Ray Train already (3-4 s a trial on 2 cores).
-            reuse_actors=True,
+            # has imported torch, MLflow and Ray Train already (3-4 s a trial on 2 cores). Not
+            # after a scheduler stops a trial: its process is still inside TorchTrainer.fit and
+            # cannot be reset, so Tune would fail the next trial it hands that process.
+            reuse_actors=scheduler is None,
         ),
         run_config=ray.tune.RunConfig(
             name=name,
             storage_path=storage,
             verbose=0,
+            # A failed trial is started again; its Train run resumes from its latest checkpoint.
+            failure_config=ray.tune.FailureConfig(max_failures=params.tune.max_failures),
             callbacks=[
                 EpochLines(params.model.arch, params.train.epochs),
-                TrialTimes(trial_config["tracking_uri"], experiment, name),
+                TrialTimes(store, experiment, name),
             ],
         ),
     )
+
+
+def open_sweep_run(
+    params: Params, manifest: dict[str, Any], manifest_sha: str, name: str
+) -> tuple[tracking.Store, dict[str, Any]]:
+    """The sweep's MLflow parent run, and the config every trial gets (`open_trial_run`). The
+    records the trials would all make at once are made here, first: the experiment (with the
+    parent run) and the shards' dataset."""
+    store = tracking.store(params)
+    commit = tracking.git_commit()
+    parent = tracking.start_or_resume_run(
+        store, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, source="pipeline.tune", omit=SWEEP_OMITS
+    )
+    tracking.log_shards_input(store, parent, params.paths.shards, manifest_sha, manifest["source"])
+    trial_config = {
+        "params": params.model_dump(mode="json"),
+        "sweep": name,
+        "tracking_uri": store.uri,
+        "parent_run_id": parent,
+        "manifest_sha256": manifest_sha,
+        "data_source": manifest["source"],
+        "git_commit": commit,
+        "num_classes": len(manifest["classes"]),
+    }
+    return store, trial_config
 
 
 def sweep(params: Params) -> dict[str, Any]:
@@ -257,44 +297,31 @@ def sweep(params: Params) -> dict[str, Any]:
     driver.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
-    uri = tracking.tracking_uri(params)
-    commit = tracking.git_commit()
-    parent = tracking.start_or_resume_run(
-        uri, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, source="pipeline.tune", omit=SWEEP_OMITS
-    )
-    print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(uri)}", flush=True)
-
+    store, trial_config = open_sweep_run(params, manifest, manifest_sha, name)
+    parent = trial_config["parent_run_id"]
+    print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(store.uri)}", flush=True)
     driver.ray_init()
-    trial_config = {
-        "params": params.model_dump(mode="json"),
-        "sweep": name,
-        "tracking_uri": uri,
-        "parent_run_id": parent,
-        "manifest_sha256": manifest_sha,
-        "data_source": manifest["source"],
-        "git_commit": commit,
-        "num_classes": len(manifest["classes"]),
-    }
-    experiment = tracking.client(uri).get_run(parent).info.experiment_id
-    tuner = new_or_restored_tuner(params, name, trial_config, experiment)
+    experiment = store.get_run(parent).info.experiment_id
+    tuner = new_or_restored_tuner(params, name, trial_config, store, experiment)
     grid = tuner.fit()
     if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
         raise SweepInterrupted(f"sweep {name} was interrupted; rerun the same command to resume it")
-    table = records(grid, name, uri, experiment, params.train.epochs)
-    tracking.client(uri).set_terminated(parent, "FINISHED")
+    table = records(grid, name, store, experiment, params.train.epochs)
+    store.set_terminated(parent, "FINISHED")
     return {"name": name, "mlflow_run_id": parent, "trials": table}
 
 
 def format_table(trials: list[dict[str, Any]]) -> str:
-    """The sweep's table for the console: columns aligned, a failed trial's error in full."""
+    """The sweep's table for the console: columns aligned, a failed trial's cause and the file
+    with its traceback."""
     rows = [list(TABLE_COLUMNS), *map(table_row, trials)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_COLUMNS))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     for line, trial in zip(range(2, len(lines)), trials, strict=True):
         if "error" in trial:
-            lines[line] = f"{lines[line].rstrip()}: {trial['error']}"
+            lines[line] = f"{lines[line].rstrip()}: {trial['error']} (traceback: {trial.get('error_file')})"
     return "\n".join(lines)
 
 
@@ -310,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out}")
     failed = [t for t in result["trials"] if "error" in t]
     if failed:
-        raise SystemExit(f"{len(failed)} of {len(result['trials'])} trials failed")
+        names = ", ".join(trial_label(params.model.arch, t["depth"], t["shortcut"]) for t in failed)
+        raise SystemExit(f"{len(failed)} of {len(result['trials'])} trials failed ({names}); rerun the same command to retry them")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Every rank runs `train_loop`: DDP (gloo on CPU, NCCL on GPU), the paper's recipe
 (pipeline.recipe), and per epoch a checkpoint and a `ray.train.report`. Rank 0 alone prints the
-epoch line and writes MLflow. A rerun with the same run name, or Ray's restart after a worker
+epoch line and writes MLflow, from a thread of its own (`tracking.RunWriter`): a store that is
+slow or away never holds up a step. A rerun with the same run name, or Ray's restart after a worker
 dies (`train.max_failures`), continues from the latest checkpoint; per-epoch seeds derive from
 (train.seed, epoch, rank), so the resumed run draws the same random numbers it would have.
 """
@@ -26,7 +27,6 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from mlflow import MlflowClient
 from ray.train import Checkpoint
 from ray.train.v2._internal.execution import context as train_context
 
@@ -89,8 +89,9 @@ def quiet_worker_logs() -> None:
     # Ray Train logs every `ray.train.report` at INFO, a whole TrainingReport a line, under a
     # logger named by its file's path: outside "ray.train", so LoggingConfig's level misses it.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs,
+    # and warns at every sample it cannot send while the store is away (the outage has its lines).
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -109,8 +110,7 @@ class RankState:
     schedule: recipe.Schedule
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
-    mlflow_client: MlflowClient | None = None  # rank 0's
-    logged: set[int] = field(default_factory=set)  # the epochs MLflow has
+    writer: tracking.RunWriter | None = None  # rank 0's
 
     @property
     def autocast(self) -> AbstractContextManager:
@@ -157,32 +157,38 @@ def restore(state: RankState) -> None:
 
 
 def start_tracking(state: RankState) -> None:
-    """Rank 0 reopens the run's MLflow run, tags where the ranks run, and logs the epochs the
-    checkpoint has and MLflow lacks: an epoch checkpointed just before a crash may not have
-    reached MLflow, and one logged after the last checkpoint Ray registered will be trained
-    again (and must not be logged twice)."""
+    """Rank 0 opens the run's MLflow writer, tags where the ranks run, and queues the epochs the
+    checkpoint has: an epoch checkpointed just before a crash, or while the store was away, may
+    not have reached MLflow (the writer skips those MLflow has, and one logged after the last
+    checkpoint Ray registered is trained again, and not logged twice)."""
     nodes: list[str] = [ray.get_runtime_context().get_node_id()] * state.world_size
     if dist.is_initialized():
         dist.all_gather_object(nodes, nodes[0])  # every rank takes part
     if state.rank != 0:
         return
-    run_id, uri = state.config["mlflow_run_id"], state.config["tracking_uri"]
-    state.mlflow_client = tracking.client(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    mlflow.set_tags({"ray.world_size": state.world_size, "ray.nodes": ",".join(sorted(set(nodes)))})
-    state.logged = tracking.logged_steps(state.mlflow_client, run_id, METRIC)
+    params = state.params
+    store = tracking.Store(state.config["tracking_uri"], params.mlflow.retry_seconds, say)
+    tags = {"ray.world_size": str(state.world_size), "ray.nodes": ",".join(sorted(set(nodes)))}
+    state.writer = tracking.RunWriter(store, state.config["mlflow_run_id"], METRIC, tags)
     for entry in state.history:
-        log_epoch_once(state, entry)
+        state.writer.log_epoch(int(entry["epoch"]), entry)
     if state.start_epoch:
         say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}")
 
 
-def log_epoch_once(state: RankState, metrics: dict[str, float]) -> None:
-    epoch = int(metrics["epoch"])
-    if state.rank == 0 and epoch not in state.logged:
-        tracking.log_epoch(state.mlflow_client, state.config["mlflow_run_id"], epoch, metrics, int(time.time() * 1000))
-        state.logged.add(epoch)
+def finish_tracking(state: RankState) -> bool:
+    """Rank 0 waits for its writer; what MLflow still lacks is said, and left to a rerun. Whether
+    MLflow has every epoch."""
+    if state.writer is None:
+        return True
+    unwritten = state.writer.close()
+    if unwritten:
+        say(
+            f"MLflow lacks epochs {tracking.ranges(unwritten)} of run {state.config['mlflow_run_id']}: its store at "
+            f"{tracking.redacted(state.writer.store.uri)} did not answer; the checkpoint keeps them, and rerunning the "
+            "same command writes them"
+        )
+    return not unwritten
 
 
 def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
@@ -261,12 +267,15 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
 
 def log_final_model(state: RankState) -> None:
     """The servable model (pipeline.serving) at the last epoch, once per run: a rerun of a
-    finished run trains nothing and logs nothing new."""
+    finished run trains nothing and logs nothing new (but the model, if the store was away
+    when the run ended)."""
     if state.rank != 0 or not state.config["log_model"]:
         return
-    if tracking.has_logged_model(state.config["tracking_uri"], state.config["mlflow_run_id"]):
+    store = state.writer.store
+    if tracking.has_logged_model(store, state.config["mlflow_run_id"]):
         return
-    serving.log_run_model(state.net, state.params, state.manifest, step=state.params.train.epochs - 1)
+    with store.call(mlflow.start_run, run_id=state.config["mlflow_run_id"]):
+        serving.log_run_model(store, state.net, state.params, state.manifest, step=state.params.train.epochs - 1)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -281,7 +290,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state.schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
         state.history.append(metrics)
         checkpoint_and_report(state, epoch, metrics)
-        log_epoch_once(state, metrics)
+        if state.writer:
+            state.writer.log_epoch(epoch, metrics)
         if state.rank == 0 and config["say_epochs"]:
             say(epoch_line(metrics, epochs))
     if state.history and state.start_epoch >= epochs:
@@ -289,6 +299,5 @@ def train_loop(config: dict[str, Any]) -> None:
         # the result (a Ctrl-C in between): say the final result again, or a sweep would see a
         # trial that never reported and count it unfinished.
         ray.train.report(state.history[-1])
-    log_final_model(state)
-    if state.rank == 0:
-        mlflow.end_run()
+    if finish_tracking(state):
+        log_final_model(state)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from pipeline import loader, sources, transforms
+from pipeline import loader, records, sources, transforms
 from pipeline import params as params_module
 from pipeline.images import Conversion
 from pipeline.tars import tar_samples
@@ -120,4 +120,4 @@ def finished_trial(depth: int, shortcut: str, train: float, val: float, num_para
 
 
 def failed_trial(depth: int, shortcut: str) -> dict:
-    return {"depth": depth, "shortcut": shortcut, "error": "RayTaskError: worker died"}
+    return records.failed_record(depth, shortcut, "RayTaskError: worker died", f"/ray/sweep/trial-{depth}-{shortcut}/error.txt")

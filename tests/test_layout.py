@@ -148,3 +148,66 @@ def test_param_deps_are_what_changes_a_result():
         listed = {k.split(".", 1)[1] for k in param_keys(stages[stage]) if k.startswith(f"{section}.")}
         assert section not in param_keys(stages[stage]), f"{stage}: the whole {section} section is a dep"
         assert listed == fields - set(params_module.EXECUTION_KEYS[section]), stage
+
+
+# What pipeline/ may call of MLflow outside tracking.py: calls that ask no store. Everything
+# else goes through tracking.Store, which retries what a store that races or goes away makes fail.
+MLFLOW_CALLS_WITHOUT_A_STORE = {
+    "mlflow.set_tracking_uri",  # a setting of this process
+    "mlflow.models.set_model",  # declares serving.py's model (models from code)
+    "infer_signature",  # a model's signature, from its example
+}
+
+
+def dotted(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and (base := dotted(node.value)):
+        return f"{base}.{node.attr}"
+    return None
+
+
+def mlflow_calls_outside_the_store(source: str) -> list[str]:
+    """The calls of `source` that would reach an MLflow store without tracking.Store: a client
+    made or named (MlflowClient), or a call of an MLflow function (`mlflow.x(...)`, or a name
+    imported from mlflow) that is not MLFLOW_CALLS_WITHOUT_A_STORE. Passing one to Store.call is
+    not calling it."""
+    tree = ast.parse(source)
+    from_mlflow = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlflow"
+        for alias in node.names
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.alias) and node.name == "MlflowClient":
+            found.append("MlflowClient imported")
+        if not (isinstance(node, ast.Call) and (name := dotted(node.func))):
+            continue
+        root = name.split(".")[0]
+        a_class = root in from_mlflow and name[0].isupper()  # an exception or an entity, made here
+        if (root == "mlflow" or root in from_mlflow) and not a_class and name not in MLFLOW_CALLS_WITHOUT_A_STORE:
+            found.append(f"line {node.lineno}: {name}(...)")
+    return found
+
+
+def test_every_mlflow_call_goes_through_the_retrying_store():
+    offenders = {
+        path.relative_to(REPO).as_posix(): calls
+        for path in sorted((REPO / "pipeline").glob("*.py"))
+        if path.name != "tracking.py" and (calls := mlflow_calls_outside_the_store(path.read_text()))
+    }
+    assert not offenders
+
+
+def test_the_mlflow_call_check_sees_a_direct_call():
+    """It finds what it is for: otherwise the test above passes on calls it never saw."""
+    assert mlflow_calls_outside_the_store("import mlflow\nmlflow.log_metric('a', 1)\n") == ["line 2: mlflow.log_metric(...)"]
+    assert mlflow_calls_outside_the_store("from mlflow import MlflowClient\nMlflowClient().get_run('x')\n") == [
+        "MlflowClient imported"
+    ]
+    assert mlflow_calls_outside_the_store("import mlflow\nmlflow.MlflowClient('uri')\n") == ["line 2: mlflow.MlflowClient(...)"]
+    assert mlflow_calls_outside_the_store("from mlflow.tracking import fluent\nfluent.start_run()\n")
+    assert mlflow_calls_outside_the_store("import mlflow\nwith mlflow.start_run(run_id='x'):\n    pass\n")
+    assert not mlflow_calls_outside_the_store("import mlflow\nstore.call(mlflow.register_model, 'uri', 'name')\n")

@@ -53,8 +53,9 @@ def train_trial(params, root: Path, uri: str) -> dict:
     net = checkpoints.build_model(params, len(manifest["classes"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)
     schedule = recipe.schedule(params)
-    parent = tracking.start_or_resume_run(uri, params, "sweep-served", {}, commit="test", source="pipeline.tune", omit=("model.depth", "model.shortcut"))
-    child = tracking.start_or_resume_run(uri, params, "sweep-served-0", {"num_params": 0}, commit="test", source="pipeline.tune", parent_run_id=parent)
+    store = tracking.Store(uri, budget_s=30)
+    parent = tracking.start_or_resume_run(store, params, "sweep-served", {}, commit="test", source="pipeline.tune", omit=("model.depth", "model.shortcut"))
+    child = tracking.start_or_resume_run(store, params, "sweep-served-0", {"num_params": 0}, commit="test", source="pipeline.tune", parent_run_id=parent)
     client = MlflowClient(uri)
     for epoch in range(EPOCHS):
         batches = loader.make_loader(
@@ -64,14 +65,16 @@ def train_trial(params, root: Path, uri: str) -> dict:
         loss_sum, errors, seen = worker.run_epoch(
             net, batches, optimizer, torch.device("cpu"), manifest["mean"], False, nullcontext(), partial(schedule.lr, epoch)
         )
-        tracking.log_epoch(client, child, epoch, {"train_loss": loss_sum / seen, "train_top1_error": errors / seen}, int(time.time() * 1000))
+        metrics = {"train_loss": loss_sum / seen, "train_top1_error": errors / seen}
+        client.log_batch(child, metrics=tracking.epoch_metrics(epoch, metrics, int(time.time() * 1000)))
     val = loader.make_loader(
         params.paths.shards, "val", transforms.eval_transform("cifar"),
         batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
     )  # fmt: skip
     scores = scoring.score(net, val, torch.device("cpu"), manifest["mean"], nullcontext())
     best = EPOCHS - 1
-    tracking.log_epoch(client, child, best, {"val_top1_error": scores.top1 / scores.seen, "val_loss": scores.loss_sum / scores.seen}, int(time.time() * 1000))
+    metrics = {"val_top1_error": scores.top1 / scores.seen, "val_loss": scores.loss_sum / scores.seen}
+    client.log_batch(child, metrics=tracking.epoch_metrics(best, metrics, int(time.time() * 1000)))
     checkpoint = root / "ray" / "sweep-served-0" / f"checkpoint_{best:06d}"
     checkpoint.mkdir(parents=True)
     checkpoints.save(checkpoint, {"model_args": checkpoints.model_args(params, 10), "model": net.state_dict()})

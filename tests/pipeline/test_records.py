@@ -40,7 +40,7 @@ def test_sweep_records_the_best_epochs_val_loss_lowest_error_then_lowest_loss(tm
                 metrics={"trial_id": trial},
             )
         )
-    with_loss, without = tune.records(grid, "sweep-x", uri, experiment, 4)
+    with_loss, without = tune.records(grid, "sweep-x", tracking.Store(uri, budget_s=10), experiment, 4)
     assert (with_loss["best_val_top1_error"], with_loss["best_val_loss"]) == (0.0, 0.05)
     # A run from before val_loss was recorded: the first epoch of the lowest error, no loss.
     assert (without["best_val_top1_error"], without["best_val_loss"]) == (0.0, None)

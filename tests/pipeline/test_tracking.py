@@ -62,8 +62,8 @@ def test_a_value_with_both_quotes_cannot_be_quoted():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store(tmp_path_factory) -> tracking.Store:
+    return tracking.Store(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}", budget_s=10)
 
 
 def params_for(repo, uri: str = "sqlite:///mlflow.db") -> params_module.Params:
@@ -87,7 +87,7 @@ NAMES = [
 
 def test_runs_are_found_again_by_names_with_quotes(repo, store):
     params = params_for(repo)
-    client = tracking.client(store)
+    client = store
     experiment = tracking.experiment_id(client, params.mlflow.experiment)
     created = {name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee", source="pipeline.train") for name in NAMES}
     assert len(set(created.values())) == len(NAMES)
@@ -103,7 +103,7 @@ def test_runs_are_found_again_by_names_with_quotes(repo, store):
 def test_the_logged_params_hold_no_password(repo, store):
     params = params_for(repo, "postgresql://mlflow:s3cret@db:5432/mlflow")
     run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1}, commit="c0ffee", source="pipeline.train")
-    logged = tracking.client(store).get_run(run_id).data.params
+    logged = store.get_run(run_id).data.params
     assert logged["mlflow.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
     assert logged["mlflow.experiment"] == params.mlflow.experiment and logged["extra"] == "1"
     assert not [key for key, value in logged.items() if "s3cret" in value]
@@ -114,7 +114,7 @@ def test_a_run_records_the_commit_it_is_given_and_leaves_out_the_omitted_params(
     run_id = tracking.start_or_resume_run(
         store, params, "a sweep", {"sweep": "a sweep"}, commit="0123abcd", source="pipeline.tune", omit=("model.depth", "model.shortcut")
     )
-    run = tracking.client(store).get_run(run_id)
+    run = store.get_run(run_id)
     assert run.data.tags["mlflow.source.git.commit"] == "0123abcd" and run.data.tags["mlflow.source.name"] == "pipeline.tune"
     assert "model.depth" not in run.data.params and "model.shortcut" not in run.data.params
     assert run.data.params["tune.depths"] == str(params.tune.depths) and run.data.params["model.arch"] == params.model.arch
@@ -126,7 +126,7 @@ def test_the_shards_are_the_runs_dataset_once_whatever_the_resumes(repo, store, 
     sha = "ab" * 32
     for _ in range(2):  # a resumed run logs it again
         tracking.log_shards_input(store, run_id, str(tmp_path / "shards"), sha, "digits")
-    inputs = tracking.client(store).get_run(run_id).inputs.dataset_inputs
+    inputs = store.get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1
     dataset = inputs[0].dataset
     assert dataset.name == "digits-shards" and sha.startswith(dataset.digest) and len(dataset.digest) == 36

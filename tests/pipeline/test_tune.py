@@ -4,6 +4,7 @@ another experiment, another name), a trial's params and label, the console table
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import re
 from types import SimpleNamespace
 
@@ -11,9 +12,10 @@ import pytest
 
 from pipeline import params as params_module
 from pipeline import records, tracking, tune
+from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS
 from tests.conftest import REPO
-from tests.helpers import failed_trial, finished_trial
+from tests.helpers import failed_trial, finished_trial, make_params
 
 SHA = "a" * 64
 
@@ -128,14 +130,14 @@ def test_the_console_table_has_a_row_a_trial_and_names_a_failure():
     assert table[3].split()[:3] == ["56", "B", "failed:"]
 
 
-def test_the_console_table_aligns_its_columns_and_gives_a_failures_error_in_full():
+def test_the_console_table_aligns_its_columns_and_gives_a_failures_cause_and_its_traceback_file():
     trials = [finished_trial(20, "none", 0.5, 0.55), finished_trial(110, "C", 0.0, 0.0123, num_params=1_734_000)]
     header, rule, *rows = tune.format_table([*trials, failed_trial(56, "A")]).splitlines()
     assert len(header) == len(rule) == len(rows[0]) == len(rows[1]) and set(rule) == {"-"}
     assert rows[1].split() == ["110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s"]
     # Right-aligned: each finished row's cells end where the header's columns end.
     assert rows[0].index("20") + 2 == header.index("depth") + len("depth")
-    assert rows[2].endswith("failed: RayTaskError: worker died")
+    assert rows[2].endswith("failed: RayTaskError: worker died (traceback: /ray/sweep/trial-56-A/error.txt)")
 
 
 def test_a_record_from_before_trials_were_timed_leaves_the_overhead_cell_empty():
@@ -146,10 +148,10 @@ def test_a_record_from_before_trials_were_timed_leaves_the_overhead_cell_empty()
 
 def test_a_trials_times_reach_its_mlflow_run_wall_and_what_its_epochs_did_not_take(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = tracking.client(uri)
+    client = tracking.Store(uri, budget_s=10)
     experiment = tracking.experiment_id(client, "resnet")
     run_id = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: "sweep-1-t1"}).info.run_id
-    times, trial = tune.TrialTimes(uri, experiment, "sweep-1"), SimpleNamespace(trial_id="t1")
+    times, trial = tune.TrialTimes(client, experiment, "sweep-1"), SimpleNamespace(trial_id="t1")
     times.clock = iter([100.0, 130.5]).__next__  # the driver's clock at the trial's start and end
     times.on_trial_start(0, [], trial)
     for seconds in (10.0, 12.0):
@@ -157,3 +159,66 @@ def test_a_trials_times_reach_its_mlflow_run_wall_and_what_its_epochs_did_not_ta
     times.on_trial_result(0, [], trial, {"done": True})  # Tune's own final result has no epoch
     times.on_trial_complete(0, [], trial)
     assert client.get_run(run_id).data.metrics == {"wall_time_s": 30.5, "overhead_s": 8.5}
+
+
+# Trials that start at once on a new store: each opens its MLflow run (tune.open_trial_run) in a
+# process of its own, all released by one barrier, as Tune starts them. Forked, so that no
+# process but the trials' touches the store (the test's own process never opens it).
+TRIALS_AT_ONCE = 4
+
+
+def open_trial_when_released(config: dict, trial_id: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        tune.open_trial_run(config, trial_id)
+        results.put((trial_id, "opened"))
+    except Exception as e:  # noqa: BLE001 (the test reports whichever failed, and how)
+        results.put((trial_id, tracking.one_line(e)))
+
+
+def sweep_config(params, name: str, log_dataset_first: bool, results) -> None:
+    """The sweep's driver, up to where Tune starts the trials; or, without the dataset made
+    first, what the sweep did before (so the trials race to make it, and `Store` must cope)."""
+    manifest = read_manifest(params.paths.shards)
+    sha = tracking.manifest_sha256(params.paths.shards)
+    if log_dataset_first:
+        results.put(tune.open_sweep_run(params, manifest, sha, name)[1])
+        return
+    store = tracking.store(params)
+    parent = tracking.start_or_resume_run(store, params, name, {}, commit="test", source="pipeline.tune")
+    results.put({
+        "params": params.model_dump(mode="json"), "sweep": name, "tracking_uri": store.uri, "parent_run_id": parent,
+        "manifest_sha256": sha, "data_source": manifest["source"], "git_commit": "test", "num_classes": 10,
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("log_dataset_first", [True, False], ids=["as-the-sweep-does", "racing-for-the-dataset"])
+@pytest.mark.parametrize("attempt", range(5))
+def test_trials_that_start_at_once_on_a_new_store_all_open_their_runs(tmp_path, digit_shards, log_dataset_first, attempt):
+    fork = multiprocessing.get_context("fork")
+    params = make_params(tmp_path, f"paths.shards={digit_shards}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'new.db'}")
+    results = fork.Queue()
+    driver = fork.Process(target=sweep_config, args=(params, f"sweep-{attempt}", log_dataset_first, results))
+    driver.start()
+    config = results.get(timeout=120)
+    driver.join()
+    config["depth"], config["shortcut"] = 8, "A"
+    barrier = fork.Barrier(TRIALS_AT_ONCE)
+    trials = [
+        fork.Process(target=open_trial_when_released, args=(config, f"trial-{i}", barrier, results))
+        for i in range(TRIALS_AT_ONCE)
+    ]
+    for trial in trials:
+        trial.start()
+    outcomes = dict(results.get(timeout=120) for _ in trials)
+    for trial in trials:
+        trial.join()
+    assert outcomes == {f"trial-{i}": "opened" for i in range(TRIALS_AT_ONCE)}
+    store = tracking.Store(config["tracking_uri"], budget_s=10)
+    runs = store.search_runs([store.get_experiment_by_name("resnet").experiment_id])
+    assert len(runs) == TRIALS_AT_ONCE + 1  # the trials' and the sweep's, each once
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config["parent_run_id"]]
+    assert [len(r.inputs.dataset_inputs) for r in trial_runs] == [1] * TRIALS_AT_ONCE
+    assert {(i.dataset.name, i.dataset.digest) for r in runs for i in r.inputs.dataset_inputs} == {
+        ("digits-shards", config["manifest_sha256"][:36])
+    }
