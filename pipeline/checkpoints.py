@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 
 import resnet
+from pipeline.files import open_url
 from pipeline.params import Params
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -42,7 +42,7 @@ def save(folder: str | Path, state: dict[str, Any]) -> None:
 
 def load(folder: str | Path) -> dict[str, Any]:
     """A checkpoint's state from a local folder or a URL (s3://...); tensors and plain data only."""
-    with fsspec.open(f"{str(folder).rstrip('/')}/{CHECKPOINT_FILE}", "rb") as f:
+    with open_url(f"{str(folder).rstrip('/')}/{CHECKPOINT_FILE}", "rb") as f:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 

@@ -21,7 +21,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 import resnet
 from pipeline import loader, recipe, worker
 from pipeline.errors import UsageError
-from pipeline.files import project_path
+from pipeline.files import project_path, ray_storage
 from pipeline.params import EXECUTION_KEYS, Params
 from pipeline.records import CHECKPOINT_SCORE
 
@@ -107,6 +107,7 @@ def fit(
         "log_model": log_model,
         "say_epochs": say_epochs,
     }
+    storage_path, storage_filesystem = ray_storage(absolute(params.paths.ray_storage))
     trainer = TorchTrainer(
         worker.train_loop,
         train_loop_config=config,
@@ -117,7 +118,8 @@ def fit(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=absolute(params.paths.ray_storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,

@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and their hashes.
+"""Files written whole or not at all, their hashes, and object stores that blip.
 
 Every output a stage writes goes under a temporary name, is flushed to disk, then renamed onto
 its final name: a reader (DVC, Git, the next stage, a rerun after a crash) sees the old file or
@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow.fs
 
 
 def fsync_file(path: Path) -> None:
@@ -62,10 +64,56 @@ def project_path(path: str) -> str:
     return str((Path(os.environ.get("DVC_ROOT") or ".") / path).resolve())
 
 
+# Object stores (s3://) answer with a reset connection, a 503 or a throttle now and then, and an
+# endpoint can be away for a minute. botocore's "standard" retry mode retries those (and only
+# those) with exponential backoff and jitter, capped at 20 s a wait: S3_ATTEMPTS attempts wait
+# out about two minutes. A request that gets no answer is cut at S3_TIMEOUT_S, then retried.
+S3_ATTEMPTS = 10
+S3_TIMEOUT_S = 20
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec's options for `url`: for s3://, botocore's retry mode and timeouts above."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    retries = {"max_attempts": S3_ATTEMPTS, "mode": "standard"}
+    return {"config_kwargs": {"retries": retries, "connect_timeout": S3_TIMEOUT_S, "read_timeout": S3_TIMEOUT_S}}
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any):
+    """fsspec.open, with the object store's retries: every read of a shard, a manifest or a
+    checkpoint goes through here (or through `url_to_fs`)."""
+    return fsspec.open(url, mode, **storage_options(url), **kwargs)
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(url, **storage_options(url))
+
+
+def ray_storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: for s3://, Arrow's S3 client
+    (which Ray writes checkpoints with) with the same retries and timeouts as `storage_options`,
+    at the endpoint AWS_ENDPOINT_URL names, if any (a MinIO, Ceph or test server); else Ray's
+    own choice."""
+    if not path.startswith("s3://"):
+        return path, None
+    options: dict[str, Any] = {
+        "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        "connect_timeout": S3_TIMEOUT_S,
+        "request_timeout": S3_TIMEOUT_S,
+    }
+    if endpoint := os.environ.get("AWS_ENDPOINT_URL"):
+        parts = urllib.parse.urlsplit(endpoint)
+        options.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme or "https")
+    if region := os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+        options["region"] = region
+    return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(**options)
+
+
 def sha256_of(path: str | Path) -> str:
     """The sha256 of a file, a local path or a URL (s3://...), read 1 MiB at a time."""
     h = hashlib.sha256()
-    with fsspec.open(str(path), "rb") as f:
+    with open_url(str(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

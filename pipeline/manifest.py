@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UsageError
+from pipeline.files import open_url
 
 MANIFEST = "manifest.json"
 # 2: a test split beside train and val (schema 1 had train and val, and val both chose and scored)
@@ -88,7 +88,7 @@ def read_manifest(shards: str) -> dict[str, Any]:
     line that names the file (and the key)."""
     url = f"{shards.rstrip('/')}/{MANIFEST}"
     try:
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
+        with open_url(url, "rt", encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise UsageError(f"{url}: missing; run `python -m pipeline.shard` first") from None

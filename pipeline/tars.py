@@ -15,13 +15,14 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-import fsspec
 from webdataset.gopen import gopen_schemes
 from webdataset.tariterators import group_by_keys, url_opener
 
+from pipeline.files import open_url
+
 
 def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    return fsspec.open(url, mode).open()
+    return open_url(url, mode).open()
 
 
 # WebDataset's own openers cover files, pipes, http and gs; object stores go through fsspec.

@@ -4,7 +4,6 @@ into (resumes included)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import queue
@@ -17,9 +16,9 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-import fsspec
 import mlflow
 import requests
 import sqlalchemy.engine
@@ -33,7 +32,7 @@ from mlflow.tracking import MlflowClient  # only here: everything else asks a St
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
-from pipeline.files import project_path
+from pipeline.files import open_url, project_path
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
 
@@ -111,6 +110,11 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def root_cause(error: BaseException) -> BaseException:
+    """What went wrong at the bottom (ConnectionRefusedError, not MLflow's wrapper of a wrapper)."""
+    return list(causes(error))[-1]
+
+
 def causes(error: BaseException):
     """The error and what it was raised from or during (MLflow wraps the HTTP client's errors)."""
     seen = set()
@@ -123,9 +127,10 @@ def causes(error: BaseException):
 def failure_kind(error: BaseException, idempotent: bool) -> str | None:
     """"outage" (the store does not answer), "busy" (it answers, but a concurrent writer was in the
     way: retried without a word), or None (a real error: raised at once)."""
-    for cause in causes(error):
-        if isinstance(cause, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
-            return "outage"
+    chain = list(causes(error))
+    if any(isinstance(c, requests.exceptions.ConnectionError | requests.exceptions.Timeout) for c in chain):
+        return "outage"  # however MLflow wrapped it
+    for cause in chain:
         if isinstance(cause, sqlalchemy.exc.IntegrityError | sqlite3.IntegrityError):
             return "busy" if idempotent else None
         if isinstance(cause, sqlalchemy.exc.OperationalError | sqlite3.OperationalError):
@@ -173,7 +178,7 @@ class Store:
         if name.startswith("_"):
             raise AttributeError(name)  # not the client's: copy and pickle ask before __init__ has run
         method = getattr(self._client, name)
-        return functools.partial(self.call, method) if callable(method) else method
+        return RetriedMethod(self, method) if callable(method) else method
 
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """fn(*args, **kwargs), retried while the store is away or busy, for up to budget_s."""
@@ -181,6 +186,7 @@ class Store:
 
     def call_while(self, keep_trying: Callable[[float], bool], fn: Callable[..., T], *args, **kwargs) -> T:
         """`call`, retried for as long as keep_trying(seconds since the first failure) says."""
+        fn = getattr(fn, "unretried", fn)  # store.log_batch passed in: retried here, not twice over
         idempotent = getattr(fn, "__name__", "") in IDEMPOTENT_CALLS
         wait, first_failure = FIRST_WAIT_S, None
         while True:
@@ -196,7 +202,8 @@ class Store:
                     self._outage_began(error)
                 if not keep_trying(now - first_failure):
                     raise TrackingUnavailable(
-                        f"MLflow at {redacted(self.uri)} did not answer for {now - first_failure:.0f} s ({one_line(error)})"
+                        f"MLflow at {redacted(self.uri)} did not answer for {now - first_failure:.0f} s "
+                        f"({one_line(root_cause(error))})"
                     ) from error
                 time.sleep(wait)
                 wait = min(2 * wait, MAX_WAIT_S)
@@ -209,7 +216,7 @@ class Store:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 self.say(
-                    f"MLflow at {redacted(self.uri)} is not answering ({one_line(error)}); retrying for up to "
+                    f"MLflow at {redacted(self.uri)} is not answering ({one_line(root_cause(error))}); retrying for up to "
                     f"{self.budget_s:.0f} s, and training goes on"
                 )
 
@@ -229,8 +236,27 @@ class Store:
             return None
 
 
+class RetriedMethod:
+    """An MlflowClient method called through its Store's retries (`store.get_run(...)`)."""
+
+    def __init__(self, store: Store, unretried: Callable):
+        self.store, self.unretried = store, unretried
+        self.__name__ = unretried.__name__
+
+    def __call__(self, *args, **kwargs):
+        return self.store.call(self.unretried, *args, **kwargs)
+
+
 def store(params: Params, say: Callable[[str], None] = stdout_line) -> Store:
     return Store(tracking_uri(params), params.mlflow.retry_seconds, say)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts (the registry's models among them): for a
+    store in a local file, the project's mlruns/ (`files.project_path`), as MLflow's default
+    would be from the project's folder, but not inside a DVC experiment's temporary copy, which
+    is deleted with them; a server decides for itself (None)."""
+    return Path(project_path("mlruns")).as_uri() if uri.startswith(("sqlite:", "file:", "/", ".")) else None
 
 
 def experiment_id(store: Store, name: str) -> str:
@@ -240,7 +266,7 @@ def experiment_id(store: Store, name: str) -> str:
     if experiment:
         return experiment.experiment_id
     try:
-        return store.create_experiment(name)
+        return store.create_experiment(name, artifact_location=artifact_location(store.uri))
     except MlflowException:
         experiment = store.get_experiment_by_name(name)
         if experiment is None:
@@ -270,7 +296,7 @@ def git_commit() -> str:
 
 
 def manifest_sha256(shards: str) -> str:
-    with fsspec.open(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as f:
+    with open_url(f"{shards.rstrip('/')}/{MANIFEST}", "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
@@ -411,6 +437,10 @@ class RunWriter:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.pending.put((epoch, epoch_metrics(epoch, metrics, int(time.time() * 1000))))
+
+    def waiting(self) -> int:
+        """Epochs queued and not yet written: more than one while the store is away."""
+        return self.pending.qsize()
 
     def close(self) -> list[int]:
         """Wait for what is queued to be written; the epochs MLflow lacks after all."""

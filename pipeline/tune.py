@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 import resnet
 from pipeline import checkpoints, cli, driver, tracking
-from pipeline.files import write_json_atomic
+from pipeline.files import ray_storage, write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS, Params, check_sweep
 from pipeline.records import (
@@ -63,7 +63,8 @@ class EpochLines(ray.tune.Callback):
         print(
             f"{self.label(trial):<22} epoch {int(result['epoch']) + 1}/{self.epochs}"
             f"  train err {result['train_top1_error']:7.2%}  val err {result[METRIC]:7.2%}"
-            f"  {result['images_per_s']:5.0f} img/s",
+            f"  {result['images_per_s']:5.0f} img/s"
+            + (f"  (MLflow away: {result['mlflow_waiting']} epochs wait)" if result.get("mlflow_waiting") else ""),
             flush=True,
         )
 
@@ -219,15 +220,15 @@ def new_or_restored_tuner(
 ) -> ray.tune.Tuner:
     """The grid's Tuner; the saved one when a sweep of this name was interrupted (with the
     callbacks it was made with)."""
-    storage = driver.absolute(params.paths.ray_storage)
+    storage, filesystem = ray_storage(driver.absolute(params.paths.ray_storage))
     # The trial's driver only waits on its TorchTrainer, whose workers hold the CPUs and GPUs; it
     # asks for a token of memory because Tune refuses an empty request (1 CPU by default would
     # leave a 2-CPU machine one short for a 2-worker trial).
     trainable = ray.tune.with_resources(run_trial, {"memory": 1 << 20})
     path = f"{storage.rstrip('/')}/{name}"
-    if ray.tune.Tuner.can_restore(path):
+    if ray.tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         print(f"resuming sweep {name} from {path}", flush=True)
-        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     scheduler = None
     if params.tune.scheduler == "asha":
         scheduler = ASHAScheduler(
@@ -254,6 +255,7 @@ def new_or_restored_tuner(
         run_config=ray.tune.RunConfig(
             name=name,
             storage_path=storage,
+            storage_filesystem=filesystem,
             verbose=0,
             # A failed trial is started again; its Train run resumes from its latest checkpoint.
             failure_config=ray.tune.FailureConfig(max_failures=params.tune.max_failures),

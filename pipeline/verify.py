@@ -28,7 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 import jpegcrop
 from pipeline import cli
-from pipeline.files import sha256_of, write_json_atomic
+from pipeline.files import open_url, sha256_of, url_to_fs, write_json_atomic
 from pipeline.images import MAX_PIXELS
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
@@ -43,7 +43,7 @@ def check_samples(path: str | Path, num_classes: int, name: str | None = None) -
     refused: set[str] = set()  # samples with a member left unread: that member's line says it all
     problems = []
     try:
-        with fsspec.open(str(path), "rb") as f, tarfile.open(fileobj=f) as tar:
+        with open_url(str(path), "rb") as f, tarfile.open(fileobj=f) as tar:
             for info in tar:
                 if not info.isfile():
                     problems.append(f"{name}: {info.name}: not a regular file")
@@ -124,7 +124,7 @@ def readable_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
 
 def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
     """Every problem of the shards under `shards` (a folder or a URL), one line each."""
-    fs, root = fsspec.core.url_to_fs(str(shards))
+    fs, root = url_to_fs(str(shards))
     base = location(shards)
     problems = []
     num_classes = len(manifest["classes"])

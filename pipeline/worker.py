@@ -166,8 +166,10 @@ def start_tracking(state: RankState) -> None:
         dist.all_gather_object(nodes, nodes[0])  # every rank takes part
     if state.rank != 0:
         return
-    params = state.params
-    store = tracking.Store(state.config["tracking_uri"], params.mlflow.retry_seconds, say)
+    # In a sweep the driver's epoch lines say when a trial's MLflow records wait (`mlflow_waiting`),
+    # once for all trials, rather than every trial's worker saying so.
+    outage_lines = say if state.config["say_epochs"] else lambda line: None
+    store = tracking.Store(state.config["tracking_uri"], state.params.mlflow.retry_seconds, outage_lines)
     tags = {"ray.world_size": str(state.world_size), "ray.nodes": ",".join(sorted(set(nodes)))}
     state.writer = tracking.RunWriter(store, state.config["mlflow_run_id"], METRIC, tags)
     for entry in state.history:
@@ -253,7 +255,8 @@ def checkpoint_and_report(state: RankState, epoch: int, metrics: dict[str, float
             )
         score = val_rank_score(metrics[METRIC], metrics["val_loss"])  # what Ray keeps checkpoints by
         checkpoint = Checkpoint.from_directory(directory) if state.rank == 0 else None
-        ray.train.report({**metrics, CHECKPOINT_SCORE: score}, checkpoint=checkpoint)
+        waiting = state.writer.waiting() if state.writer else 0  # rank 0's counts: its report is the run's
+        ray.train.report({**metrics, CHECKPOINT_SCORE: score, "mlflow_waiting": waiting}, checkpoint=checkpoint)
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:

@@ -25,6 +25,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def s3_process(s3_server) -> subprocess.Popen:
+    """The process of `s3_server`: a test may stop it (SIGSTOP) and let it go on (SIGCONT)."""
+    return S3_PROCESSES[s3_server]
+
+
+S3_PROCESSES: dict[str, subprocess.Popen] = {}
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3-compatible server (moto's server mode) on 127.0.0.1; yields its endpoint URL.
 
@@ -36,6 +45,7 @@ def s3_server() -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
+    S3_PROCESSES[endpoint] = process
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -163,3 +164,33 @@ def test_exp_show_and_plots_diff_compare_two_sweeps_trial_by_trial(clone):
 
     assert "plain-20" in shell(metrics_show, clone)
     shell(plots_show, clone)
+
+
+def test_queued_experiments_keep_their_records_in_the_projects_store(clone):
+    """`dvc exp run --queue` runs each experiment in a temporary copy of the repository, which
+    DVC deletes after: the MLflow runs, the registry's versions and the checkpoints must land in
+    the project's own store and storage (params' relative paths resolved in DVC_ROOT), and the
+    experiments' metrics in `dvc exp show`."""
+    shutil.copy2(REPO / ".gitignore", clone / ".gitignore")
+    git(clone, "add", "-A")
+    git(clone, "commit", "-q", "--allow-empty", "-m", "this checkout's pipeline")
+    tiny = "-S train.epochs=2 -S train.batch_size=64 -S 'tune.depths=[8]'"
+    for name, shortcut in (("queued-a", "A"), ("queued-plain", "none")):
+        shell(f"dvc exp run --queue -n {name} {tiny} -S 'tune.shortcuts=[{shortcut}]'", clone)
+    shell("dvc exp run --run-all", clone)
+
+    _, rows = markdown_table(shell("dvc exp show --md", clone))
+    shown = {name.split("[")[-1].rstrip("]"): errors_shown(row) for name, row in rows.items() if "[" in name}
+    assert set(shown["queued-a"]) == {"resnet-8-A"} and set(shown["queued-plain"]) == {"plain-8"}
+
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resnet").experiment_id])
+    sweeps = {r.data.tags["pipeline.run_name"] for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(sweeps) == 2 and sorted(r.data.params["model.shortcut"] for r in trials) == ["A", "none"]
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'resnet-digits'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    for version in versions:  # the model files outlived the copy they were logged from
+        assert mlflow.pyfunc.load_model(f"models:/resnet-digits/{version.version}") is not None
+    assert {p.name for p in (clone / "data" / "ray").iterdir()} >= sweeps  # each sweep's checkpoints, kept

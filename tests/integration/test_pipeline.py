@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,10 +155,18 @@ def sweep_in(folder: Path, *overrides: str) -> tuple[dict[str, str], list[str]]:
     return env, args
 
 
-def test_an_interrupted_sweep_resumes(tmp_path):
+def epochs_said(console: str) -> dict[str, list[int]]:
+    """Each trial's epoch lines on a sweep's console: label -> the epochs, counted from 1."""
+    said: dict[str, list[int]] = {}
+    for label, epoch in re.findall(r"^(\S+)\s+epoch (\d+)/", console, re.MULTILINE):
+        said.setdefault(label, []).append(int(epoch))
+    return said
 
-    env, args = sweep_in(tmp_path, "train.epochs=3", "tune.shortcuts=[none, A]")
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill-9"])
+def test_an_interrupted_sweep_resumes_without_training_an_epoch_twice(tmp_path, stop):
+    """Ctrl-C (SIGINT to the whole command) or kill -9 of the tune driver alone, mid-sweep."""
+    env, args = sweep_in(tmp_path, "train.epochs=4", "tune.shortcuts=[none, A]")
     first = subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline.tune", *args],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -165,8 +174,11 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     seen = []
     for line in first.stdout:
         seen.append(line)
-        if "epoch 2/3" in line:  # the first trial is under way: interrupt the sweep (Ctrl-C)
-            os.killpg(first.pid, signal.SIGINT)
+        if "epoch 2/4" in line:  # the first trial is under way
+            if stop == "ctrl-c":
+                os.killpg(first.pid, signal.SIGINT)
+            else:
+                os.kill(first.pid, signal.SIGKILL)
             break
     deadline = time.monotonic() + 180
     while first.poll() is None and time.monotonic() < deadline:
@@ -180,8 +192,11 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "resuming sweep" in second.stdout
     trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 3), ("A", 3)]
+    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 4), ("A", 4)]
     assert all(0 < t["overhead_s"] < t["wall_time_s"] for t in trials)  # timed from the resumption
+    before, after = epochs_said("".join(seen)), epochs_said(second.stdout)
+    for label, epochs in before.items():  # no epoch the first run finished is trained again
+        assert min(after.get(label, [5])) > max(epochs), (label, epochs, after)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("resnet")
@@ -191,7 +206,31 @@ def test_an_interrupted_sweep_resumes(tmp_path):
     assert len(parents) == 1 and len(children) == 2  # no duplicate runs after the resume
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")]
-        assert steps == [0, 1, 2]
+        assert steps == [0, 1, 2, 3]
+
+
+def test_an_asha_sweep_stops_poor_trials_and_records_them_as_stopped_early(tmp_path):
+    env, args = sweep_in(
+        tmp_path, "train.epochs=6", "tune.scheduler=asha", "tune.grace_period=1", "tune.shortcuts=[none, A, B, C]"
+    )
+    done = subprocess.run([sys.executable, "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    assert [t["shortcut"] for t in trials] == ["none", "A", "B", "C"] and not [t for t in trials if "error" in t]
+    stopped = [t for t in trials if t["stopped_early"]]
+    assert stopped and all(1 <= t["epochs"] < 6 for t in stopped)
+    assert all(t["epochs"] == 6 for t in trials if not t["stopped_early"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for trial in trials:  # each record names its own trial
+        run = client.get_run(trial["mlflow_run_id"])
+        assert run.data.params["model.shortcut"] == trial["shortcut"], trial
+        assert len(client.get_metric_history(run.info.run_id, "val_top1_error")) == trial["epochs"]
+    assert "(stopped early)" in done.stdout
+
+    report = subprocess.run([sys.executable, "-m", "pipeline.report", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert report.returncode == 0, report.stdout[-4000:] + report.stderr[-4000:]
+    claims = json.loads((tmp_path / "reports" / "claims.json").read_text())
+    assert all(len(c["evidence"]["skipped_stopped_early_trials"]) == len(stopped) for c in claims)
 
 
 def test_trials_that_wait_for_a_slot_run_in_a_reused_trial_process_each_in_its_own_mlflow_run(tmp_path):

@@ -4,8 +4,14 @@ name, against a real MLflow store (SQLite)."""
 from __future__ import annotations
 
 import json
+import pickle
+import socket
+import sqlite3
+import threading
+import time
 
 import pytest
+from mlflow.exceptions import MlflowException
 
 from pipeline import params as params_module
 from pipeline import tracking
@@ -132,3 +138,69 @@ def test_the_shards_are_the_runs_dataset_once_whatever_the_resumes(repo, store, 
     assert dataset.name == "digits-shards" and sha.startswith(dataset.digest) and len(dataset.digest) == 36
     assert json.loads(dataset.source) == {"uri": str(tmp_path / "shards")}
     assert [(t.key, t.value) for t in inputs[0].tags] == [("mlflow.data.context", "training")]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: a store that is away."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_store_that_stays_away_costs_one_line_and_fails_after_its_budget():
+    said = []
+    store = tracking.Store(f"http://127.0.0.1:{closed_port()}", budget_s=3, say=said.append)
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match=r"did not answer for [34] s \(ConnectionRefusedError"):
+        store.get_run("0" * 32)
+    assert 3 <= time.monotonic() - started < 3 + tracking.MAX_WAIT_S
+    assert len(said) == 1 and "is not answering (ConnectionRefusedError" in said[0]  # and not a line a retry
+    assert store.best_effort(store.set_terminated, "0" * 32) is None  # a record a rerun writes: one line, no raise
+    assert len(said) == 2 and said[1].startswith("not recorded in MLflow: set_terminated")
+
+
+def test_a_real_error_is_raised_at_once_without_a_word(store):
+    said = []
+    quiet = tracking.Store(store.uri, budget_s=30, say=said.append)
+    started = time.monotonic()
+    with pytest.raises(MlflowException, match="not found"):
+        quiet.get_run("0" * 32)
+    assert time.monotonic() - started < 1 and not said
+
+
+def test_a_locked_sqlite_store_is_waited_out(tmp_path):
+    """SQLite's writer lock held past the driver's own 5 s wait: the call retries until it is free."""
+    uri = f"sqlite:///{tmp_path / 'locked.db'}"
+    said = []
+    store = tracking.Store(uri, budget_s=60, say=said.append)
+    experiment = tracking.experiment_id(store, "resnet")
+    holder = sqlite3.connect(tmp_path / "locked.db", check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    releaser = threading.Timer(8, holder.rollback)
+    releaser.start()
+    try:
+        run = store.create_run(experiment)
+    finally:
+        releaser.join()
+        holder.close()
+    assert store.get_run(run.info.run_id).info.experiment_id == experiment
+    assert not said  # busy is not an outage: nothing to say
+
+
+def test_what_counts_as_transient():
+    locked = sqlite3.OperationalError("database is locked")
+    unique = sqlite3.IntegrityError("UNIQUE constraint failed: datasets.name")
+    assert tracking.failure_kind(locked, idempotent=False) == "busy"
+    assert tracking.failure_kind(unique, idempotent=True) == "busy"
+    assert tracking.failure_kind(unique, idempotent=False) is None  # a second create would make a second record
+    assert tracking.failure_kind(sqlite3.OperationalError("no such table: runs"), idempotent=False) is None
+    assert tracking.failure_kind(MlflowException("API request to x failed with error code 503 != 200"), False) == "outage"
+    assert tracking.failure_kind(MlflowException("API request to x failed with error code 404 != 200"), False) is None
+    assert tracking.failure_kind(MlflowException("Run 'x' not found"), False) is None
+
+
+def test_a_store_pickles_as_what_makes_it(store):
+    """Tune saves the sweep's callbacks, which hold one, with the sweep's state."""
+    copy = pickle.loads(pickle.dumps(store))
+    assert (copy.uri, copy.budget_s) == (store.uri, store.budget_s)
+    assert copy.get_experiment_by_name("no such experiment") is None
