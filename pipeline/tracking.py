@@ -88,9 +88,10 @@ MAX_WAIT_S = 30.0
 
 # MLflow's HTTP client retries on its own (7 attempts over about 2 minutes, a warning line per
 # attempt) and waits up to 120 s for an answer. The Store's schedule replaces the first, so that
-# one schedule with one pair of outage lines covers every store; the second is cut so that a
-# server that hangs rather than refuses is noticed within the schedule's waits.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+# one schedule with one pair of outage lines covers every store; the second is cut to a minute,
+# so that a server that hangs rather than refuses is retried sooner (a model's upload to the
+# server fits in it on any link of 20 Mbit/s or more). Either can still be set in the environment.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 # Calls that may run twice without doing anything twice: MLflow checks for the dataset, then
 # inserts it, so two runs logging the same new dataset at once can collide on its unique key;
