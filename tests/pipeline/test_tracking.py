@@ -204,3 +204,8 @@ def test_a_store_pickles_as_what_makes_it(store):
     copy = pickle.loads(pickle.dumps(store))
     assert (copy.uri, copy.budget_s) == (store.uri, store.budget_s)
     assert copy.get_experiment_by_name("no such experiment") is None
+
+
+def test_missing_epochs_are_named_as_the_console_counts_them():
+    assert tracking.ranges([3, 4, 5, 8]) == "4..6, 9"
+    assert tracking.ranges([0]) == "1"
