@@ -32,6 +32,7 @@ from mlflow.tracking import MlflowClient  # only here: everything else asks a St
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE
 
+from pipeline.errors import TrackingUnavailable
 from pipeline.files import open_url, project_path
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
@@ -100,10 +101,6 @@ IDEMPOTENT_CALLS = {"log_inputs"}
 
 # The SQL store's words for a database that is busy or gone for a moment.
 SQL_BUSY = ("database is locked", "database is busy", "could not connect", "connection refused", "server closed")
-
-
-class TrackingUnavailable(Exception):
-    """The store did not answer within `mlflow.retry_seconds`."""
 
 
 def one_line(error: BaseException) -> str:

@@ -13,8 +13,8 @@ import time
 import pytest
 from mlflow.exceptions import MlflowException
 
+from pipeline import cli, tracking
 from pipeline import params as params_module
-from pipeline import tracking
 
 
 @pytest.mark.parametrize(
@@ -209,3 +209,13 @@ def test_a_store_pickles_as_what_makes_it(store):
 def test_missing_epochs_are_named_as_the_console_counts_them():
     assert tracking.ranges([3, 4, 5, 8]) == "4..6, 9"
     assert tracking.ranges([0]) == "1"
+
+
+def test_a_stage_whose_store_stays_away_fails_with_one_line(capsys):
+    """register and the like exist to write MLflow: past the retries they stop, and say so."""
+    store = tracking.Store(f"http://127.0.0.1:{closed_port()}", budget_s=1, say=lambda line: None)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: store.get_registered_model("resnet-digits"))
+    assert exit_.value.code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: MLflow at {store.uri} did not answer for") and line.endswith("and rerun")
