@@ -18,6 +18,20 @@ def repo() -> Path:
     return REPO
 
 
+def mlflow_answers(url: str, timeout: float = 120) -> bool:
+    """Whether an MLflow server at `url` answers its health check within `timeout` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,11 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline import files, shard
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, mlflow_answers
 from tests.helpers import make_params
 
 pytestmark = pytest.mark.slow
@@ -48,14 +47,8 @@ class MlflowServer:
         ]  # fmt: skip
         with (self.root / "server.log").open("a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+        if not mlflow_answers(self.url):
+            raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)  # the server and its workers, at once

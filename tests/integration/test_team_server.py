@@ -26,7 +26,7 @@ import requests
 
 from pipeline import params as params_module
 from pipeline import shard
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, mlflow_answers
 
 pytestmark = pytest.mark.slow
 
@@ -100,14 +100,7 @@ def started_team_server(postgres: str, s3_server: str, log: Path, database: str 
     with log.open("w") as out:
         server = subprocess.Popen(["sh", str(REPO / "infra" / "mlflow" / "start-server.sh")], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(1)
-    else:
+    if not mlflow_answers(url):
         os.killpg(server.pid, signal.SIGKILL)  # the script and whatever it started
         raise RuntimeError(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
     try:
