@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 import ray.tune
+from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -32,6 +33,8 @@ from pipeline.params import EXECUTION_KEYS, Params, check_sweep
 from pipeline.records import (
     METRIC,
     TABLE_COLUMNS,
+    best_epoch,
+    epochs_of,
     failed_record,
     in_sweep_order,
     sweep_finished,
@@ -158,7 +161,30 @@ def run_trial(config: dict[str, Any]) -> None:
     # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
     kept = [(metrics[METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
     best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
-    store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
+    try:
+        store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
+        store.set_terminated(run_id, "FINISHED")
+    except tracking.TrackingUnavailable:
+        pass  # the trial has trained: the sweep's driver writes these when its store answers (complete_trial_run)
+
+
+def complete_trial_run(store: tracking.Store, run_id: str, history: list[dict[str, Any]], filesystem: Any) -> None:
+    """What a trial's MLflow run lacks, written by the sweep's driver from the trial's
+    checkpoints: the epochs, best checkpoint and status of a trial whose store stayed away past
+    `mlflow.retry_seconds` as it ended (or of one a scheduler stopped). Ray Train always keeps a
+    run's latest checkpoint, whose history holds every epoch, and its best (`history`: Tune's
+    rows for the trial, each epoch's with the path of its checkpoint)."""
+    paths = {int(row["epoch"]): row["checkpoint_path"] for row in history if row.get("checkpoint_path")}
+    uri = {epoch: checkpoints.checkpoint_uri(Checkpoint(path, filesystem)) for epoch, path in paths.items()}
+    epochs = checkpoints.load(uri[max(uri)])["history"]
+    best = int(best_epoch(epochs_of(epochs))["epoch"])
+    writer = tracking.RunWriter(store, run_id, METRIC, {"best_checkpoint": uri[best]}, system_metrics=False)
+    for entry in epochs:
+        writer.log_epoch(int(entry["epoch"]), entry)
+    if unwritten := writer.close():
+        raise tracking.TrackingUnavailable(
+            f"MLflow at {tracking.redacted(store.uri)} did not take epochs {tracking.ranges(unwritten)} of run {run_id}"
+        )
     store.set_terminated(run_id, "FINISHED")
 
 
@@ -184,17 +210,27 @@ def concurrent_trials(params: Params) -> int:
     return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
 
 
-def records(grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experiment: str, epochs: int) -> list[dict[str, Any]]:
+def records(
+    grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experiment: str, epochs: int, filesystem: Any
+) -> list[dict[str, Any]]:
     """reports/sweep.json's records (pipeline.records), from Tune's results and each trial's
-    MLflow run."""
+    MLflow run, first completing any run its trial could not (`complete_trial_run`)."""
     out = []
     for result in grid:
         config, history = result.config, result.metrics_dataframe
         if result.error or history is None or METRIC not in history:
-            cause = tracking.one_line(getattr(result.error, "cause", None) or result.error) if result.error else "no epoch"
+            cause = (
+                tracking.one_line(getattr(result.error, "cause", None) or result.error) if result.error else "no epoch"
+            )
             out.append(failed_record(config["depth"], config["shortcut"], cause, f"{result.path}/error.txt"))
             continue
-        run = store.get_run(tracking.find_run(store, experiment, f"{sweep}-{result.metrics['trial_id']}"))
+        run_id = tracking.find_run(store, experiment, f"{sweep}-{result.metrics['trial_id']}")
+        rows = history.astype(object).where(history.notna(), None).to_dict("records")
+        run = store.get_run(run_id)
+        written = store.get_metric_history(run_id, METRIC)
+        if run.info.status != "FINISHED" or len(written) < len(epochs_of(rows)):
+            complete_trial_run(store, run_id, rows, filesystem)
+            run = store.get_run(run_id)
         about_run = {
             "num_params": int(run.data.params["num_params"]),
             "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
@@ -202,7 +238,6 @@ def records(grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experi
             "checkpoint": run.data.tags.get("best_checkpoint"),
             "mlflow_run_id": run.info.run_id,
         }
-        rows = history.astype(object).where(history.notna(), None).to_dict("records")
         out.append(trial_record(config["depth"], config["shortcut"], rows, epochs, about_run))
     return in_sweep_order(out)
 
@@ -276,7 +311,13 @@ def open_sweep_run(
     store = tracking.store(params)
     commit = tracking.git_commit()
     parent = tracking.start_or_resume_run(
-        store, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, source="pipeline.tune", omit=SWEEP_OMITS
+        store,
+        params,
+        name,
+        {"manifest_sha256": manifest_sha, "sweep": name},
+        commit=commit,
+        source="pipeline.tune",
+        omit=SWEEP_OMITS,
     )
     tracking.log_shards_input(store, parent, params.paths.shards, manifest_sha, manifest["source"])
     trial_config = {
@@ -309,7 +350,8 @@ def sweep(params: Params) -> dict[str, Any]:
     if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
         raise SweepInterrupted(f"sweep {name} was interrupted; rerun the same command to resume it")
-    table = records(grid, name, store, experiment, params.train.epochs)
+    _, filesystem = ray_storage(driver.absolute(params.paths.ray_storage))
+    table = records(grid, name, store, experiment, params.train.epochs, filesystem)
     store.set_terminated(parent, "FINISHED")
     return {"name": name, "mlflow_run_id": parent, "trials": table}
 
@@ -340,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     failed = [t for t in result["trials"] if "error" in t]
     if failed:
         names = ", ".join(trial_label(params.model.arch, t["depth"], t["shortcut"]) for t in failed)
-        raise SystemExit(f"{len(failed)} of {len(result['trials'])} trials failed ({names}); rerun the same command to retry them")
+        raise SystemExit(
+            f"{len(failed)} of {len(result['trials'])} trials failed ({names}); rerun the same command to retry them"
+        )
 
 
 if __name__ == "__main__":

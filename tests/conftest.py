@@ -25,9 +25,9 @@ def mlflow_answers(url: str, timeout: float = 120) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
                 return True
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up yet, or starting slowly on a busy machine
             time.sleep(0.5)
     return False
 

@@ -190,6 +190,39 @@ def test_a_sweep_goes_on_through_a_90_s_outage(server, shards, tmp_path):
     assert "MLflow away" in sweep.text()  # the epoch lines said the records were waiting
 
 
+def test_a_sweep_whose_store_stays_away_says_so_in_one_line_and_its_rerun_fills_the_gap(server, shards, tmp_path):
+    """Past the retry budget a sweep cannot write its records (sweep.json names each trial's
+    MLflow run): its trials train to the end, the stage exits 1 with one line, and the rerun
+    trains nothing again and writes every epoch MLflow lacks, once."""
+    epochs = 6
+    overrides = (
+        f"train.epochs={epochs}", "tune.depths=[8]", "tune.shortcuts=[none,A]", "train.num_workers=1",
+        "mlflow.retry_seconds=5", "tune.max_failures=1",
+    )  # fmt: skip
+    sweep = stage("tune", tmp_path, shards, server.url, *overrides)
+    sweep.wait_for(r"epoch 2/", count=2)
+    server.kill()
+    assert sweep.finish() == 1, sweep.text()
+    # Ray forwards the workers' lines (`(RayTrainWorker pid=...) ...`) late: the driver's own end with the error.
+    driver_lines = [line for _, line in sweep.lines if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=", line)]
+    assert driver_lines[-1].startswith(f"error: MLflow at {server.url} did not answer"), sweep.text()
+    assert "Traceback" not in sweep.text()
+    assert len(re.findall(rf"epoch {epochs}/{epochs}", sweep.text())) >= 2, sweep.text()  # both trained to the end
+
+    server.start()
+    rerun = stage("tune", tmp_path, shards, server.url, *overrides)
+    assert rerun.finish() == 0, rerun.text()
+    assert not re.search(r"epoch [1-5]/", rerun.text()), rerun.text()  # nothing trained again
+    client = MlflowClient(server.url)
+    trials = [r for r in client.search_runs(client.get_experiment_by_name("resnet").experiment_id) if "mlflow.parentRunId" in r.data.tags]
+    assert len(trials) == 2  # one run per trial, resumed
+    for trial in trials:
+        assert [epoch for epoch, _ in epoch_history(server.url, trial.info.run_id)] == list(range(epochs))
+        assert trial.info.status == "FINISHED"
+    records = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    assert [r.get("error") for r in records] == [None, None]
+
+
 def test_an_object_store_that_stops_mid_run_costs_nothing_of_the_curve(s3_server, s3_process, shards, tmp_path):
     """Shards read from and checkpoints written to the suite's S3 server, stopped (SIGSTOP: it
     takes connections and answers nothing) for longer than a request's timeout, mid-run, then

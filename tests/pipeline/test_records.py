@@ -32,6 +32,9 @@ def test_sweep_records_the_best_epochs_val_loss_lowest_error_then_lowest_loss(tm
         run = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: f"sweep-x-{trial}"})
         client.log_param(run.info.run_id, "num_params", 78042)
         client.set_tag(run.info.run_id, "best_checkpoint", f"/ckpt/{trial}")
+        for step in range(4):
+            client.log_metric(run.info.run_id, records.METRIC, 0.0, step=step)
+        client.set_terminated(run.info.run_id)  # its trial wrote all it had to
         grid.append(
             SimpleNamespace(
                 config={"depth": 20, "shortcut": "A" if trial == "t1" else "B"},
@@ -40,7 +43,7 @@ def test_sweep_records_the_best_epochs_val_loss_lowest_error_then_lowest_loss(tm
                 metrics={"trial_id": trial},
             )
         )
-    with_loss, without = tune.records(grid, "sweep-x", tracking.Store(uri, budget_s=10), experiment, 4)
+    with_loss, without = tune.records(grid, "sweep-x", tracking.Store(uri, budget_s=10), experiment, 4, None)
     assert (with_loss["best_val_top1_error"], with_loss["best_val_loss"]) == (0.0, 0.05)
     # A run from before val_loss was recorded: the first epoch of the lowest error, no loss.
     assert (without["best_val_top1_error"], without["best_val_loss"]) == (0.0, None)
@@ -90,7 +93,11 @@ def test_a_trial_record_holds_its_best_epoch_its_last_and_its_curve():
     assert record["best_epoch"] == 1 and record["best_val_top1_error"] == 0.1 and record["best_val_loss"] is None
     assert (record["final_train_top1_error"], record["final_val_top1_error"]) == (0.05, 0.2)
     assert (record["epochs"], record["planned_epochs"]) == (3, 4)
-    assert record["curve"] == {"epoch": [0, 1, 2], "train_top1_error": [0.6, 0.2, 0.05], "val_top1_error": [0.5, 0.1, 0.2]}
+    assert record["curve"] == {
+        "epoch": [0, 1, 2],
+        "train_top1_error": [0.6, 0.2, 0.05],
+        "val_top1_error": [0.5, 0.1, 0.2],
+    }
     assert {k: record[k] for k in run} == run and (record["depth"], record["shortcut"]) == (56, "B")
 
 
@@ -103,12 +110,18 @@ def test_a_sweep_is_finished_when_every_trial_of_the_grid_ran_to_its_end_or_fail
 
 def test_records_come_in_sweep_order_plain_first():
     shuffled = [{"depth": 56, "shortcut": "A"}, {"depth": 20, "shortcut": "C"}, {"depth": 20, "shortcut": "none"}]
-    assert [(r["depth"], r["shortcut"]) for r in records.in_sweep_order(shuffled)] == [(20, "none"), (20, "C"), (56, "A")]
+    assert [(r["depth"], r["shortcut"]) for r in records.in_sweep_order(shuffled)] == [
+        (20, "none"),
+        (20, "C"),
+        (56, "A"),
+    ]
 
 
 def test_no_finished_trial_with_a_checkpoint_and_no_sweep_file_are_one_line_errors(tmp_path):
     with pytest.raises(UsageError, match="^the sweep has no finished trial with a checkpoint$"):
-        records.best_trial([{"depth": 20, "shortcut": "A", "error": "died"}, {"depth": 20, "shortcut": "B", "checkpoint": None}])
+        records.best_trial(
+            [{"depth": 20, "shortcut": "A", "error": "died"}, {"depth": 20, "shortcut": "B", "checkpoint": None}]
+        )
     with pytest.raises(UsageError, match=r"sweep\.json: missing; run `python -m pipeline\.tune` first$"):
         records.read_sweep(str(tmp_path))
 
@@ -125,6 +138,7 @@ def test_val_rank_score_orders_as_val_rank_down_to_one_image_in_a_million():
     errors = [0.0, 1 / images, 0.5 - 1 / images, 0.5, 1.0, 37 / 360, 38 / 360, 1 / 3]
     losses = [0.0, 1e-6, 0.2, 0.2 + 1e-6, 6.9, 99.9, 100.0, 1e9, None, float("nan")]
     results = [(e, loss) for e in errors for loss in losses]
+
     def order(x, y) -> int:
         return (x > y) - (x < y)
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline import checkpoints, records, tracking, tune
 from pipeline import params as params_module
-from pipeline import records, tracking, tune
 from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS
 from tests.conftest import REPO
@@ -92,7 +92,11 @@ def test_the_grid_varies_depth_and_shortcut_so_they_do_not_rename_it_but_the_dat
 def test_the_sweep_name_is_the_same_for_the_same_experiment_however_its_params_were_given():
     # The order of the overrides, and a value given as params.yaml already has it, change nothing.
     a = name_with("train.lr=0.05", "train.epochs=3")
-    assert a == name_with("train.epochs=3", "train.lr=0.05") == name_with("train.lr=0.05", "train.epochs=3", "train.seed=0")
+    assert (
+        a
+        == name_with("train.epochs=3", "train.lr=0.05")
+        == name_with("train.lr=0.05", "train.epochs=3", "train.seed=0")
+    )
     assert re.fullmatch(r"sweep-[0-9a-f]{8}", a)  # a Ray storage folder and an MLflow run name
     # The paths, the data section (the manifest stands for the data) and MLflow's names are no part of it.
     assert name_with("paths.reports=/elsewhere", "paths.ray_storage=/tmp/ray", "mlflow.experiment=other") == name_with()
@@ -161,6 +165,34 @@ def test_a_trials_times_reach_its_mlflow_run_wall_and_what_its_epochs_did_not_ta
     assert client.get_run(run_id).data.metrics == {"wall_time_s": 30.5, "overhead_s": 8.5}
 
 
+def test_the_driver_completes_a_trial_run_its_trial_could_not_from_the_trials_checkpoints(tmp_path):
+    """A trial whose store stayed away as it ended left MLflow without its last epochs, its best
+    checkpoint and its status; the sweep's driver writes them, each epoch once."""
+    store = tracking.Store(f"sqlite:///{tmp_path}/mlflow.db", budget_s=10)
+    run_id = store.create_run(tracking.experiment_id(store, "resnet")).info.run_id
+    errors = [0.5, 0.2, 0.2, 0.3]
+    losses = [1.0, 0.6, 0.4, 0.7]  # epochs 1 and 2 tie on error; 2 has the lower loss
+    history = [
+        {"epoch": e, records.METRIC: errors[e], "val_loss": losses[e], "train_loss": 1.0 - e / 10} for e in range(4)
+    ]
+    rows = []
+    for epoch in range(4):
+        folder = tmp_path / f"checkpoint_{epoch}"
+        folder.mkdir()
+        checkpoints.save(folder, {"epoch": epoch, "history": history[: epoch + 1]})
+        rows.append({**history[epoch], "checkpoint_path": str(folder), "trial_id": "t1"})
+    rows.append({**history[3], "checkpoint_path": None})  # a resumed trial's report again, without one
+    for entry in history[:2]:  # what the trial wrote before its store went away
+        store.log_batch(run_id, metrics=tracking.epoch_metrics(entry["epoch"], entry, 0))
+
+    tune.complete_trial_run(store, run_id, rows, None)
+    tune.complete_trial_run(store, run_id, rows, None)  # a rerun finds nothing left to write
+
+    run = store.get_run(run_id)
+    assert (run.info.status, run.data.tags["best_checkpoint"]) == ("FINISHED", str(tmp_path / "checkpoint_2"))
+    assert [m.step for m in store.get_metric_history(run_id, "val_loss")] == [0, 1, 2, 3]
+
+
 # Trials that start at once on a new store: each opens its MLflow run (tune.open_trial_run) in a
 # process of its own, all released by one barrier, as Tune starts them. Forked, so that no
 # process but the trials' touches the store (the test's own process never opens it).
@@ -194,9 +226,13 @@ def sweep_config(params, name: str, log_dataset_first: bool, results) -> None:
 
 @pytest.mark.parametrize("log_dataset_first", [True, False], ids=["as-the-sweep-does", "racing-for-the-dataset"])
 @pytest.mark.parametrize("attempt", range(5))
-def test_trials_that_start_at_once_on_a_new_store_all_open_their_runs(tmp_path, digit_shards, log_dataset_first, attempt):
+def test_trials_that_start_at_once_on_a_new_store_all_open_their_runs(
+    tmp_path, digit_shards, log_dataset_first, attempt
+):
     fork = multiprocessing.get_context("fork")
-    params = make_params(tmp_path, f"paths.shards={digit_shards}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'new.db'}")
+    params = make_params(
+        tmp_path, f"paths.shards={digit_shards}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'new.db'}"
+    )
     results = fork.Queue()
     driver = fork.Process(target=sweep_config, args=(params, f"sweep-{attempt}", log_dataset_first, results))
     driver.start()
