@@ -40,6 +40,7 @@ from pipeline.records import (
     sweep_finished,
     table_row,
     trial_record,
+    val_rank,
 )
 from resnet.summary import count_params
 
@@ -159,8 +160,8 @@ def run_trial(config: dict[str, Any]) -> None:
         params, run_name, run_id, store.uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
     )
     # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
-    kept = [(metrics[METRIC], metrics.get("val_loss", float("inf")), c) for c, metrics in result.best_checkpoints]
-    best = min(kept, key=lambda k: k[:2])[2] if kept else result.checkpoint
+    kept = [(val_rank(metrics[METRIC], metrics.get("val_loss")), c) for c, metrics in result.best_checkpoints]
+    best = min(kept, key=lambda k: k[0])[1] if kept else result.checkpoint
     try:
         store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
         store.set_terminated(run_id, "FINISHED")
