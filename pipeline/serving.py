@@ -20,6 +20,7 @@ loading the model runs it, in an environment where this project is installed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import json
 import tempfile
@@ -49,6 +50,8 @@ from pipeline.tars import tar_samples
 NETWORK = "network.pt2"
 SETUP = "setup.json"
 INPUT_COLUMN = "image"
+# This project (the model's code is its serving module) and what that module imports.
+MODEL_DISTRIBUTIONS = ("resnet-pipeline", "mlflow", "torch", "numpy", "pandas", "pillow")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,12 @@ def export(net: torch.nn.Module, side: tuple[int, int], path: Path) -> None:
     torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), path)
 
 
+def requirements() -> list[str]:
+    """The distributions the model's code imports, pinned as installed here. Naming them spares
+    MLflow its inference of them, which loads the model in a subprocess (about 10 s a model)."""
+    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_DISTRIBUTIONS]
+
+
 def log_model(store: tracking.Store, net: torch.nn.Module, setup: Setup, examples: list[bytes], step: int = 0):
     """Log the classifier into the active MLflow run (at `step`: MLflow copies the run's metrics
     of that step onto the logged model). `examples`: a few encoded images, the input example."""
@@ -171,6 +180,7 @@ def log_model(store: tracking.Store, net: torch.nn.Module, setup: Setup, example
             signature=signature,
             input_example=example,
             step=step,
+            pip_requirements=requirements(),
         )
 
 

@@ -163,50 +163,63 @@ def epochs_said(console: str) -> dict[str, list[int]]:
     return said
 
 
-@pytest.mark.parametrize("stop", ["ctrl-c", "kill-9"])
-def test_an_interrupted_sweep_resumes_without_training_an_epoch_twice(tmp_path, stop):
-    """Ctrl-C (SIGINT to the whole command) or kill -9 of the tune driver alone, mid-sweep."""
-    env, args = sweep_in(tmp_path, "train.epochs=4", "tune.shortcuts=[none, A]")
-    first = subprocess.Popen(
+def interrupted_sweep(args: list[str], env: dict[str, str], folder: Path, stop: str, after: str) -> str:
+    """Start the sweep, and at its first console line matching `after`: Ctrl-C (SIGINT to the
+    whole command) or kill -9 (the tune driver alone). What it said until then."""
+    sweep = subprocess.Popen(
         [sys.executable, "-u", "-m", "pipeline.tune", *args],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=env, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     seen = []
-    for line in first.stdout:
+    for line in sweep.stdout:
         seen.append(line)
-        if "epoch 2/4" in line:  # the first trial is under way
+        if re.search(after, line):
             if stop == "ctrl-c":
-                os.killpg(first.pid, signal.SIGINT)
+                os.killpg(sweep.pid, signal.SIGINT)
             else:
-                os.kill(first.pid, signal.SIGKILL)
+                os.kill(sweep.pid, signal.SIGKILL)
             break
     deadline = time.monotonic() + 180
-    while first.poll() is None and time.monotonic() < deadline:
+    while sweep.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
-    if first.poll() is None:
-        os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    if sweep.poll() is None:
+        os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    return "".join(seen)
+
+
+def test_an_interrupted_sweep_resumes_without_training_an_epoch_twice(tmp_path):
+    """Ctrl-C mid-sweep; the rerun resumes, and its driver is killed (-9) in turn; the next rerun
+    ends the sweep. No epoch trained twice, one MLflow run per trial."""
+    env, args = sweep_in(tmp_path, "train.epochs=6", "tune.shortcuts=[none, A]")
+    consoles = [interrupted_sweep(args, env, tmp_path, "ctrl-c", after=r"epoch 2/6")]
+    assert not (tmp_path / "reports" / "sweep.json").exists()
+    consoles.append(interrupted_sweep(args, env, tmp_path, "kill-9", after=r"epoch \d/6"))  # once it trains again
+    assert "resuming sweep" in consoles[-1]
     assert not (tmp_path / "reports" / "sweep.json").exists()
 
-    second = subprocess.run([sys.executable, "-u", "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    assert "resuming sweep" in second.stdout
+    last = subprocess.run([sys.executable, "-u", "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert last.returncode == 0, last.stdout[-4000:] + last.stderr[-4000:]
+    assert "resuming sweep" in last.stdout
+    consoles.append(last.stdout)
     trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 4), ("A", 4)]
+    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 6), ("A", 6)]
     assert all(0 < t["overhead_s"] < t["wall_time_s"] for t in trials)  # timed from the resumption
-    before, after = epochs_said("".join(seen)), epochs_said(second.stdout)
-    for label, epochs in before.items():  # no epoch the first run finished is trained again
-        assert min(after.get(label, [5])) > max(epochs), (label, epochs, after)
+    last_said: dict[str, int] = {}  # no epoch an earlier run finished is trained again
+    for console in consoles:
+        for label, epochs in epochs_said(console).items():
+            assert min(epochs) > last_said.get(label, 0), (label, epochs, last_said)
+            last_said[label] = max(epochs)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("resnet")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2  # no duplicate runs after the resume
+    assert len(parents) == 1 and len(children) == 2  # no duplicate runs after the resumes
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_top1_error")]
-        assert steps == [0, 1, 2, 3]
+        assert steps == list(range(6))
 
 
 def test_an_asha_sweep_stops_poor_trials_and_records_them_as_stopped_early(tmp_path):

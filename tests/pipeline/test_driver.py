@@ -10,20 +10,20 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
-import os
 import random
-import subprocess
-import sys
 import time
+from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 import resnet
-from pipeline import driver, loader, recipe, shard
+from pipeline import cli, driver, loader, recipe, shard
 from pipeline import params as params_module
 from pipeline.errors import UsageError
 from pipeline.manifest import MANIFEST, read_manifest
@@ -327,25 +327,38 @@ def manifest_variant(digit_shards: Path, folder: Path, path: str, value: object 
     return folder
 
 
-def run_stage(stage: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline.<stage>`, with Ray's session folder and MLflow's store in tmp_path, so
-    that the test can tell neither was started. A stage that got as far as Ray would take a
-    minute, past the timeout."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=str(tmp_path / "ray-tmp"), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+@dataclass
+class Ended:
+    """How a stage's command ended: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_stage(stage: str, tmp_path: Path, monkeypatch, capsys, *args: str) -> Ended:
+    """`python -m pipeline.<stage> ARGS`, run in this process as its `__main__` runs it (`cli.run`
+    over `main`), with MLflow's store in tmp_path so that the test can tell none was opened. One
+    epoch, so that a stage that got as far as Ray would end, and fail the test, soon."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     outputs = [f"paths.{key}={tmp_path / key}" for key in ("ray_storage", "reports", "metrics")]
-    command = [sys.executable, "-m", f"pipeline.{stage}", *args]
-    for override in outputs:
-        command += ["--set", override]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=45, check=False)
+    params_file = [] if "--params" in args else ["--params", str(REPO / "params.yaml")]
+    argv = [*params_file, *args, *[x for o in ["train.epochs=1", *outputs] for x in ("--set", o)]]
+    main = importlib.import_module(f"pipeline.{stage}").main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        cli.run(lambda: main(argv))
+    printed = capsys.readouterr()
+    return Ended(ended.value.code, printed.out, printed.err)
 
 
-def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Path, expected: str) -> None:
+def assert_refused_before_work(result: Ended, tmp_path: Path, expected: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr[-2000:]
-    assert not (tmp_path / "ray-tmp").exists(), "Ray was started"
+    assert not ray.is_initialized(), "Ray was started"
     assert not (tmp_path / "mlflow.db").exists(), "an MLflow run was opened"
 
 
@@ -358,9 +371,9 @@ def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Pa
     ],
     ids=["indivisible-batch", "shuffle-dependent-batch"],
 )
-def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, stage, overrides, expected):
+def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, monkeypatch, capsys, stage, overrides, expected):
     sets = [x for o in [f"paths.shards={digit_shards}", *overrides] for x in ("--set", o)]
-    assert_refused_before_work(run_stage(stage, tmp_path, *sets), tmp_path, expected)
+    assert_refused_before_work(run_stage(stage, tmp_path, monkeypatch, capsys, *sets), tmp_path, expected)
 
 
 @pytest.mark.parametrize(
@@ -371,18 +384,18 @@ def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, stage, overrid
     ],
     ids=["manifest-without-splits", "mixed-image-sizes"],
 )
-def test_train_refuses_the_data_before_ray(digit_shards, tmp_path, path, value, expected):
+def test_train_refuses_the_data_before_ray(digit_shards, tmp_path, monkeypatch, capsys, path, value, expected):
     shards = manifest_variant(digit_shards, tmp_path / "shards", path, value)
-    result = run_stage("train", tmp_path, "--set", f"paths.shards={shards}")
+    result = run_stage("train", tmp_path, monkeypatch, capsys, "--set", f"paths.shards={shards}")
     assert_refused_before_work(result, tmp_path, expected)
 
 
-def test_train_refuses_a_manifest_that_is_a_folder(tmp_path):
+def test_train_refuses_a_manifest_that_is_a_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "shards" / MANIFEST).mkdir(parents=True)
-    result = run_stage("train", tmp_path, "--set", f"paths.shards={tmp_path / 'shards'}")
+    result = run_stage("train", tmp_path, monkeypatch, capsys, "--set", f"paths.shards={tmp_path / 'shards'}")
     assert_refused_before_work(result, tmp_path, "manifest.json: a folder, not a file")
 
 
-def test_train_refuses_a_params_folder(tmp_path):
-    result = run_stage("train", tmp_path, "--params", str(tmp_path))
+def test_train_refuses_a_params_folder(tmp_path, monkeypatch, capsys):
+    result = run_stage("train", tmp_path, monkeypatch, capsys, "--params", str(tmp_path))
     assert_refused_before_work(result, tmp_path, f"{tmp_path}: a folder, not a params file")
