@@ -11,6 +11,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -23,6 +24,7 @@ import mlflow
 import requests
 import sqlalchemy.engine
 import sqlalchemy.exc
+from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
@@ -149,6 +151,19 @@ def stdout_line(line: str) -> None:
     sys.stdout.flush()
 
 
+def new_client(uri: str) -> MlflowClient:
+    """An MlflowClient of uri. The first client of a new SQLite file creates MLflow's tables, and
+    MLflow's tracking store does so unlocked: of two stages started at once on a new file, one
+    failed ("table ... already exists", or a CircularDependencyError). So the clients of one
+    SQLite file are made one at a time, under a lock in the temporary folder (none beside the
+    user's store)."""
+    if not uri.startswith("sqlite:"):
+        return MlflowClient(tracking_uri=uri)  # a server creates its tables when it starts
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"resnet-pipeline-mlflow-{digest}.lock"):
+        return MlflowClient(tracking_uri=uri)  # creates the tracking store, and so the tables
+
+
 class Store:
     """The project's one door to MLflow: every call a stage, trial or worker makes goes through
     `call` (or through an MlflowClient method of the same name, which `call`s it), and so through
@@ -164,7 +179,7 @@ class Store:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)  # read by MLflow at each request; see MLFLOW_HTTP_DEFAULTS
         self.uri, self.budget_s, self.say = uri, budget_s, say
-        self._client = MlflowClient(tracking_uri=uri)
+        self._client = new_client(uri)
         self._lock = threading.Lock()
         self._down_since: float | None = None
 

@@ -177,7 +177,7 @@ def test_queued_experiments_keep_their_records_in_the_projects_store(clone):
     tiny = "-S train.epochs=2 -S train.batch_size=64 -S 'tune.depths=[8]'"
     for name, shortcut in (("queued-a", "A"), ("queued-plain", "none")):
         shell(f"dvc exp run --queue -n {name} {tiny} -S 'tune.shortcuts=[{shortcut}]'", clone)
-    shell("dvc exp run --run-all", clone)
+    shell("dvc exp run --run-all --jobs 2", clone)  # side by side, on the one project store
 
     _, rows = markdown_table(shell("dvc exp show --md", clone))
     shown = {name.split("[")[-1].rstrip("]"): errors_shown(row) for name, row in rows.items() if "[" in name}

@@ -1,6 +1,7 @@
 """A run outlives its tracking store: a real `mlflow server` on 127.0.0.1, SIGKILLed in the
 middle of a `pipeline.train` run and of a 2-trial sweep, started again on the same backend 90 s
-later (or not until the run is over). Nothing is mocked: the stages run as a user runs them."""
+later (or not until the runs are over: a run and a sweep then share the server, as a team's do).
+Nothing is mocked: the stages run as a user runs them."""
 
 from __future__ import annotations
 
@@ -125,6 +126,18 @@ def epoch_gaps(console: Console, start: float, end: float) -> list[float]:
     return [b - a for a, b in itertools.pairwise(arrivals) if start <= b <= end]
 
 
+def epochs_said(console: Console) -> list[int]:
+    """The epoch numbers of a stage's epoch lines (`epoch 3/8 ...`), counted from 1."""
+    return [int(n) for n in re.findall(r"\bepoch (\d+)/", console.text())]
+
+
+def trial_runs(uri: str) -> list:
+    """The MLflow runs of a sweep's trials (children of its parent run) on the server."""
+    client = MlflowClient(uri)
+    runs = client.search_runs(client.get_experiment_by_name("resnet").experiment_id)
+    return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+
+
 def test_a_training_run_goes_on_at_full_speed_through_a_90_s_outage(server, shards, tmp_path):
     epochs = 80
     run = stage("train", tmp_path, shards, server.url, f"train.epochs={epochs}", "train.num_workers=1")
@@ -150,26 +163,6 @@ def test_a_training_run_goes_on_at_full_speed_through_a_90_s_outage(server, shar
     assert [epoch for epoch, _ in epoch_history(server.url, run_id)] == list(range(epochs))  # every epoch, once
 
 
-def test_a_run_whose_store_stays_away_ends_and_its_rerun_fills_the_gap(server, shards, tmp_path):
-    epochs = 8
-    overrides = (f"train.epochs={epochs}", "train.num_workers=1", "mlflow.retry_seconds=5")
-    run = stage("train", tmp_path, shards, server.url, *overrides)
-    run.wait_for(r"epoch 3/")
-    server.kill()
-    assert run.finish() == 0, run.text()
-    missing = re.search(r"MLflow lacks epochs (\d+)\.\.(\d+) of run (\w+)", run.text())
-    assert missing, run.text()
-    assert int(missing.group(2)) == epochs
-
-    server.start()
-    rerun = stage("train", tmp_path, shards, server.url, *overrides)
-    assert rerun.finish() == 0, rerun.text()
-    run_id = missing.group(3)
-    assert [epoch for epoch, _ in epoch_history(server.url, run_id)] == list(range(epochs))  # each once
-    assert "epoch 1/" not in rerun.text()  # nothing trained again
-    assert MlflowClient(server.url).get_run(run_id).info.status == "FINISHED"
-
-
 def test_a_sweep_goes_on_through_a_90_s_outage(server, shards, tmp_path):
     epochs = 30
     sweep = stage(
@@ -181,8 +174,7 @@ def test_a_sweep_goes_on_through_a_90_s_outage(server, shards, tmp_path):
     time.sleep(OUTAGE_S)
     server.start()
     assert sweep.finish() == 0, sweep.text()
-    client = MlflowClient(server.url)
-    trials = [r for r in client.search_runs(client.get_experiment_by_name("resnet").experiment_id) if "mlflow.parentRunId" in r.data.tags]
+    trials = trial_runs(server.url)
     assert len(trials) == 2
     for trial in trials:
         assert [epoch for epoch, _ in epoch_history(server.url, trial.info.run_id)] == list(range(epochs))
@@ -190,52 +182,66 @@ def test_a_sweep_goes_on_through_a_90_s_outage(server, shards, tmp_path):
     assert "MLflow away" in sweep.text()  # the epoch lines said the records were waiting
 
 
-def test_a_sweep_whose_store_stays_away_says_so_in_one_line_and_its_rerun_fills_the_gap(server, shards, tmp_path):
-    """Past the retry budget a sweep cannot write its records (sweep.json names each trial's
-    MLflow run): its trials train to the end, the stage exits 1 with one line, and the rerun
-    trains nothing again and writes every epoch MLflow lacks, once."""
-    epochs = 6
-    overrides = (
-        f"train.epochs={epochs}", "tune.depths=[8]", "tune.shortcuts=[none,A]", "train.num_workers=1",
-        "mlflow.retry_seconds=5", "tune.max_failures=1",
-    )  # fmt: skip
-    sweep = stage("tune", tmp_path, shards, server.url, *overrides)
-    sweep.wait_for(r"epoch 2/", count=2)
+def test_a_run_and_a_sweep_whose_store_stays_away_end_and_their_reruns_fill_the_gap(server, shards, tmp_path):
+    """Past the retry budget. The training run ends with exit 0, saying which epochs MLflow lacks.
+    A sweep cannot write its records (sweep.json names each trial's MLflow run): its trials
+    train to the end, the stage exits 1 with one line. Each rerun trains nothing again and writes
+    every epoch MLflow lacks, once."""
+    sweep_epochs, train_epochs = 40, 8
+    budget = ("mlflow.retry_seconds=5", "train.num_workers=1")
+    grid = ("tune.depths=[8]", "tune.shortcuts=[none,A]", "tune.max_failures=1")
+    sweep_overrides = (f"train.epochs={sweep_epochs}", *grid, *budget)
+    train_overrides = (f"train.epochs={train_epochs}", *budget)
+    sweep = stage("tune", tmp_path / "sweep", shards, server.url, *sweep_overrides)
+    sweep.wait_for(r"epoch 1/", count=2)
+    run = stage("train", tmp_path / "train", shards, server.url, *train_overrides)
+    run.wait_for(r"epoch 3/")
     server.kill()
+    assert run.finish() == 0, run.text()
+    missing = re.search(r"MLflow lacks epochs (\d+)\.\.(\d+) of run (\w+)", run.text())
+    assert missing and int(missing.group(2)) == train_epochs, run.text()
     assert sweep.finish() == 1, sweep.text()
     # Ray forwards the workers' lines (`(RayTrainWorker pid=...) ...`) late: the driver's own end with the error.
     driver_lines = [line for _, line in sweep.lines if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=", line)]
     assert driver_lines[-1].startswith(f"error: MLflow at {server.url} did not answer"), sweep.text()
     assert "Traceback" not in sweep.text()
-    assert len(re.findall(rf"epoch {epochs}/{epochs}", sweep.text())) >= 2, sweep.text()  # both trained to the end
+    assert epochs_said(sweep).count(sweep_epochs) >= 2, sweep.text()  # both trials trained to the end
 
     server.start()
-    rerun = stage("tune", tmp_path, shards, server.url, *overrides)
+    rerun = stage("train", tmp_path / "train", shards, server.url, *train_overrides)
+    sweep_rerun = stage("tune", tmp_path / "sweep", shards, server.url, *sweep_overrides)
     assert rerun.finish() == 0, rerun.text()
-    assert not re.search(r"epoch [1-5]/", rerun.text()), rerun.text()  # nothing trained again
-    client = MlflowClient(server.url)
-    trials = [r for r in client.search_runs(client.get_experiment_by_name("resnet").experiment_id) if "mlflow.parentRunId" in r.data.tags]
+    assert sweep_rerun.finish() == 0, sweep_rerun.text()
+    # Nothing trained again (a resumed trial that had ended may say its last epoch once more).
+    assert not [n for n in epochs_said(rerun) + epochs_said(sweep_rerun) if n not in (train_epochs, sweep_epochs)]
+    run_id = missing.group(3)
+    assert [epoch for epoch, _ in epoch_history(server.url, run_id)] == list(range(train_epochs))  # each once
+    assert MlflowClient(server.url).get_run(run_id).info.status == "FINISHED"
+    trials = trial_runs(server.url)
     assert len(trials) == 2  # one run per trial, resumed
     for trial in trials:
-        assert [epoch for epoch, _ in epoch_history(server.url, trial.info.run_id)] == list(range(epochs))
+        assert [epoch for epoch, _ in epoch_history(server.url, trial.info.run_id)] == list(range(sweep_epochs))
         assert trial.info.status == "FINISHED"
-    records = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    records = json.loads((tmp_path / "sweep" / "reports" / "sweep.json").read_text())
     assert [r.get("error") for r in records] == [None, None]
 
 
 def test_an_object_store_that_stops_mid_run_costs_nothing_of_the_curve(s3_server, s3_process, shards, tmp_path):
     """Shards read from and checkpoints written to the suite's S3 server, stopped (SIGSTOP: it
     takes connections and answers nothing) for longer than a request's timeout, mid-run, then
-    let go on. The run ends, and its curve is an uninterrupted run's."""
+    let go on. The run ends, and its curve is that of a run beside it on the same shards, on
+    local disk, which nothing interrupts."""
     import s3fs
 
     fs = s3fs.S3FileSystem()
     fs.makedirs("blips", exist_ok=True)
     fs.put(str(shards), "blips/shards", recursive=True)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    common = ("paths.shards=s3://blips/shards", "train.epochs=8", "train.num_workers=1")
+    common = ("train.epochs=8", "train.num_workers=1")
 
-    blipped = stage("train", tmp_path, shards, uri, *common, "paths.ray_storage=s3://blips/ray", "train.run_name=blipped")
+    on_s3 = ("paths.shards=s3://blips/shards", "paths.ray_storage=s3://blips/ray", "train.run_name=blipped")
+    blipped = stage("train", tmp_path, shards, uri, *common, *on_s3)
+    calm = stage("train", tmp_path / "calm", shards, uri, *common, "train.run_name=calm")
     blipped.wait_for(r"epoch 3/")
     s3_process.send_signal(signal.SIGSTOP)
     try:
@@ -243,9 +249,8 @@ def test_an_object_store_that_stops_mid_run_costs_nothing_of_the_curve(s3_server
     finally:
         s3_process.send_signal(signal.SIGCONT)
     assert blipped.finish() == 0, blipped.text()
-
-    calm = stage("train", tmp_path / "calm", shards, uri, *common, "paths.ray_storage=s3://blips/calm", "train.run_name=calm")
     assert calm.finish() == 0, calm.text()
+
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("resnet").experiment_id
     curves = {}

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -83,6 +84,13 @@ def test_rerunning_the_same_command_resumes_into_the_same_run(tmp_path, shards, 
     assert [m.source_run_id for m in models] == [run_id]  # logged once
 
 
+def is_train_worker(process: psutil.Process) -> bool:
+    try:
+        return "ray::RayTrainWorker" in " ".join(process.cmdline())
+    except psutil.Error:  # gone since it was listed
+        return False
+
+
 def run_train_stage(tmp_path: Path, shards: Path, run_name: str, kill_after_epoch: int | None = None) -> tuple[dict, str]:
     """`python -m pipeline.train` in its own process (and its own local Ray); optionally
     SIGKILL one training worker as soon as an epoch's line appears."""
@@ -110,7 +118,8 @@ def run_train_stage(tmp_path: Path, shards: Path, run_name: str, kill_after_epoc
     for line in process.stdout:
         output.append(line)
         if kill_after_epoch is not None and f"epoch {kill_after_epoch}/4" in line:
-            workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            # This run's own local cluster's workers: the run beside it has its own.
+            workers = [p for p in psutil.Process(process.pid).children(recursive=True) if is_train_worker(p)]
             assert workers, "no Ray Train worker process found"
             os.kill(workers[-1].pid, signal.SIGKILL)  # in the middle of the next epoch
             kill_after_epoch = None
@@ -120,14 +129,17 @@ def run_train_stage(tmp_path: Path, shards: Path, run_name: str, kill_after_epoc
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_on_the_same_curve(tmp_path, shards):
+    """Two runs side by side, one of which loses a worker (SIGKILL) in its third epoch."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    killed, text = run_train_stage(tmp_path, shards, "killed", kill_after_epoch=2)
+    with ThreadPoolExecutor(2) as pool:
+        killed_run = pool.submit(run_train_stage, tmp_path, shards, "killed", kill_after_epoch=2)
+        straight_run = pool.submit(run_train_stage, tmp_path, shards, "straight")
+        (killed, text), (straight, _) = killed_run.result(), straight_run.result()
     # Ray registers checkpoints asynchronously: the restart resumes from epoch 2's or epoch 3's.
     assert "resuming killed at epoch" in text, text[-6000:]
     assert int(killed["metrics"]["epoch"]) == 3
     assert [s for s, _ in history(uri, killed["mlflow_run_id"])] == [0, 1, 2, 3]  # every epoch once
 
-    straight, _ = run_train_stage(tmp_path, shards, "straight")
     killed_curve = history(uri, killed["mlflow_run_id"], "train_loss")
     straight_curve = history(uri, straight["mlflow_run_id"], "train_loss")
     assert len(killed_curve) == len(straight_curve) == 4

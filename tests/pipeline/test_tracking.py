@@ -4,6 +4,7 @@ name, against a real MLflow store (SQLite)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import pickle
 import socket
 import sqlite3
@@ -219,3 +220,23 @@ def test_a_stage_whose_store_stays_away_fails_with_one_line(capsys):
     assert exit_.value.code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: MLflow at {store.uri} did not answer for") and line.endswith("and rerun")
+
+
+def open_store_at_once(uri: str, barrier) -> None:
+    barrier.wait()  # every process at the same instant, as two stages started together
+    tracking.Store(uri, budget_s=30).search_experiments()
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_stages_that_open_a_new_sqlite_store_at_once_all_open_it(tmp_path, attempt):
+    """The first client of a new SQLite file creates MLflow's tables: seen failing, without a
+    lock, as "table ... already exists" or a CircularDependencyError in the process that lost."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    context = multiprocessing.get_context("fork")  # MLflow is imported already: each starts at once
+    barrier = context.Barrier(3)
+    processes = [context.Process(target=open_store_at_once, args=(uri, barrier)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [process.exitcode for process in processes] == [0, 0, 0]
