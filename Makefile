@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt pipeline/jpegcrop.c
 repro: venv
 	dvc repro
 
-# Everything, as CI runs it: ~40 minutes on 2 cores, Ray clusters, MLflow servers, dvc repro.
+# Everything, as CI runs it: ~35 minutes on 2 cores, Ray clusters, MLflow servers, dvc repro.
 test: venv
 	ruff check .
 	python -m pytest
