@@ -13,8 +13,8 @@ import copy
 import importlib
 import json
 import random
+import subprocess
 import time
-from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
 
@@ -327,33 +327,23 @@ def manifest_variant(digit_shards: Path, folder: Path, path: str, value: object 
     return folder
 
 
-@dataclass
-class Ended:
-    """How a stage's command ended: its exit code and what it printed."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_stage(stage: str, tmp_path: Path, monkeypatch, capsys, *args: str) -> Ended:
+def run_stage(stage: str, tmp_path: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
     """`python -m pipeline.<stage> ARGS`, run in this process as its `__main__` runs it (`cli.run`
-    over `main`), with MLflow's store in tmp_path so that the test can tell none was opened. One
-    epoch, so that a stage that got as far as Ray would end, and fail the test, soon."""
+    over `main`), with MLflow's store in tmp_path so that the test can tell none was opened."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     outputs = [f"paths.{key}={tmp_path / key}" for key in ("ray_storage", "reports", "metrics")]
     params_file = [] if "--params" in args else ["--params", str(REPO / "params.yaml")]
-    argv = [*params_file, *args, *[x for o in ["train.epochs=1", *outputs] for x in ("--set", o)]]
+    argv = [*params_file, *args, *[x for o in outputs for x in ("--set", o)]]
     main = importlib.import_module(f"pipeline.{stage}").main
     capsys.readouterr()
     with pytest.raises(SystemExit) as ended:
         cli.run(lambda: main(argv))
     printed = capsys.readouterr()
-    return Ended(ended.value.code, printed.out, printed.err)
+    return subprocess.CompletedProcess([stage, *argv], ended.value.code, printed.out, printed.err)
 
 
-def assert_refused_before_work(result: Ended, tmp_path: Path, expected: str) -> None:
+def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Path, expected: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
