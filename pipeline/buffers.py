@@ -8,7 +8,6 @@ each step, and a buffer is reused only once no tensor (nor any view of one) hold
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -36,7 +35,7 @@ class BatchBuffers:
     def _new_flags(self) -> torch.Tensor:
         return torch.zeros(self.num_workers, self.per_worker, dtype=torch.uint8).share_memory_()
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         """For workers started by pickling (spawn, forkserver): the shared flags, none of the
         training process's weak references, which mean nothing in another process."""
         return {**self.__dict__, "storages": {}, "held": []}

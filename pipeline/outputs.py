@@ -106,7 +106,7 @@ def check_previous_output(out: Path, what: str) -> None:
         try:
             manifest = json.loads(manifest_path.read_text())
             schema = manifest.get("schema")
-            if type(schema) is not int or not 1 <= schema <= SCHEMA:
+            if type(schema) is not int or not 1 <= schema <= SCHEMA:  # the stage replaces its older outputs too
                 raise ValueError(f"schema {schema!r}, expected {SCHEMA} or older")
             folders = {split for split in manifest["splits"] if SPLIT_NAME.fullmatch(split)}
             names = [s["name"] for info in manifest["splits"].values() for s in info["shards"]]

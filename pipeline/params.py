@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import ErrorDetails
 
 import resnet
 from pipeline.errors import UsageError
@@ -249,7 +250,7 @@ def validate(raw: dict[str, Any], source: str = "params") -> Params:
         raise ParamsError(f"{source}: {describe(e.errors()[0])}") from None
 
 
-def describe(error: dict[str, Any]) -> str:
+def describe(error: ErrorDetails) -> str:
     """One line for a pydantic error: the dotted key, what is wrong, what is allowed."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)
