@@ -132,8 +132,9 @@ class TrialRecord(Record):
     planned_epochs: int
     # Fewer epochs than planned in a finished sweep: a scheduler (ASHA) stopped the trial.
     stopped_early: bool
-    wall_time_s: float  # pipeline.tune.TrialTimes
-    overhead_s: float
+    # pipeline.tune.TrialTimes, best effort: None where its store did not take them.
+    wall_time_s: float | None
+    overhead_s: float | None
     curve: Curve
     checkpoint: str
     mlflow_run_id: str
@@ -189,8 +190,8 @@ class RunFacts(Record):
     """What a trial's record takes from its MLflow run and the sweep's driver."""
 
     num_params: int
-    wall_time_s: float
-    overhead_s: float
+    wall_time_s: float | None
+    overhead_s: float | None
     checkpoint: str
     mlflow_run_id: str
 
@@ -249,8 +250,8 @@ def table_row(trial: TrialRecord | FailedTrial) -> list[str]:
     ]
 
 
-def seconds(value: float) -> str:
-    return "" if math.isnan(value) else f"{value:.0f} s"
+def seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f} s"
 
 
 def sweep_finished(trial_epochs: list[int | None], grid_size: int, planned_epochs: int, early_stopping: bool) -> bool:

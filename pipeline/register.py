@@ -111,6 +111,8 @@ def decide(new: tuple[float, float], current: tuple[str, tuple[float, float]] | 
         return True, "no version held it"
     version, (error, loss) = current
     new_error, new_loss = new
+    if math.isinf(error) and not math.isinf(new_error):
+        return True, f"version {version}, which held it, has no val figures"
     if new_error < error:
         return True, f"val top-1 error {new_error:.2%} beats version {version}'s {error:.2%}"
     if new_error > error:

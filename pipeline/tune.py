@@ -196,7 +196,7 @@ def complete_trial_run(store: tracking.Store, run_id: str, history: list[dict[st
     uri = {epoch: checkpoints.checkpoint_uri(Checkpoint(path, filesystem)) for epoch, path in paths.items()}
     epochs = checkpoints.load(uri[max(uri)]).history
     best = best_epoch(epochs_of(epochs)).epoch
-    writer = tracking.RunWriter(store, run_id, METRIC, {"best_checkpoint": uri[best]}, system_metrics=False)
+    writer = tracking.RunWriter(store, run_id, {"best_checkpoint": uri[best]}, system_metrics=False)
     for entry in epochs:
         writer.log_epoch(entry)
     if unwritten := writer.close():
@@ -249,8 +249,8 @@ def records(
             run = store.get_run(run_id)
         facts = RunFacts(
             num_params=int(run.data.params["num_params"]),
-            wall_time_s=float(run.data.metrics.get("wall_time_s", float("nan"))),  # TrialTimes: best effort
-            overhead_s=float(run.data.metrics.get("overhead_s", float("nan"))),
+            wall_time_s=run.data.metrics.get("wall_time_s"),  # TrialTimes: best effort
+            overhead_s=run.data.metrics.get("overhead_s"),
             checkpoint=run.data.tags["best_checkpoint"],
             mlflow_run_id=run.info.run_id,
         )
