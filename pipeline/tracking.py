@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient  # only here: everything else asks a Store
@@ -397,7 +397,7 @@ def log_shards_input(store: Store, run_id: str, shards: str, manifest_sha: str, 
         location = resolve_dataset_source(shards)
     dataset = MetaDataset(location, name=f"{source}-shards", digest=manifest_sha[:MAX_DATASET_DIGEST_SIZE])
     context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-    store.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
+    store.log_inputs(run_id, [DatasetInput(Dataset(**dataset.to_dict()), [context])])
 
 
 def epoch_metrics(epoch: int, metrics: dict[str, float], timestamp_ms: int) -> list[Metric]:

@@ -46,7 +46,6 @@ from pipeline.records import (
     sweep_finished,
     table_row,
     trial_record,
-    val_rank,
 )
 from resnet.summary import count_params
 

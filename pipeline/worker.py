@@ -10,6 +10,7 @@ dies (`train.max_failures`), continues from the latest checkpoint; per-epoch see
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import tempfile
@@ -28,7 +29,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
-from ray.train.v2._internal.execution import context as train_context
 
 from pipeline import checkpoints, loader, recipe, tracking, transforms
 from pipeline.manifest import Manifest, read_manifest
@@ -84,11 +84,17 @@ def run_epoch(
     return loss_sum, errors, seen
 
 
+RAY_TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def quiet_worker_logs() -> None:
     """Keep the console to the epoch lines; Ray's log files keep everything."""
-    # Ray Train logs every `ray.train.report` at INFO, a whole TrainingReport a line, under a
-    # logger named by its file's path: outside "ray.train", so LoggingConfig's level misses it.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray Train (2.60) logs every `ray.train.report` at INFO, a whole TrainingReport a line, under
+    # a logger named by its source file's path: outside "ray.train", so LoggingConfig's level
+    # misses it, and no public API names it. The module's spec gives the path without importing it.
+    spec = importlib.util.find_spec(RAY_TRAIN_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
     # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs,
     # and warns at every sample it cannot send while the store is away (the outage has its lines).
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)

@@ -14,7 +14,6 @@ import importlib
 import json
 import random
 import subprocess
-import time
 from itertools import permutations
 from pathlib import Path
 
@@ -111,12 +110,11 @@ def test_fewer_shards_than_ranks_leaves_a_rank_nothing():
     assert loader.sure_worker_samples([100, 100], 3, 0) == 0
 
 
-def test_the_bound_is_quick_for_imagenet_many_shards():
+def test_the_bound_takes_imagenets_many_shards():
+    # A bound that tried shard orders would never end here (1,282 shards): this one counts them.
     counts = [1000] * 1281 + [167]  # ImageNet's train set at shard.maxcount=1000
-    started = time.perf_counter()
     assert loader.sure_worker_samples(counts, 8, 4) == 40 * 1000  # 160 shards a rank, 40 a worker
     assert loader.sure_worker_samples(counts, 1, 1) == sum(counts)
-    assert time.perf_counter() - started < 1
 
 
 def test_a_shuffle_that_fails_only_at_a_later_epoch_is_refused_up_front():
