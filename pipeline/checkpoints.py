@@ -8,6 +8,7 @@ reads it, so a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -76,8 +77,11 @@ def save(folder: str | Path, state: CheckpointState) -> None:
 def load(folder: str | Path) -> CheckpointState:
     """A checkpoint's state from a local folder or a URL (s3://...); tensors and plain data only."""
     url = f"{str(folder).rstrip('/')}/{CHECKPOINT_FILE}"
-    with open_url(url, "rb") as f:
-        saved = torch.load(f, map_location="cpu", weights_only=True)
+    try:
+        with open_url(url, "rb") as f:
+            saved = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{url}: holds more than tensors and plain data; refused unread") from None
     if not isinstance(saved, dict) or saved.get("schema_version") != CheckpointState.SCHEMA:
         raise UsageError(f"{url}: not a checkpoint of this version of the pipeline; train it again")
     return CheckpointState.model_validate(saved)
