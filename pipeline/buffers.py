@@ -17,7 +17,7 @@ from torch.utils.data import default_collate, get_worker_info
 class BatchBuffers:
     """Why: DataLoader's default collate stacks every batch into a new shared-memory segment,
     and the first write to each 4 KiB page of a new segment is a page fault. Reusing a few
-    segments per worker avoids those faults (BENCHMARKS.md measures the saving).
+    segments per worker avoids those faults (BENCHMARKS.md, `worker_collate_ms`, measures the saving).
 
     How: shared flags say which buffers are busy. A worker takes a free buffer (mapping a new
     one while it has fewer than `per_worker`), marks it busy and stacks the batch into it; with

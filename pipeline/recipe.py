@@ -10,9 +10,9 @@ every rank.
   plateaus (`train.plateau_patience`) or at the milestones.
 - Either way the lr scales linearly with the global batch (Goyal et al. 2017) relative to the
   paper's, and the global batch is the same whatever the number of workers.
-- What a tiny data set needs: the paper trains for 64k iterations; 20 epochs of the 1,437 digits
-  are a few hundred, and deep nets started at the full lr then often never recover (a 56-layer
-  net stuck at 60-70% training error). `train.warmup_epochs` raises the lr linearly, step by
+- What a tiny data set needs: the paper trains for 64k iterations; 45 epochs of the 1,077 train
+  digits at batch 32 are about 1,500, and deep nets started at the full lr then often never
+  recover (a 56-layer net stuck at 60-70% training error). `train.warmup_epochs` raises the lr linearly, step by
   step, from near zero to its value over the first epochs (Goyal et al. 2017, Sec. 2.2).
 """
 
