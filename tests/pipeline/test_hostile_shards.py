@@ -218,25 +218,18 @@ def test_the_decoder_refuses_a_pixel_bomb_before_allocating(tmp_path, kind):
 
 def test_the_decoders_limit_is_the_pixel_count_of_the_header():
     jpeg = jpeg_bytes(picture(np.random.default_rng(0), 64, 48))
-    try:
-        jpegcrop.set_max_pixels(64 * 48)
-        assert len(jpegcrop.decode(jpeg, 0, 0, 64, 48, 1)) == 64 * 48 * 3
-        jpegcrop.set_max_pixels(64 * 48 - 1)
-        with pytest.raises(ValueError, match=r"^64 x 48 pixels, over the decoder's limit of 3071 pixels$"):
-            jpegcrop.decode(jpeg, 0, 0, 8, 8, 1)
-        with pytest.raises(ValueError, match="at least 1"):
-            jpegcrop.set_max_pixels(0)
-    finally:
-        jpegcrop.set_max_pixels(MAX_PIXELS)
+    assert len(jpegcrop.decode(jpeg, 0, 0, 64, 48, 1, 64 * 48)) == 64 * 48 * 3
+    with pytest.raises(ValueError, match=r"^64 x 48 pixels, over the decoder's limit of 3071 pixels$"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1, 64 * 48 - 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1, 0)
 
 
-def test_the_decoder_refuses_to_run_without_a_limit():
-    """Fail closed: code that imports jpegcrop but not pipeline.transforms decodes nothing."""
-    code = "import jpegcrop; jpegcrop.decode(b'', 0, 0, 1, 1, 1)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
-    assert result.stderr.strip().splitlines()[-1] == (
-        "RuntimeError: jpegcrop.set_max_pixels was never called (pipeline.transforms calls it)"
-    )
+def test_the_decoder_takes_no_call_without_a_limit():
+    """Fail closed: the limit is an argument of every decode, not a setting someone may forget."""
+    jpeg = jpeg_bytes(picture(np.random.default_rng(0), 64, 48))
+    with pytest.raises(TypeError, match="exactly 7 arguments"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1)
 
 
 def test_the_ten_crop_refuses_a_resize_over_the_limit(tmp_path):
