@@ -172,7 +172,7 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
     params, store, run_id = open_trial_run(*trial_of(config))
     result = driver.fit(
-        params, params.train.run_name, run_id, store.uri, log_model=False, callbacks=[TuneReportCallback()],
+        params, params.train.run_name, run_id, store.uri, callbacks=[TuneReportCallback()],
         say_epochs=False,
     )  # fmt: skip
     # The epoch sweep.json calls best (`records.best_epoch`): its checkpoint is the trial's model.
