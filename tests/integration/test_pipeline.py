@@ -260,7 +260,7 @@ def test_trials_that_wait_for_a_slot_run_in_a_reused_trial_process_each_in_its_o
     for trial in trials:
         run = client.get_run(trial.mlflow_run_id)
         assert run.data.params["model.shortcut"] == trial.shortcut
-        assert run.info.run_name == f"cifar_resnet8-{trial['shortcut']}" and run.info.status == "FINISHED"
+        assert run.info.run_name == trial.trial.label and run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [0]
         assert 0 < trial.overhead_s < trial.wall_time_s
     assert len({t.mlflow_run_id for t in trials}) == 3 and len({t.checkpoint for t in trials}) == 3
