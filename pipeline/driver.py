@@ -149,9 +149,9 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
 # What a cluster that a stage starts on its own machine runs with (Ray 2.60's Train v2 settings).
 LOCAL_CLUSTER_ENV = {
     # A worker's `ray.train.report` waits until the Train controller has taken its previous
-    # report, and the controller looks every 2 s by default; an epoch of the digits takes about
-    # a second, so each epoch waited up to 2 s more, and each run's end as long. Polling every
-    # 0.2 s costs the training nothing measurable (BENCHMARKS.md).
+    # report, and the controller looks every 2 s by default, longer than an epoch of the digits
+    # takes, so each epoch waited up to 2 s more, and each run's end as long. Polling every 0.2 s
+    # costs the training nothing measurable (BENCHMARKS.md).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
     # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with

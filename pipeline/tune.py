@@ -84,7 +84,7 @@ class TrialTimes(ray.tune.Callback):
     in the epochs it reported (`epoch_time_s`: training and val): its MLflow run, the Train
     controller's and workers' processes starting and importing, checkpoints, Tune. (Tune starts
     the clock once the trial's own process is up: the first trials' fresh processes have spent
-    about 4 s starting and importing by then; the others reuse theirs.) Logged to the trial's
+    seconds starting and importing by then; the others reuse theirs.) Logged to the trial's
     MLflow run, where the sweep's records read them. A trial that a rerun resumes is timed from
     its resumption, against the epochs it ran since."""
 
@@ -297,7 +297,7 @@ def new_or_restored_tuner(
             scheduler=scheduler,
             max_concurrent_trials=concurrent_trials(params),
             # A trial that waits for a slot runs in the process of the trial that freed it, which
-            # has imported torch, MLflow and Ray Train already (3-4 s a trial on 2 cores). Not
+            # has imported torch, MLflow and Ray Train already (seconds a trial: BENCHMARKS.md). Not
             # after a scheduler stops a trial: its process is still inside TorchTrainer.fit and
             # cannot be reset, so Tune would fail the next trial it hands that process.
             reuse_actors=scheduler is None,
