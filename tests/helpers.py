@@ -1,13 +1,12 @@
-"""What many test modules share: params whose outputs stay in a test's folder, the stages as
-subprocesses, and the shards read back."""
+"""What many test modules share: params whose outputs stay in a test's folder, and the shards
+read back (the stages themselves run through conftest's `run_stage` fixture)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
 from pipeline import loader, records, sources, transforms
@@ -66,14 +65,10 @@ def read_shards(shards: Path, split: str) -> dict[str, tuple[int, bytes]]:
     return {key: (int(s["cls"]), s["jpg"]) for key, s in samples.items()}
 
 
-def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", "--params", str(REPO / "params.yaml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
+def attempts(n: int) -> list:
+    """The ids 0..n-1 for running a concurrent case n times, since a race shows only sometimes:
+    the first runs in `make test-fast`, all n in `make test` (the rest are marked slow)."""
+    return [pytest.param(i, marks=[pytest.mark.slow] if i else []) for i in range(n)]
 
 
 def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw) -> loader.Batches:

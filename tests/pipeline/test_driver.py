@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import random
 import subprocess
@@ -22,7 +21,7 @@ import ray
 import torch
 
 import resnet
-from pipeline import cli, driver, loader, recipe, shard
+from pipeline import driver, loader, recipe, shard
 from pipeline import params as params_module
 from pipeline.errors import UsageError
 from pipeline.manifest import MANIFEST, ImageSize, read_manifest
@@ -342,20 +341,13 @@ def manifest_variant(digit_shards: Path, folder: Path, path: str, value: object 
     return folder
 
 
-def run_stage(stage: str, tmp_path: Path, monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """`python -m pipeline.<stage> ARGS`, run in this process as its `__main__` runs it (`cli.run`
-    over `main`), with MLflow's store in tmp_path so that the test can tell none was opened."""
+def run_in(tmp_path: Path, monkeypatch, run_stage, stage: str, *args: str) -> subprocess.CompletedProcess:
+    """`run_stage` with every output, MLflow's store included, in tmp_path, so that the test can
+    tell none was written."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     outputs = [f"paths.{key}={tmp_path / key}" for key in ("ray_storage", "reports", "metrics")]
-    params_file = [] if "--params" in args else ["--params", str(REPO / "params.yaml")]
-    argv = [*params_file, *args, *[x for o in outputs for x in ("--set", o)]]
-    main = importlib.import_module(f"pipeline.{stage}").main
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as ended:
-        cli.run(lambda: main(argv))
-    printed = capsys.readouterr()
-    return subprocess.CompletedProcess([stage, *argv], ended.value.code, printed.out, printed.err)
+    return run_stage(stage, *args, *[x for o in outputs for x in ("--set", o)])
 
 
 def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Path, expected: str) -> None:
@@ -376,9 +368,9 @@ def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Pa
     ],
     ids=["indivisible-batch", "shuffle-dependent-batch"],
 )
-def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, monkeypatch, capsys, stage, overrides, expected):
+def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, monkeypatch, run_stage, stage, overrides, expected):
     sets = [x for o in [f"paths.shards={digit_shards}", *overrides] for x in ("--set", o)]
-    assert_refused_before_work(run_stage(stage, tmp_path, monkeypatch, capsys, *sets), tmp_path, expected)
+    assert_refused_before_work(run_in(tmp_path, monkeypatch, run_stage, stage, *sets), tmp_path, expected)
 
 
 @pytest.mark.parametrize(
@@ -389,18 +381,18 @@ def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, monkeypatch, c
     ],
     ids=["manifest-without-splits", "mixed-image-sizes"],
 )
-def test_train_refuses_the_data_before_ray(digit_shards, tmp_path, monkeypatch, capsys, path, value, expected):
+def test_train_refuses_the_data_before_ray(digit_shards, tmp_path, monkeypatch, run_stage, path, value, expected):
     shards = manifest_variant(digit_shards, tmp_path / "shards", path, value)
-    result = run_stage("train", tmp_path, monkeypatch, capsys, "--set", f"paths.shards={shards}")
+    result = run_in(tmp_path, monkeypatch, run_stage, "train", "--set", f"paths.shards={shards}")
     assert_refused_before_work(result, tmp_path, expected)
 
 
-def test_train_refuses_a_manifest_that_is_a_folder(tmp_path, monkeypatch, capsys):
+def test_train_refuses_a_manifest_that_is_a_folder(tmp_path, monkeypatch, run_stage):
     (tmp_path / "shards" / MANIFEST).mkdir(parents=True)
-    result = run_stage("train", tmp_path, monkeypatch, capsys, "--set", f"paths.shards={tmp_path / 'shards'}")
+    result = run_in(tmp_path, monkeypatch, run_stage, "train", "--set", f"paths.shards={tmp_path / 'shards'}")
     assert_refused_before_work(result, tmp_path, "manifest.json: a folder, not a file")
 
 
-def test_train_refuses_a_params_folder(tmp_path, monkeypatch, capsys):
-    result = run_stage("train", tmp_path, monkeypatch, capsys, "--params", str(tmp_path))
+def test_train_refuses_a_params_folder(tmp_path, monkeypatch, run_stage):
+    result = run_in(tmp_path, monkeypatch, run_stage, "train", "--params", str(tmp_path))
     assert_refused_before_work(result, tmp_path, f"{tmp_path}: a folder, not a params file")

@@ -23,7 +23,7 @@ from pipeline import shard, sources
 from pipeline.errors import UsageError
 from tests.conftest import REPO
 from tests.data_trees import imagefolder_tree
-from tests.helpers import make_params, read_shards, run_stage
+from tests.helpers import make_params, read_shards
 
 
 def tree(tmp_path: Path, per_class: int = 3) -> Path:
@@ -53,7 +53,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_folder_with_other_files_is_refused_and_left_untouched(tmp_path):
+def test_a_folder_with_other_files_is_refused_and_left_untouched(tmp_path, run_stage):
     data = tmp_path / "data"
     precious = data / "imagenet" / "train" / "n01440764_1.JPEG"
     precious.parent.mkdir(parents=True)

@@ -20,7 +20,7 @@ from tests.data_trees import (
     imagefolder_tree,
     imagenet_tree,
 )
-from tests.helpers import imagenet_params, imagenet_source, make_params, read_shards, run_stage
+from tests.helpers import imagenet_params, imagenet_source, make_params, read_shards
 
 
 @pytest.mark.parametrize("val_format", ["loc_csv", "devkit", "folders"])
@@ -126,7 +126,7 @@ def test_max_side_shrinks_images(tmp_path):
             assert image.size == (60, 45)
 
 
-def test_too_many_rejects_fail_and_keep_the_previous_output(tmp_path):
+def test_too_many_rejects_fail_and_keep_the_previous_output(tmp_path, run_stage):
     tree = imagenet_tree(tmp_path / "raw")
     base = [
         f"paths.shards={tmp_path / 'shards'}",
@@ -182,7 +182,7 @@ def test_two_files_with_one_key_are_both_kept(tmp_path):
     assert {r.label for r in records if r.key.startswith(f"{WNIDS[0]}_1000")} == {0, 1}
 
 
-def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path):
+def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path, run_stage):
     missing = run_stage("shard", "--set", "data.source=imagenet", "--set", f"data.root={tmp_path / 'nope'}")
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: data.root: {tmp_path / 'nope'}: no such folder"

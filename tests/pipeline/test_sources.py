@@ -17,7 +17,7 @@ from pipeline import loader, shard, sources, transforms, verify
 from pipeline.images import Rejected, to_rgb_jpeg
 from pipeline.manifest import ImageSize, Noted
 from tests.data_trees import cifar10_tree, jpeg_bytes, picture, png_bytes
-from tests.helpers import CONVERSION, make_params, read_shards, run_stage
+from tests.helpers import CONVERSION, make_params, read_shards
 
 RNG = np.random.default_rng(0)
 
@@ -113,7 +113,7 @@ def test_every_file_is_a_sample_a_reject_or_a_counted_skip(tmp_path):
     assert keys == {"cat_a", "cat_more_b", "dog_d", "dog_link"}
 
 
-def test_an_empty_train_class_is_an_error(tmp_path):
+def test_an_empty_train_class_is_an_error(tmp_path, run_stage):
     root = tmp_path / "raw"
     image_file(root / "train" / "cat" / "a.jpg")
     (root / "train" / "dog").mkdir()
@@ -186,7 +186,7 @@ def test_malformed_cifar_batches_are_one_line_errors(tmp_path, change, message):
         sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
-def test_a_truncated_cifar_pickle_is_one_line_and_exit_2(tmp_path):
+def test_a_truncated_cifar_pickle_is_one_line_and_exit_2(tmp_path, run_stage):
     folder = cifar10_tree(tmp_path / "raw", per_batch=3)
     data = (folder / "test_batch").read_bytes()
     (folder / "test_batch").write_bytes(data[: len(data) // 2])

@@ -18,7 +18,7 @@ from pipeline import shard, sources, verify
 from pipeline.errors import UsageError
 from pipeline.manifest import MANIFEST, SCHEMA, Manifest, read_manifest
 from tests.data_trees import WNIDS, cifar10_tree, imagefolder_tree, imagenet_tree, jpeg_bytes, picture
-from tests.helpers import imagenet_params, make_params, read_shards, run_stage
+from tests.helpers import imagenet_params, make_params, read_shards
 
 
 def hashes(manifest: Manifest) -> dict[str, str]:
@@ -102,7 +102,7 @@ def test_cifar10_shards_are_byte_identical_on_a_rerun(tmp_path):
     assert notes["val_split"].endswith("seeded by data.seed 0") and notes["test_split"] == "test_batch"
 
 
-def test_a_holdout_that_would_empty_a_train_class_is_one_line_and_exit_2(tmp_path):
+def test_a_holdout_that_would_empty_a_train_class_is_one_line_and_exit_2(tmp_path, run_stage):
     cifar10_tree(tmp_path / "raw", per_batch=20)  # 10 training images a class
     result = run_stage(
         "shard", "--set", "data.source=cifar10", "--set", f"data.root={tmp_path / 'raw'}",
@@ -236,7 +236,7 @@ def test_imagefolder_with_test_alone_holds_val_out_of_train_and_without_either_i
 
 
 @pytest.mark.parametrize("old_schema", [1, 2])
-def test_shards_of_an_older_schema_are_one_line_and_the_shard_stage_replaces_them(tmp_path, old_schema):
+def test_shards_of_an_older_schema_are_one_line_and_the_shard_stage_replaces_them(tmp_path, old_schema, run_stage):
     root, out = tmp_path / "raw", tmp_path / "shards"
     imagefolder_tree(root)
     result = shard.shard(folder_params(tmp_path, root))

@@ -16,7 +16,7 @@ from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS
 from pipeline.records import EpochMetrics, Trial
 from tests.conftest import REPO
-from tests.helpers import failed_trial, finished_trial, make_params
+from tests.helpers import attempts, failed_trial, finished_trial, make_params
 
 SHA = "a" * 64
 
@@ -233,7 +233,7 @@ def sweep_config(params, name: str, log_dataset_first: bool, results) -> None:
 
 
 @pytest.mark.parametrize("log_dataset_first", [True, False], ids=["as-the-sweep-does", "racing-for-the-dataset"])
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", attempts(5))
 def test_trials_that_start_at_once_on_a_new_store_all_open_their_runs(
     tmp_path, digit_shards, log_dataset_first, attempt
 ):

@@ -13,10 +13,10 @@ import numpy as np
 from pipeline import shard, verify
 from pipeline.manifest import read_manifest
 from tests.data_trees import jpeg_bytes, picture
-from tests.helpers import make_params, run_stage
+from tests.helpers import make_params
 
 
-def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
+def test_verify_passes_then_catches_a_corrupted_shard(tmp_path, run_stage):
     overrides = ["--set", f"paths.shards={tmp_path / 'shards'}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
     assert run_stage("shard", *overrides).returncode == 0
     ok = run_stage("verify", *overrides)
@@ -37,7 +37,7 @@ def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("verify: FAILED")
 
 
-def test_verify_without_a_manifest_is_an_error(tmp_path):
+def test_verify_without_a_manifest_is_an_error(tmp_path, run_stage):
     (tmp_path / "shards" / "train").mkdir(parents=True)
     result = run_stage("verify", "--set", f"paths.shards={tmp_path / 'shards'}")
     assert result.returncode == 2
@@ -73,7 +73,7 @@ def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
     assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]
 
 
-def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_server, tmp_path):
+def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_server, tmp_path, run_stage):
     import s3fs
 
     fs = s3fs.S3FileSystem()
