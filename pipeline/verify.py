@@ -124,6 +124,9 @@ def readable_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
 def verify(shards: str | Path, manifest: Manifest) -> list[str]:
     """Every problem of the shards under `shards` (a folder or a URL), one line each."""
     fs, root = url_to_fs(str(shards))
+    # fsspec shares one filesystem object per store within a process, with the listings it has
+    # seen: a check reads the store as it is now.
+    fs.invalidate_cache()
     base = location(shards)
     problems = []
     num_classes = len(manifest.classes)
