@@ -4,7 +4,7 @@
 
 For each `train.seed` (the initial weights, the shard order and every augmentation draw), runs
 the `tune` stage with params.yaml as it is, in a scratch folder (its own MLflow store and Ray
-storage), then the report's claims (`pipeline.report.claims`) on the sweep's records. Writes
+storage), then the report's claims (`pipeline.claims`) on the sweep's records. Writes
 every claim's verdict and evidence per seed, and each trial's final train and best val error,
 to the JSON file, and prints a table. The shards are made once (the data split does not move
 with `train.seed`). A seed whose claims do not all hold is printed as such: the default run is
@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.report import claims
+from pipeline.claims import claims
+from pipeline.records import read_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,20 +47,19 @@ def one_seed(work: Path, seed: int) -> dict:
     started = time.perf_counter()
     stage("tune", work, f"train.seed={seed}", f"paths.reports={reports}")
     wall = time.perf_counter() - started
-    trials = json.loads((reports / "sweep.json").read_text())
+    sweep = read_sweep(str(reports))
     return {
         "seed": seed,
         "tune_wall_time_s": round(wall, 1),
-        "claims": claims(trials),
+        "claims": [c.model_dump(mode="json") for c in claims(sweep.trials)],
         "trials": [
             {
-                "depth": t["depth"],
-                "shortcut": t["shortcut"],
-                "final_train_top1_error": t.get("final_train_top1_error"),
-                "best_val_top1_error": t.get("best_val_top1_error"),
-                "error": t.get("error"),
+                "trial": t.trial.label,
+                "final_train_top1_error": getattr(t, "final_train_top1_error", None),
+                "best_val_top1_error": getattr(t, "best_val_top1_error", None),
+                "error": getattr(t, "error", None),
             }
-            for t in trials
+            for t in sweep.trials
         ],
     }
 

@@ -36,7 +36,7 @@ from torchvision.transforms import v2
 
 from pipeline import loader, params, shard, sources, transforms
 from pipeline.images import Conversion, to_rgb_jpeg
-from pipeline.manifest import read_manifest, shard_list
+from pipeline.manifest import read_manifest
 
 try:  # the optional extra .[bench]: without it, (c) is skipped
     import nvidia.dali.math as dali_math
@@ -282,7 +282,7 @@ def dali_train_pipeline(paths: list[str], mean: list[float], threads: int, colou
 def dali(shards: Path, mean: list[float], threads: int, colour: bool) -> float:
     """Timed from building the pipeline (it reads the tars' headers and starts its threads) to
     the epoch's last batch in the trainer's hands, as ours is from starting its workers."""
-    paths = [url for url, _ in shard_list(str(shards), read_manifest(str(shards)), "train")]
+    paths = [url for url, _ in read_manifest(str(shards)).shard_list(str(shards), "train")]
     count = 0
     start = time.perf_counter()
     pipe = dali_train_pipeline(paths, mean, threads, colour)
@@ -311,7 +311,7 @@ def read_into_page_cache(paths: list[Path]) -> None:
 
 
 def bench_loader(root: Path, files: list[Path], shards: Path, workers: int) -> dict:
-    mean = read_manifest(str(shards))["mean"]
+    mean = read_manifest(str(shards)).mean
     # The shard runs before leave a gigabyte of files to write back, which this machine does
     # 30 s later, in the middle of the first comparison here.
     os.sync()

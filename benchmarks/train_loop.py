@@ -37,7 +37,7 @@ def plain_loop(p, epochs: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
     manifest = read_manifest(p.paths.shards)
     torch.manual_seed(p.train.seed)
-    model = checkpoints.build_model(p, len(manifest["classes"]))
+    model = checkpoints.build_model(p, len(manifest.classes))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     rates = []
     for epoch in range(epochs):
@@ -48,7 +48,7 @@ def plain_loop(p, epochs: int, threads: int) -> list[float]:
         model.train()
         seen, start = 0, time.perf_counter()
         for pixels, labels in batches:
-            loss = F.cross_entropy(model(transforms.prepare_batch(pixels, manifest["mean"], False)), labels)
+            loss = F.cross_entropy(model(transforms.prepare_batch(pixels, manifest.mean, False)), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -47,26 +47,25 @@ def main() -> None:
         shard.shard(p)
         started = time.monotonic()
         try:
-            trials = tune.sweep(p)["trials"]
+            sweep = tune.sweep(p)
         finally:
             ray.shutdown()
         sweep_s = time.monotonic() - started
-    finished = [t for t in trials if "error" not in t]
     rows = [
         {
-            "trial": tune.trial_label(p.model.arch, t["depth"], t["shortcut"]),
-            "epochs": t["epochs"],
-            "wall_s": t["wall_time_s"],
-            "epochs_s": t["wall_time_s"] - t["overhead_s"],
-            "overhead_s": t["overhead_s"],
+            "trial": t.trial.label,
+            "epochs": t.epochs,
+            "wall_s": t.wall_time_s,
+            "epochs_s": t.wall_time_s - t.overhead_s,
+            "overhead_s": t.overhead_s,
         }
-        for t in finished
+        for t in sweep.finished
     ]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "overrides": args.set,
         "sweep_s": sweep_s,
-        "failed_trials": len(trials) - len(finished),
+        "failed_trials": len(sweep.failed),
         "median_overhead_s": statistics.median(r["overhead_s"] for r in rows),
         "max_overhead_s": max(r["overhead_s"] for r in rows),
         "trials": rows,

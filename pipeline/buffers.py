@@ -8,7 +8,6 @@ each step, and a buffer is reused only once no tensor (nor any view of one) hold
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -18,7 +17,7 @@ from torch.utils.data import default_collate, get_worker_info
 class BatchBuffers:
     """Why: DataLoader's default collate stacks every batch into a new shared-memory segment,
     and the first write to each 4 KiB page of a new segment is a page fault. Reusing a few
-    segments per worker avoids those faults (BENCHMARKS.md measures the saving).
+    segments per worker avoids those faults (BENCHMARKS.md, `worker_collate_ms`, measures the saving).
 
     How: shared flags say which buffers are busy. A worker takes a free buffer (mapping a new
     one while it has fewer than `per_worker`), marks it busy and stacks the batch into it; with
@@ -36,7 +35,7 @@ class BatchBuffers:
     def _new_flags(self) -> torch.Tensor:
         return torch.zeros(self.num_workers, self.per_worker, dtype=torch.uint8).share_memory_()
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         """For workers started by pickling (spawn, forkserver): the shared flags, none of the
         training process's weak references, which mean nothing in another process."""
         return {**self.__dict__, "storages": {}, "held": []}

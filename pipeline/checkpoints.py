@@ -8,48 +8,89 @@ reads it, so a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import ConfigDict
 
 import resnet
+from pipeline.artifacts import Record
+from pipeline.errors import UsageError
 from pipeline.files import open_url
 from pipeline.params import Params
+from pipeline.records import EpochMetrics
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def model_args(params: Params, num_classes: int) -> dict[str, Any]:
-    """What `resnet.build` needs to build the net of params, here and from a checkpoint."""
-    return {
-        "name": resnet.model_name(params.model.arch, params.model.depth),
-        "shortcut": params.model.shortcut,
-        "num_classes": num_classes,
-        "bottleneck": params.model.bottleneck,
-        "zero_init_residual": params.model.zero_init_residual,
-    }
+class ModelArgs(Record):
+    """What `resnet.build` needs to build a net, here and from a checkpoint."""
+
+    name: str
+    shortcut: str
+    num_classes: int
+    bottleneck: str
+    zero_init_residual: bool
+
+    @classmethod
+    def of(cls, params: Params, num_classes: int) -> ModelArgs:
+        return cls(
+            name=resnet.model_name(params.model.arch, params.model.depth),
+            shortcut=params.model.shortcut,
+            num_classes=num_classes,
+            bottleneck=params.model.bottleneck,
+            zero_init_residual=params.model.zero_init_residual,
+        )
+
+    def build(self) -> torch.nn.Module:
+        return resnet.build(**self.model_dump())
+
+
+class CheckpointState(Record):
+    """What a checkpoint holds: the net (its arguments and weights), and what resuming needs (the
+    optimizer, the lr schedule, the last epoch done, the history of every epoch so far, the
+    train split's channel means the net was trained with)."""
+
+    SCHEMA: ClassVar[int] = 1
+    model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
+    schema_version: int = SCHEMA
+    model_args: ModelArgs
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # torch's own state dicts
+    schedule: dict[str, Any]
+    epoch: int
+    history: list[EpochMetrics]
+    mean: list[float]
 
 
 def build_model(params: Params, num_classes: int) -> torch.nn.Module:
-    return resnet.build(**model_args(params, num_classes))
+    return ModelArgs.of(params, num_classes).build()
 
 
-def save(folder: str | Path, state: dict[str, Any]) -> None:
-    """`state` holds `model_args` and `model` (the weights), and whatever resuming needs."""
-    torch.save(state, Path(folder) / CHECKPOINT_FILE)
+def save(folder: str | Path, state: CheckpointState) -> None:
+    """Plain data and tensors only (torch.load with weights_only reads nothing else)."""
+    torch.save(state.model_dump(), Path(folder) / CHECKPOINT_FILE)
 
 
-def load(folder: str | Path) -> dict[str, Any]:
+def load(folder: str | Path) -> CheckpointState:
     """A checkpoint's state from a local folder or a URL (s3://...); tensors and plain data only."""
-    with open_url(f"{str(folder).rstrip('/')}/{CHECKPOINT_FILE}", "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    url = f"{str(folder).rstrip('/')}/{CHECKPOINT_FILE}"
+    try:
+        with open_url(url, "rb") as f:
+            saved = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{url}: holds more than tensors and plain data; refused unread") from None
+    if not isinstance(saved, dict) or saved.get("schema_version") != CheckpointState.SCHEMA:
+        raise UsageError(f"{url}: not a checkpoint of this version of the pipeline; train it again")
+    return CheckpointState.model_validate(saved)
 
 
 def model_from_checkpoint(folder: str | Path) -> torch.nn.Module:
     state = load(folder)
-    model = resnet.build(**state["model_args"])
-    model.load_state_dict(state["model"])
+    model = state.model_args.build()
+    model.load_state_dict(state.model)
     return model.eval()
 
 

@@ -11,39 +11,38 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-import resnet
 from pipeline import loader, recipe, worker
 from pipeline.errors import UsageError
 from pipeline.files import project_path, ray_storage
+from pipeline.manifest import Manifest
 from pipeline.params import EXECUTION_KEYS, Params
-from pipeline.records import CHECKPOINT_SCORE
+from pipeline.records import CHECKPOINT_SCORE, Trial
 
 
-def preflight(params: Params, manifest: dict[str, Any]) -> None:
+def preflight(params: Params, manifest: Manifest) -> None:
     """Everything about a run that params and the manifest decide, checked on the driver before
     Ray starts: otherwise each fails in every Ray worker, after Ray's start-up, as a traceback
     per worker per retry, or only at the epoch whose shard order happens to expose it.
     `manifest` is one `read_manifest` accepted."""
     world_size = params.train.num_workers
     batch = recipe.per_worker_batch(params.train.batch_size, world_size)
-    splits = manifest["splits"]
+    splits = manifest.splits
     check_train_batches(
-        [s["num_samples"] for s in splits["train"]["shards"]],
+        [s.num_samples for s in splits["train"].shards],
         world_size,
         params.train.loader_workers,
         params.train.batch_size,
         params.paths.shards,
     )
-    check_val_shards([s["num_samples"] for s in splits["val"]["shards"]], world_size, params.paths.shards)
+    check_val_shards([s.num_samples for s in splits["val"].shards], world_size, params.paths.shards)
     for split in ("train", "val"):
-        recipe.check_image_size(params.model.arch, split, splits[split].get("image_size"), batch, params.paths.shards)
+        recipe.check_image_size(params.model.arch, split, splits[split].image_size, batch, params.paths.shards)
 
 
 def check_train_batches(
@@ -93,24 +92,16 @@ def fit(
     run_name: str,
     mlflow_run_id: str,
     uri: str,
-    log_model: bool = True,
     callbacks: list | None = None,
     say_epochs: bool = True,
 ) -> ray.train.Result:
-    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback, leave the
-    model to the register stage (log_model=False) and the epoch lines to the sweep's driver,
-    which prints one line per trial-epoch (say_epochs=False)."""
-    config = {
-        "params": params.model_dump(mode="json"),
-        "mlflow_run_id": mlflow_run_id,
-        "tracking_uri": uri,
-        "log_model": log_model,
-        "say_epochs": say_epochs,
-    }
+    """Train one configuration. A sweep's trials pass Tune's TuneReportCallback and leave the
+    epoch lines to the sweep's driver, which prints one line per trial-epoch (say_epochs=False)."""
+    setup = worker.RunSetup(params=params, mlflow_run_id=mlflow_run_id, tracking_uri=uri, say_epochs=say_epochs)
     storage_path, storage_filesystem = ray_storage(absolute(params.paths.ray_storage))
     trainer = TorchTrainer(
         worker.train_loop,
-        train_loop_config=config,
+        train_loop_config=setup.model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=params.train.num_workers,
             use_gpu=params.train.use_gpu,
@@ -152,15 +143,15 @@ def default_run_name(params: Params, manifest_sha: str) -> str:
         "manifest": manifest_sha,
     }
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{resnet.model_name(params.model.arch, params.model.depth)}-{params.model.shortcut}-{digest}"
+    return f"{Trial(params.model.arch, params.model.depth, params.model.shortcut).key}-{digest}"
 
 
 # What a cluster that a stage starts on its own machine runs with (Ray 2.60's Train v2 settings).
 LOCAL_CLUSTER_ENV = {
     # A worker's `ray.train.report` waits until the Train controller has taken its previous
-    # report, and the controller looks every 2 s by default; an epoch of the digits takes about
-    # a second, so each epoch waited up to 2 s more, and each run's end as long. Polling every
-    # 0.2 s costs the training nothing measurable (BENCHMARKS.md).
+    # report, and the controller looks every 2 s by default, longer than an epoch of the digits
+    # takes, so each epoch waited up to 2 s more, and each run's end as long. Polling every 0.2 s
+    # costs the training nothing measurable (BENCHMARKS.md).
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
     # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with

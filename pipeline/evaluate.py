@@ -14,30 +14,29 @@ figures into the best trial's MLflow run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from pipeline import checkpoints, cli, loader, recipe, scoring, tracking, transforms
+from pipeline import artifacts, checkpoints, cli, loader, recipe, scoring, tracking, transforms
+from pipeline.artifacts import Evaluation, Scores
 from pipeline.errors import UsageError
-from pipeline.files import write_json_atomic
 from pipeline.manifest import read_manifest
 from pipeline.params import Params
-from pipeline.records import best_trial, read_sweep
+from pipeline.records import read_sweep
 
 # Images a batch: a 10-crop batch is ten times the pixels of a single-crop batch of as many images.
 EVAL_BATCH = {"single": 64, "ten": 8}
 
 
-def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str = "test") -> dict[str, Any]:
+def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str = "test") -> Scores:
     """Errors of a checkpoint's model on every sample of a split, in one process."""
     model = checkpoints.model_from_checkpoint(checkpoint)
     manifest = read_manifest(params.paths.shards)
     batch_size = EVAL_BATCH[crop]
-    info = manifest["splits"][split]
-    if info["num_samples"] == 0:
+    info = manifest.splits[split]
+    if info.num_samples == 0:
         raise UsageError(f"{split}: no samples in {params.paths.shards}; the {split} error needs at least one")
-    recipe.check_image_size(params.model.arch, split, info.get("image_size"), batch_size, params.paths.shards)
+    recipe.check_image_size(params.model.arch, split, info.image_size, batch_size, params.paths.shards)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     batches = loader.make_loader(
@@ -51,52 +50,45 @@ def evaluate_checkpoint(params: Params, checkpoint: str, crop: str, split: str =
         train=False,
         manifest=manifest,
     )
-    scores = scoring.score(model, batches, device, manifest["mean"], torch.autocast(device.type, enabled=False))
-    return {
-        "split": split,
-        "crop": crop,
-        "top1_error": scores.top1 / scores.seen,
-        "top5_error": scores.top5 / scores.seen,
-        "loss": scores.loss_sum / scores.seen,
-        "num_samples": scores.seen,
-    }
+    scores = scoring.score(model, batches, device, manifest.mean, torch.autocast(device.type, enabled=False))
+    return Scores(
+        top1_error=scores.top1 / scores.seen,
+        top5_error=scores.top5 / scores.seen,
+        loss=scores.loss_sum / scores.seen,
+        num_samples=scores.seen,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("evaluate", "Evaluate the sweep's best trial on the test shards.", argv)
-    best = best_trial(read_sweep(params.paths.reports))
+    best = read_sweep(params.paths.reports).best_trial()
     params = params.model_copy(
-        update={"model": params.model.model_copy(update={"depth": best["depth"], "shortcut": best["shortcut"]})}
+        update={"model": params.model.model_copy(update={"depth": best.depth, "shortcut": best.shortcut})}
     )
-    # One object (DVC shows the figures of an object, not of a list): the centre crop on the test
-    # split, and for ImageNet-size nets the 10-crop figures under "ten_crop".
-    # Which model, without this machine's paths (a DVC metric is compared across machines).
-    result: dict[str, Any] = {
-        "mlflow_run_id": best["mlflow_run_id"],
-        "checkpoint_name": Path(best["checkpoint"]).name,
-        "depth": best["depth"],
-        "shortcut": best["shortcut"],
-    }
-    for crop in recipe.PROFILES[params.model.arch].test_crops:
-        figures = evaluate_checkpoint(params, best["checkpoint"], crop, "test")
-        if crop == "single":
-            result.update(figures)
-        else:
-            result["ten_crop"] = {k: figures[k] for k in ("top1_error", "top5_error", "loss", "num_samples")}
+    crops = {crop: evaluate_checkpoint(params, best.checkpoint, crop, "test") for crop in recipe.PROFILES[params.model.arch].test_crops}
+    for crop, scores in crops.items():
         print(
-            f"{best['depth']}-layer, shortcut {best['shortcut']}, {crop} crop: top-1 error {figures['top1_error']:.2%}, "
-            f"top-5 error {figures['top5_error']:.2%} on {figures['num_samples']} test images "
-            f"(chosen on val: {best['best_val_top1_error']:.2%})"
+            f"{best.trial.label}, {crop} crop: top-1 error {scores.top1_error:.2%}, top-5 error {scores.top5_error:.2%} "
+            f"on {scores.num_samples} test images (chosen on val: {best.best_val_top1_error:.2%})"
         )
+    result = Evaluation(
+        mlflow_run_id=best.mlflow_run_id,
+        checkpoint_name=Path(best.checkpoint).name,
+        depth=best.depth,
+        shortcut=best.shortcut,
+        split="test",
+        crop="single",
+        ten_crop=crops.get("ten"),
+        **crops["single"].model_dump(),
+    )
     # At the step of the checkpoint's epoch: the model register logs there carries them too.
     store = tracking.store(params)
-    step = best.get("best_epoch", 0)
-    for prefix, figures in (("test_single", result), ("test_ten", result.get("ten_crop"))):
-        if figures:
-            store.log_metric(best["mlflow_run_id"], f"{prefix}_top1_error", figures["top1_error"], step=step)
-            store.log_metric(best["mlflow_run_id"], f"{prefix}_top5_error", figures["top5_error"], step=step)
-    out = Path(params.paths.metrics) / "eval.json"
-    write_json_atomic(out, result)
+    for prefix, scores in (("test_single", crops["single"]), ("test_ten", crops.get("ten"))):
+        if scores:
+            store.log_metric(best.mlflow_run_id, f"{prefix}_top1_error", scores.top1_error, step=best.best_epoch)
+            store.log_metric(best.mlflow_run_id, f"{prefix}_top5_error", scores.top5_error, step=best.best_epoch)
+    out = Path(params.paths.metrics) / Evaluation.FILE
+    artifacts.write(out, result)
     print(f"wrote {out}")
 
 

@@ -72,7 +72,7 @@ S3_ATTEMPTS = 10
 S3_TIMEOUT_S = 20
 
 
-def storage_options(url: str) -> dict[str, Any]:
+def storage_options(url: str) -> dict[str, object]:
     """fsspec's options for `url`: for s3://, botocore's retry mode and timeouts above."""
     if not url.startswith(("s3://", "s3a://")):
         return {}
@@ -97,7 +97,7 @@ def ray_storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
     own choice."""
     if not path.startswith("s3://"):
         return path, None
-    options: dict[str, Any] = {
+    options: dict[str, object] = {
         "retry_strategy": pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
         "connect_timeout": S3_TIMEOUT_S,
         "request_timeout": S3_TIMEOUT_S,

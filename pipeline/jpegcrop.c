@@ -4,8 +4,8 @@
  * columns outside the rectangle's iMCU columns skip the IDCT and colour conversion.
  *
  *   size(jpeg) -> (width, height)
- *   decode(jpeg, left, top, width, height, scale_denom) -> bytearray of height*width*3 RGB
- *   set_max_pixels(n): decode refuses a JPEG whose header claims more than n pixels
+ *   decode(jpeg, left, top, width, height, scale_denom, max_pixels) -> bytearray of
+ *       height*width*3 RGB; refuses a JPEG whose header claims more than max_pixels pixels
  *
  * The rectangle is in the pixels of the image as decoded at 1/scale_denom (1, 2, 4 or 8).
  * Warnings (for example a missing end marker) are ignored, as PIL does; errors raise
@@ -17,8 +17,8 @@
  * small the crop. So decode checks the header's pixel count before jpeg_start_decompress.
  * That bounds everything it allocates: the coefficients are 2 bytes a pixel per component
  * (at most 3 components for RGB output), the RGB out 3 bytes a pixel, and the row buffers
- * grow with the width, which libjpeg caps at 65500. The limit is set once by the caller
- * (pipeline/transforms.py: MAX_PIXELS); until it is, decode refuses to run. */
+ * grow with the width, which libjpeg caps at 65500. The caller gives the limit with every call
+ * (pipeline/transforms.py: MAX_PIXELS): the module keeps no state. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <setjmp.h>
@@ -31,9 +31,6 @@ struct error_handler {
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
 };
-
-/* 0: not set yet. */
-static unsigned long long max_pixels = 0;
 
 static void on_error(j_common_ptr cinfo) {
     struct error_handler *handler = (struct error_handler *)cinfo->err;
@@ -81,14 +78,15 @@ static PyObject *jpeg_decode(PyObject *module, PyObject *args) {
     PyObject *volatile pixels = NULL;
     JSAMPROW volatile row = NULL;
     (void)module;
-    if (!PyArg_ParseTuple(args, "y*iiiii", &data, &left, &top, &width, &height, &scale_denom)) return NULL;
+    long long max_pixels;
+    if (!PyArg_ParseTuple(args, "y*iiiiiL", &data, &left, &top, &width, &height, &scale_denom, &max_pixels)) return NULL;
     if (scale_denom != 1 && scale_denom != 2 && scale_denom != 4 && scale_denom != 8) {
         PyBuffer_Release(&data);
         return PyErr_Format(PyExc_ValueError, "scale_denom %d; valid: 1, 2, 4, 8", scale_denom);
     }
-    if (max_pixels == 0) {
+    if (max_pixels < 1) {
         PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_RuntimeError, "jpegcrop.set_max_pixels was never called (pipeline.transforms calls it)");
+        return PyErr_Format(PyExc_ValueError, "max_pixels %lld; it must be at least 1", max_pixels);
     }
     create_decompressor(&cinfo, &handler);
     if (setjmp(handler.jump)) {
@@ -101,8 +99,8 @@ static PyObject *jpeg_decode(PyObject *module, PyObject *args) {
     jpeg_mem_src(&cinfo, data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
     /* The header is read, nothing the size of the image is allocated yet. */
-    if ((unsigned long long)cinfo.image_width * cinfo.image_height > max_pixels) {
-        PyErr_Format(PyExc_ValueError, "%u x %u pixels, over the decoder's limit of %llu pixels", cinfo.image_width,
+    if ((unsigned long long)cinfo.image_width * cinfo.image_height > (unsigned long long)max_pixels) {
+        PyErr_Format(PyExc_ValueError, "%u x %u pixels, over the decoder's limit of %lld pixels", cinfo.image_width,
                      cinfo.image_height, max_pixels);
         jpeg_destroy_decompress(&cinfo);
         PyBuffer_Release(&data);
@@ -152,21 +150,10 @@ static PyObject *jpeg_decode(PyObject *module, PyObject *args) {
     return pixels;
 }
 
-static PyObject *set_max_pixels(PyObject *module, PyObject *args) {
-    long long limit;
-    (void)module;
-    if (!PyArg_ParseTuple(args, "L", &limit)) return NULL;
-    if (limit < 1) return PyErr_Format(PyExc_ValueError, "max_pixels %lld; it must be at least 1", limit);
-    max_pixels = (unsigned long long)limit;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"size", jpeg_size, METH_VARARGS, "size(jpeg) -> (width, height)"},
-    {"set_max_pixels", set_max_pixels, METH_VARARGS,
-     "set_max_pixels(n): decode refuses a JPEG whose header claims more than n pixels"},
     {"decode", jpeg_decode, METH_VARARGS,
-     "decode(jpeg, left, top, width, height, scale_denom) -> bytearray of RGB rows"},
+     "decode(jpeg, left, top, width, height, scale_denom, max_pixels) -> bytearray of RGB rows"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,7 +19,6 @@ import random
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
-from typing import Any
 
 import torch
 import webdataset as wds
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.buffers import BatchBuffers
 from pipeline.errors import UsageError
-from pipeline.manifest import read_manifest, shard_list
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.tars import tar_samples, whole_shards
 from pipeline.transforms import Transform
 
@@ -128,7 +127,7 @@ def worker_batch_quotas(counts: list[int], batch_size: int, num_batches: int) ->
     return quotas
 
 
-def decode(sample: dict[str, Any], transform: Transform) -> tuple[torch.Tensor, int]:
+def decode(sample: dict[str, bytes | str], transform: Transform) -> tuple[torch.Tensor, int]:
     try:
         jpeg, label = sample["jpg"], int(sample["cls"])
     except (KeyError, ValueError):
@@ -213,14 +212,14 @@ def make_loader(
     epoch: int,
     seed: int,
     train: bool,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     pin_memory: bool = False,
     shuffle_buffer: int = SHUFFLE_BUFFER,
 ) -> Batches:
     """This rank's batches of one epoch. Train: shuffled, equal batch count on every rank.
     Eval: every sample once across the ranks (sum their metrics)."""
     manifest = manifest or read_manifest(shards)
-    shard_files = shard_list(shards, manifest, split)
+    shard_files = manifest.shard_list(shards, split)
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed's, or RANK/WORLD_SIZE
     if train:
         shard_files = epoch_order(shard_files, seed, epoch)

@@ -7,32 +7,17 @@ checks a manifest against `Manifest` before any stage relies on it.
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from pipeline.errors import UsageError
-from pipeline.files import open_url
+from pipeline import artifacts
+from pipeline.artifacts import Artifact, Record
 
 MANIFEST = "manifest.json"
-# 2: a test split beside train and val (schema 1 had train and val, and val both chose and scored)
-SCHEMA = 2
 
 
-# manifest.json as every stage that reads it relies on it. The shard stage writes it; one edited
-# by hand, cut short or written by something else is refused when it is read, in one line that
-# names the key, rather than as a KeyError in a Ray worker a minute later. Types are strict (a
-# count of "12" or true is an error, not 12 or 1): the stages go on reading the dict itself.
-# Keys beyond these are allowed: the shard stage adds notes (class_names, a source's own) that
-# no stage needs.
-
-
-class _ManifestPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
-
-
-class ManifestShard(_ManifestPart):
+class ManifestShard(Record):
     # Relative to the shards folder, and inside it: the loader joins it onto the folder's URL.
     name: str = Field(pattern=r"^[\w-]+/[\w.-]+\.tar$")
     num_samples: int = Field(ge=0)
@@ -40,7 +25,7 @@ class ManifestShard(_ManifestPart):
     sha256: str
 
 
-class ImageSize(_ManifestPart):
+class ImageSize(Record):
     """The sides of a split's images, in pixels; `uniform` is [width, height] when every image
     has that size, else null."""
 
@@ -59,16 +44,40 @@ class ImageSize(_ManifestPart):
         return self
 
 
-class ManifestSplit(_ManifestPart):
+class Noted(Record):
+    """An input the shard stage left out (rejected, or skipped as a hidden file), and why."""
+
+    source: str
+    reason: str
+
+
+class Converted(Record):
+    """An input re-encoded as an RGB baseline JPEG, and what it was (e.g. "CMYK JPEG")."""
+
+    source: str
+    from_: str = Field(alias="from")  # a Python keyword: the file's key is the alias
+
+
+class ManifestSplit(Record):
     num_samples: int = Field(ge=0)
     shards: list[ManifestShard]
-    rejected: list[Any]
-    converted: list[Any]
-    # null for a split without images; absent from manifests written before sizes were recorded
-    image_size: ImageSize | None = None
+    rejected: list[Noted]
+    converted: list[Converted]
+    skipped: list[Noted]
+    image_size: ImageSize | None  # null for a split without images
 
 
-class Manifest(_ManifestPart):
+class Manifest(Artifact):
+    """manifest.json as every stage that reads it relies on it. The shard stage writes it; one
+    edited by hand, cut short or written by something else is refused when it is read, in one
+    line that names the key, rather than as a KeyError in a Ray worker a minute later. Keys
+    beyond these are allowed: the shard stage adds notes (class_names, a source's own) that no
+    stage needs."""
+
+    # 3: image sizes are always recorded (2 added the test split beside train and val)
+    SCHEMA: ClassVar[int] = 3
+    STAGE: ClassVar[str] = "shard"
+    model_config = ConfigDict(extra="allow")
     source: str
     classes: list[str] = Field(min_length=1)  # the net's outputs, in label order
     mean: list[float] = Field(min_length=3, max_length=3)  # per channel, subtracted from every image
@@ -82,59 +91,16 @@ class Manifest(_ManifestPart):
                 raise ValueError(f"no {split!r} split; the shard stage writes train, val and test")
         return splits
 
+    def shard_list(self, shards: str, split: str) -> list[tuple[str, int]]:
+        """(url, number of samples) of each shard of a split, in manifest order."""
+        root = shards.rstrip("/")
+        return [(f"{root}/{s.name}", s.num_samples) for s in self.splits[split].shards]
 
-def read_manifest(shards: str) -> dict[str, Any]:
+
+SCHEMA = Manifest.SCHEMA
+
+
+def read_manifest(shards: str) -> Manifest:
     """The shards' manifest.json, checked against `Manifest`; any problem is one UsageError
     line that names the file (and the key)."""
-    url = f"{shards.rstrip('/')}/{MANIFEST}"
-    try:
-        with open_url(url, "rt", encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{url}: missing; run `python -m pipeline.shard` first") from None
-    except IsADirectoryError:
-        raise UsageError(f"{url}: a folder, not a file; run `python -m pipeline.shard` to write the shards") from None
-    except NotADirectoryError:
-        raise UsageError(f"{url}: {shards} is a file, not a folder of shards (paths.shards)") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{url}: not a text file (byte {e.start} is not UTF-8)") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise UsageError(f"{url}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise UsageError(f"{url}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(manifest, dict):
-        raise UsageError(f"{url}: a JSON {type(manifest).__name__}, expected an object")
-    if "schema" not in manifest:
-        raise UsageError(f"{url}: schema: missing key; expected {SCHEMA}")
-    schema = manifest["schema"]
-    if type(schema) is int and 1 <= schema < SCHEMA:  # `type`: JSON's true is no schema 1
-        # Shards of an older shard stage (schema 1: no test split): the stage replaces them.
-        raise UsageError(
-            f"{url}: schema {schema}, expected {SCHEMA}; rerun the shard stage (`python -m pipeline.shard`)"
-        )
-    if type(schema) is not int or schema != SCHEMA:
-        raise UsageError(f"{url}: schema: {schema!r}, expected {SCHEMA}")
-    try:
-        Manifest.model_validate(manifest)
-    except ValidationError as e:
-        raise UsageError(f"{url}: {manifest_problem(e.errors()[0])}") from None
-    return manifest
-
-
-def manifest_problem(error: dict[str, Any]) -> str:
-    """One pydantic error as `dotted.key: what is wrong (got value)`."""
-    key = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "missing":
-        return f"{key}: missing key"
-    message = error["msg"].removeprefix("Value error, ")
-    value = error["input"]
-    if isinstance(value, (dict, list)):  # a whole section: its key says enough
-        return f"{key}: {message}"
-    shown = repr(value)
-    return f"{key}: {message} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
-
-
-def shard_list(shards: str, manifest: dict[str, Any], split: str) -> list[tuple[str, int]]:
-    """(url, number of samples) of each shard of a split, in manifest order."""
-    root = shards.rstrip("/")
-    return [(f"{root}/{s['name']}", s["num_samples"]) for s in manifest["splits"][split]["shards"]]
+    return artifacts.read(f"{shards.rstrip('/')}/{MANIFEST}", Manifest)

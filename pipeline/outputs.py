@@ -95,9 +95,12 @@ SHARD_NAME = re.compile(r"[a-z]+/shard-\d{6,}\.tar")
 
 def check_previous_output(out: Path, what: str) -> None:
     """Refuse to replace `out` unless it is absent, empty, or the shard stage's own output: a
-    manifest of this schema or an older one (whose shards the stage is asked to replace), the
-    shards it lists in their split folders (an empty split folder named in the manifest
-    included), and nothing else."""
+    manifest of this schema or an older one, the shards it lists in their split folders (an
+    empty split folder named in the manifest included), and nothing else.
+
+    Older schemas are owned, not read: every other stage refuses them with "rerun the shard
+    stage", and this is that rerun. Only the shard names are taken, which every schema lists in
+    the same place."""
     advice = "choose an empty or new folder"
     folders: set[str] = set()
     files: set[str] = set()
@@ -106,7 +109,7 @@ def check_previous_output(out: Path, what: str) -> None:
         try:
             manifest = json.loads(manifest_path.read_text())
             schema = manifest.get("schema")
-            if type(schema) is not int or not 1 <= schema <= SCHEMA:
+            if type(schema) is not int or not 1 <= schema <= SCHEMA:  # the stage replaces its older outputs too
                 raise ValueError(f"schema {schema!r}, expected {SCHEMA} or older")
             folders = {split for split in manifest["splits"] if SPLIT_NAME.fullmatch(split)}
             names = [s["name"] for info in manifest["splits"].values() for s in info["shards"]]

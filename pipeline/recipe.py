@@ -10,18 +10,18 @@ every rank.
   plateaus (`train.plateau_patience`) or at the milestones.
 - Either way the lr scales linearly with the global batch (Goyal et al. 2017) relative to the
   paper's, and the global batch is the same whatever the number of workers.
-- What a tiny data set needs: the paper trains for 64k iterations; 20 epochs of the 1,437 digits
-  are a few hundred, and deep nets started at the full lr then often never recover (a 56-layer
-  net stuck at 60-70% training error). `train.warmup_epochs` raises the lr linearly, step by
+- What a tiny data set needs: the paper trains for 64k iterations; 45 epochs of the 1,077 train
+  digits at batch 32 are about 1,500, and deep nets started at the full lr then often never
+  recover (a 56-layer net stuck at 60-70% training error). `train.warmup_epochs` raises the lr linearly, step by
   step, from near zero to its value over the first epochs (Goyal et al. 2017, Sec. 2.2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from pipeline.errors import UsageError
+from pipeline.manifest import ImageSize
 from pipeline.params import Params
 
 
@@ -48,7 +48,7 @@ WARMUP_LR_FACTOR = 0.1  # the paper's 0.01 for a base lr of 0.1
 WARMUP_UNTIL_TRAIN_ERROR = 0.8
 
 
-def check_image_size(arch: str, split: str, size: dict[str, Any] | None, batch: int, shards: str) -> None:
+def check_image_size(arch: str, split: str, size: ImageSize | None, batch: int, shards: str) -> None:
     """What the arch asks of a split's image sizes (manifest `image_size`; None: not recorded,
     or no images). ImageNet-size nets scale and crop every image to 224x224, from any size.
     CIFAR-size nets take each image whole (padded and cropped back to its own size), so a batch
@@ -57,13 +57,13 @@ def check_image_size(arch: str, split: str, size: dict[str, Any] | None, batch: 
     of one (one value per channel)."""
     if not PROFILES[arch].whole_images or size is None:
         return
-    if size["uniform"] is None:
+    if size.uniform is None:
         raise UsageError(
             f"model.arch: cifar nets take images whole, so a batch needs one image size, but the {split} images in "
-            f"{shards} have sides from {size['min_side']} to {size['max_side']} pixels; use model.arch=imagenet "
+            f"{shards} have sides from {size.min_side} to {size.max_side} pixels; use model.arch=imagenet "
             "(224x224 crops of any size) or resize the images to one size"
         )
-    width, height = size["uniform"]
+    width, height = size.uniform
     if split == "train" and batch == 1 and (width + 3) // 4 * ((height + 3) // 4) == 1:
         raise UsageError(
             f"train.batch_size: 1 image a rank of {width}x{height} pixels leaves the cifar net's BatchNorm one value "

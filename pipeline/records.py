@@ -1,4 +1,5 @@
-"""reports/sweep.json: one record per trial of a sweep, and how records are ranked.
+"""reports/sweep.json: one record per trial of a sweep, what names a trial, and how records are
+ranked.
 
 The tune stage writes the records; evaluate, register and report read them. "Best" means the
 same everywhere: the lowest val top-1 error, then, on a tie, the lowest val cross-entropy loss
@@ -8,123 +9,249 @@ sweep (the best trial), and the versions of the registered model (who holds the 
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
+
+from pydantic import ConfigDict
 
 import resnet
+from pipeline import artifacts
+from pipeline.artifacts import Artifact, Record
 from pipeline.errors import UsageError
 
 METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
 CHECKPOINT_SCORE = "val_rank_score"  # `val_rank` as the one number Ray Train ranks checkpoints by
-SWEEP_FILE = "sweep.json"
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 
 
-def val_rank(error: float, loss: float | None) -> tuple[float, float]:
+@dataclass(frozen=True)
+class Trial:
+    """One point of a sweep's grid, and every name it goes by."""
+
+    arch: str
+    depth: int
+    shortcut: str
+
+    @property
+    def label(self) -> str:
+        """For people (console lines, tables, plots, MLflow's run list): the paper's `plain-56`,
+        `ResNet-56 A`."""
+        return f"plain-{self.depth}" if self.shortcut == "none" else f"ResNet-{self.depth} {self.shortcut}"
+
+    @property
+    def key(self) -> str:
+        """For files and keys (DVC metrics and plots, MLflow and Ray run names): `plain-56`,
+        `resnet-56-A`; letters, digits and dashes."""
+        return f"plain-{self.depth}" if self.shortcut == "none" else f"resnet-{self.depth}-{self.shortcut}"
+
+    @property
+    def model_name(self) -> str:
+        """`resnet.build`'s name of its net (a plain net is built by the same builder)."""
+        return resnet.model_name(self.arch, self.depth)
+
+    def run_name(self, sweep: str) -> str:
+        """Its MLflow run's and its Ray Train run's name: found again on a retry or a resume."""
+        return f"{sweep}-{self.key}"
+
+
+def val_rank(error: float, loss: float) -> tuple[float, float]:
     """How val results order, best first: the lower top-1 error, then, on a tie, the lower
     cross-entropy loss. A few hundred val images can all be right, and then the error alone
-    cannot tell two models apart. A loss not recorded (runs from before it was) ranks last."""
-    return error, math.inf if loss is None or math.isnan(loss) else loss
+    cannot tell two models apart. A loss that is not a number (a diverged model) ranks last."""
+    return error, math.inf if math.isnan(loss) else loss
 
 
 LOSS_CAP = 100.0  # a mean cross-entropy above this is a diverged model, whatever its error
 
 
-def val_rank_score(error: float, loss: float | None) -> float:
+def val_rank_score(error: float, loss: float) -> float:
     """`val_rank` as one number, lower is better, for what ranks by a single metric: Ray Train
     keeps a run's best checkpoints by one reported value, and by the error alone it keeps the
     latest of equal errors, which need not be the epoch `best_epoch` picks (the lower loss).
     The loss, capped, is scaled below the error's smallest step (one image in a million), so it
     only orders equal errors: the same order as `val_rank` for val sets of up to a million images
     and losses below `LOSS_CAP`."""
-    capped = LOSS_CAP if loss is None or math.isnan(loss) else min(loss, LOSS_CAP)
+    capped = LOSS_CAP if math.isnan(loss) else min(loss, LOSS_CAP)
     return error + capped / LOSS_CAP * 1e-7
 
 
-def epochs_of(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+class EpochMetrics(Record):
+    """One epoch of a run, as its workers report it (to Ray, MLflow and the checkpoint)."""
+
+    # Tune adds its own keys (time, iteration, ...) to the rows it keeps of these.
+    model_config = ConfigDict(extra="ignore", strict=False)
+    epoch: int
+    train_loss: float
+    train_top1_error: float
+    val_top1_error: float
+    val_top5_error: float
+    val_loss: float  # the registry's tie-break (pipeline.register)
+    lr: float  # at the epoch's end, for the record
+    images_per_s: float
+    epoch_time_s: float
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        return val_rank(self.val_top1_error, self.val_loss)
+
+
+def epochs_of(history: list[EpochMetrics]) -> list[EpochMetrics]:
     """A trial's per-epoch results, one per epoch in epoch order: a trial resumed after its last
     epoch reports that epoch again (pipeline.worker), and the later report stands."""
-    by_epoch = {int(row["epoch"]): row for row in history if row.get(METRIC) is not None}
+    by_epoch = {row.epoch: row for row in history}
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
-def best_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+def best_epoch(epochs: list[EpochMetrics]) -> EpochMetrics:
     """The epoch the trial keeps: the best val_rank, the earliest of equals."""
-    return min(epochs, key=lambda row: (val_rank(row[METRIC], row.get("val_loss")), row["epoch"]))
+    return min(epochs, key=lambda row: (row.rank, row.epoch))
 
 
-def trial_record(
-    depth: int, shortcut: str, history: list[dict[str, Any]], planned_epochs: int, run: dict[str, Any]
-) -> dict[str, Any]:
-    """One finished trial's record, from its per-epoch results and its MLflow run (`run`:
-    num_params, wall_time_s, overhead_s, checkpoint, mlflow_run_id; the two times: pipeline.tune.TrialTimes)."""
+class Curve(Record):
+    epoch: list[int]
+    train_top1_error: list[float]
+    val_top1_error: list[float]
+
+
+class TrialRecord(Record):
+    """A trial that ran: its results and where its model is."""
+
+    arch: str
+    depth: int
+    shortcut: str
+    num_params: int
+    best_val_top1_error: float
+    best_val_top5_error: float
+    best_val_loss: float
+    best_epoch: int
+    final_train_top1_error: float
+    final_val_top1_error: float
+    epochs: int
+    planned_epochs: int
+    # Fewer epochs than planned in a finished sweep: a scheduler (ASHA) stopped the trial.
+    stopped_early: bool
+    # pipeline.tune.TrialTimes, best effort: None where its store did not take them.
+    wall_time_s: float | None
+    overhead_s: float | None
+    curve: Curve
+    checkpoint: str
+    mlflow_run_id: str
+
+    @property
+    def trial(self) -> Trial:
+        return Trial(self.arch, self.depth, self.shortcut)
+
+    @property
+    def rank(self) -> tuple[float, float]:
+        return val_rank(self.best_val_top1_error, self.best_val_loss)
+
+
+class FailedTrial(Record):
+    """A trial that failed: its one-line cause, and the file that holds its whole traceback."""
+
+    arch: str
+    depth: int
+    shortcut: str
+    error: str
+    error_file: str | None
+
+    @property
+    def trial(self) -> Trial:
+        return Trial(self.arch, self.depth, self.shortcut)
+
+
+class Sweep(Artifact):
+    """reports/sweep.json: the sweep's name, its MLflow parent run, a record per trial."""
+
+    SCHEMA: ClassVar[int] = 2  # 1: a bare list of records
+    STAGE: ClassVar[str] = "tune"
+    FILE: ClassVar[str] = "sweep.json"  # in paths.reports
+    name: str
+    mlflow_run_id: str
+    trials: list[TrialRecord | FailedTrial]
+
+    @property
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if isinstance(t, TrialRecord)]
+
+    @property
+    def failed(self) -> list[FailedTrial]:
+        return [t for t in self.trials if isinstance(t, FailedTrial)]
+
+    def best_trial(self) -> TrialRecord:
+        if not self.finished:
+            raise UsageError("the sweep has no finished trial")
+        return min(self.finished, key=lambda t: t.rank)
+
+
+class RunFacts(Record):
+    """What a trial's record takes from its MLflow run and the sweep's driver."""
+
+    num_params: int
+    wall_time_s: float | None
+    overhead_s: float | None
+    checkpoint: str
+    mlflow_run_id: str
+
+
+def trial_record(trial: Trial, history: list[EpochMetrics], planned_epochs: int, run: RunFacts) -> TrialRecord:
+    """One finished trial's record, from its per-epoch results and its run."""
     epochs = epochs_of(history)
     best = best_epoch(epochs)
-    loss = best.get("val_loss")
-    return {
-        "depth": depth,
-        "shortcut": shortcut,
-        "num_params": run["num_params"],
-        "best_val_top1_error": float(best[METRIC]),
-        "best_val_top5_error": float(best["val_top5_error"]),
-        "best_val_loss": None if loss is None or math.isnan(loss) else float(loss),
-        "best_epoch": int(best["epoch"]),
-        "final_train_top1_error": float(epochs[-1]["train_top1_error"]),
-        "final_val_top1_error": float(epochs[-1][METRIC]),
-        "epochs": int(epochs[-1]["epoch"]) + 1,
-        "planned_epochs": planned_epochs,
-        # Fewer epochs than planned in a finished sweep: a scheduler (ASHA) stopped the trial.
-        "stopped_early": int(epochs[-1]["epoch"]) + 1 < planned_epochs,
-        "wall_time_s": run["wall_time_s"],
-        "overhead_s": run["overhead_s"],
-        "curve": {
-            "epoch": [int(row["epoch"]) for row in epochs],
-            "train_top1_error": [float(row["train_top1_error"]) for row in epochs],
-            "val_top1_error": [float(row[METRIC]) for row in epochs],
-        },
-        "checkpoint": run["checkpoint"],
-        "mlflow_run_id": run["mlflow_run_id"],
-    }
+    return TrialRecord(
+        arch=trial.arch,
+        depth=trial.depth,
+        shortcut=trial.shortcut,
+        best_val_top1_error=best.val_top1_error,
+        best_val_top5_error=best.val_top5_error,
+        best_val_loss=best.val_loss,
+        best_epoch=best.epoch,
+        final_train_top1_error=epochs[-1].train_top1_error,
+        final_val_top1_error=epochs[-1].val_top1_error,
+        epochs=epochs[-1].epoch + 1,
+        planned_epochs=planned_epochs,
+        stopped_early=epochs[-1].epoch + 1 < planned_epochs,
+        curve=Curve(
+            epoch=[row.epoch for row in epochs],
+            train_top1_error=[row.train_top1_error for row in epochs],
+            val_top1_error=[row.val_top1_error for row in epochs],
+        ),
+        **run.model_dump(),
+    )
 
 
-def failed_record(depth: int, shortcut: str, error: str, error_file: str | None = None) -> dict[str, Any]:
-    """A trial that failed: its one-line cause, and the file that holds its whole traceback."""
-    return {"depth": depth, "shortcut": shortcut, "error": error, "error_file": error_file}
-
-
-def in_sweep_order(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def in_sweep_order(records: list[TrialRecord | FailedTrial]) -> list[TrialRecord | FailedTrial]:
     """By depth, then plain before options A, B, C."""
-    return sorted(records, key=lambda r: (r["depth"], SHORTCUT_ORDER.index(r["shortcut"])))
+    return sorted(records, key=lambda r: (r.depth, SHORTCUT_ORDER.index(r.shortcut)))
 
 
 TABLE_COLUMNS = (
-    "depth", "shortcut", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall",
+    "trial", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall",
     "overhead",
 )  # fmt: skip
 
 
-def table_row(trial: dict[str, Any]) -> list[str]:
+def table_row(trial: TrialRecord | FailedTrial) -> list[str]:
     """A trial's cells under TABLE_COLUMNS, in the sweep's tables (the tune stage's console, the
     report's results.md); a failed trial's are empty past "failed"."""
-    if "error" in trial:
-        return [str(trial["depth"]), trial["shortcut"], "failed", *[""] * (len(TABLE_COLUMNS) - 3)]
+    if isinstance(trial, FailedTrial):
+        return [trial.trial.label, "failed", *[""] * (len(TABLE_COLUMNS) - 2)]
     return [
-        str(trial["depth"]),
-        trial["shortcut"],
-        f"{trial['num_params']:,}",
-        f"{trial['best_val_top1_error']:.2%}",
-        f"{trial['final_train_top1_error']:.2%}",
-        f"{trial['final_val_top1_error']:.2%}",
-        f"{trial['epochs']}{' (stopped early)' if trial.get('stopped_early') else ''}",
-        seconds(trial["wall_time_s"]),
-        seconds(trial.get("overhead_s")),  # none in records written before it was measured
+        trial.trial.label,
+        f"{trial.num_params:,}",
+        f"{trial.best_val_top1_error:.2%}",
+        f"{trial.final_train_top1_error:.2%}",
+        f"{trial.final_val_top1_error:.2%}",
+        f"{trial.epochs}{' (stopped early)' if trial.stopped_early else ''}",
+        seconds(trial.wall_time_s),
+        seconds(trial.overhead_s),
     ]
 
 
 def seconds(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.0f} s"
+    return "" if value is None else f"{value:.0f} s"
 
 
 def sweep_finished(trial_epochs: list[int | None], grid_size: int, planned_epochs: int, early_stopping: bool) -> bool:
@@ -136,16 +263,5 @@ def sweep_finished(trial_epochs: list[int | None], grid_size: int, planned_epoch
     return early_stopping or all(epochs is None or epochs >= planned_epochs for epochs in trial_epochs)
 
 
-def read_sweep(reports: str) -> list[dict[str, Any]]:
-    path = Path(reports) / SWEEP_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; run `python -m pipeline.tune` first") from None
-
-
-def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any]:
-    finished = [t for t in trials if "error" not in t and t.get("checkpoint")]
-    if not finished:
-        raise UsageError("the sweep has no finished trial with a checkpoint")
-    return min(finished, key=lambda t: val_rank(t["best_val_top1_error"], t.get("best_val_loss")))
+def read_sweep(reports: str) -> Sweep:
+    return artifacts.read(str(Path(reports) / Sweep.FILE), Sweep)

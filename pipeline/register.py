@@ -22,51 +22,42 @@ alias, in this order (`pipeline.records.val_rank`):
    hundred val images can all be right: with the error alone, a champion at 0 errors could
    never be replaced);
 3. equal on both: the champion keeps the alias.
-A champion registered before these tags existed is read from its old `top1_error` tag (its val
-error then) with an unknown loss, ranked +inf: a new version with the same error takes the
-alias, one with a higher error does not. Otherwise the new version stays registered without the
-alias, and the stage says so.
+Otherwise the new version stays registered without the alias, and the stage says so. A version
+without these tags (registered by hand, or by another tool) ranks last.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import yaml
 from mlflow.exceptions import MlflowException
 
-import resnet
-from pipeline import checkpoints, cli, serving, tracking
+from pipeline import artifacts, checkpoints, cli, serving, tracking
+from pipeline.artifacts import Evaluation, Registration
 from pipeline.errors import UsageError
-from pipeline.files import write_json_atomic
 from pipeline.images import Conversion
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import Params
-from pipeline.records import best_trial, read_sweep, val_rank
+from pipeline.records import METRIC, TrialRecord, read_sweep, val_rank
 
-VAL_ERROR_TAG = "val_top1_error"
+VAL_ERROR_TAG = METRIC
 VAL_LOSS_TAG = "val_loss"
-OLD_ERROR_TAG = "top1_error"  # versions registered before the test split: their val error
 
 
-def read_eval(metrics: str, trial: dict[str, Any]) -> dict[str, Any]:
+def read_eval(metrics: str, trial: TrialRecord) -> Evaluation:
     """eval.json, checked to be the test figures of this trial's checkpoint."""
-    path = Path(metrics) / "eval.json"
-    try:
-        evaluation = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path}: missing; run `python -m pipeline.evaluate` first") from None
-    if evaluation.get("split") != "test":
+    path = Path(metrics) / Evaluation.FILE
+    evaluation = artifacts.read(str(path), Evaluation)
+    if evaluation.split != "test":
         raise UsageError(
-            f"{path}: measured on the {evaluation.get('split')!r} split, expected 'test'; rerun `python -m pipeline.evaluate`"
+            f"{path}: measured on the {evaluation.split!r} split, expected 'test'; rerun `python -m pipeline.evaluate`"
         )
-    measured = (evaluation.get("mlflow_run_id"), evaluation.get("checkpoint_name"))
-    best = (trial["mlflow_run_id"], Path(trial["checkpoint"]).name)
+    measured = (evaluation.mlflow_run_id, evaluation.checkpoint_name)
+    best = (trial.mlflow_run_id, Path(trial.checkpoint).name)
     if measured != best:
         raise UsageError(
             f"{path}: figures of run {measured[0]} {measured[1]}, not of the sweep's best trial (run {best[0]} "
@@ -84,29 +75,25 @@ def shards_dvc_hash() -> str:
     return next((o.get("md5", "unknown") for o in outs), "unknown")
 
 
-def description(params: Params, trial: dict[str, Any], evaluation: dict[str, Any], manifest: dict[str, Any]) -> str:
+def description(params: Params, trial: TrialRecord, evaluation: Evaluation, manifest: Manifest) -> str:
     setup = serving.setup_of(params.model.arch, manifest, Conversion.of(params.shard))
-    spec = resnet.spec_for(resnet.model_name(params.model.arch, trial["depth"]))
-    kind = "plain" if trial["shortcut"] == "none" else f"residual, shortcut option {trial['shortcut']}"
-    loss = trial.get("best_val_loss")
+    kind = "plain" if trial.shortcut == "none" else f"residual, shortcut option {trial.shortcut}"
     return (
-        f"{spec.depth}-layer ResNet ({kind}) trained on the {manifest['source']} shards.\n\n"
+        f"{trial.trial.label}: a {trial.depth}-layer ResNet ({kind}) trained on the {manifest.source} shards.\n\n"
         f"Val (the split that chose its best epoch, its trial and whether it takes the alias): top-1 error "
-        f"{trial['best_val_top1_error']:.2%}, top-5 {trial['best_val_top5_error']:.2%}"
-        f"{f', loss {loss:.4f}' if loss is not None else ''} on {manifest['splits']['val']['num_samples']} images.\n"
-        f"Test (a split that chose nothing: the figure to report): top-1 error {evaluation['top1_error']:.2%}, "
-        f"top-5 {evaluation['top5_error']:.2%} on {evaluation['num_samples']} images ({evaluation['crop']} crop).\n\n"
+        f"{trial.best_val_top1_error:.2%}, top-5 {trial.best_val_top5_error:.2%}, loss {trial.best_val_loss:.4f} on "
+        f"{manifest.splits['val'].num_samples} images.\n"
+        f"Test (a split that chose nothing: the figure to report): top-1 error {evaluation.top1_error:.2%}, "
+        f"top-5 {evaluation.top5_error:.2%} on {evaluation.num_samples} images ({evaluation.crop} crop).\n\n"
         f"{setup.describe()}\n"
         f"Classes, in the order of `probabilities`: "
-        f"{', '.join(manifest['classes'][:10])}{' ...' if len(manifest['classes']) > 10 else ''}."
+        f"{', '.join(manifest.classes[:10])}{' ...' if len(manifest.classes) > 10 else ''}."
     )
 
 
 def version_rank(tags: dict[str, str]) -> tuple[float, float]:
-    """A registered version's val_rank, from its tags (an old version's: see the docstring)."""
-    error = float(tags.get(VAL_ERROR_TAG, tags.get(OLD_ERROR_TAG, "inf")))
-    loss = float(tags[VAL_LOSS_TAG]) if VAL_LOSS_TAG in tags else None
-    return val_rank(error, loss)
+    """A registered version's val_rank, from its tags; one without them ranks last."""
+    return val_rank(float(tags.get(VAL_ERROR_TAG, "inf")), float(tags.get(VAL_LOSS_TAG, "nan")))
 
 
 def champion_rank(store: tracking.Store, name: str, alias: str) -> tuple[str, tuple[float, float]] | None:
@@ -124,6 +111,8 @@ def decide(new: tuple[float, float], current: tuple[str, tuple[float, float]] | 
         return True, "no version held it"
     version, (error, loss) = current
     new_error, new_loss = new
+    if math.isinf(error) and not math.isinf(new_error):
+        return True, f"version {version}, which held it, has no val figures"
     if new_error < error:
         return True, f"val top-1 error {new_error:.2%} beats version {version}'s {error:.2%}"
     if new_error > error:
@@ -156,28 +145,28 @@ def keeping_times(store: tracking.Store, run_id: str):
         store.set_terminated(run_id, info.status, end_time=info.end_time)
 
 
-def log_model_unmoved(store: tracking.Store, trial: dict[str, Any], params: Params, manifest: dict[str, Any]):
+def log_model_unmoved(store: tracking.Store, trial: TrialRecord, params: Params, manifest: Manifest):
     """The trial's best checkpoint as the servable model, in the trial's run at its best epoch:
     MLflow copies the run's metrics of that step (train and val, and the test figures evaluate
     logged there) onto the logged model."""
-    net = checkpoints.model_from_checkpoint(trial["checkpoint"])
-    with keeping_times(store, trial["mlflow_run_id"]), store.call(mlflow.start_run, run_id=trial["mlflow_run_id"]):
-        return serving.log_run_model(store, net, params, manifest, step=trial.get("best_epoch", 0))
+    net = checkpoints.model_from_checkpoint(trial.checkpoint)
+    with keeping_times(store, trial.mlflow_run_id), store.call(mlflow.start_run, run_id=trial.mlflow_run_id):
+        return serving.log_run_model(store, net, params, manifest, step=trial.best_epoch)
 
 
-def record_on_parent_run(store: tracking.Store, trial: dict[str, Any], evaluation: dict[str, Any], model: str) -> None:
+def record_on_parent_run(store: tracking.Store, trial: TrialRecord, evaluation: Evaluation, model: str) -> None:
     """The sweep's result on the sweep's own run, the one a person opens first. (Metrics and tags
     do not reopen a run: its times stay.)"""
-    child = store.get_run(trial["mlflow_run_id"])
+    child = store.get_run(trial.mlflow_run_id)
     parent = child.data.tags.get("mlflow.parentRunId")
     if parent is None:  # a run trained by `pipeline.train`, outside a sweep
         return
-    for key, value in (("best_val_top1_error", trial["best_val_top1_error"]), ("test_top1_error", evaluation["top1_error"])):
+    for key, value in (("best_val_top1_error", trial.best_val_top1_error), ("test_top1_error", evaluation.top1_error)):
         store.log_metric(parent, key, value)
     summary = (
         f"Best trial: [{child.info.run_name}](#/experiments/{child.info.experiment_id}/runs/{child.info.run_id}), "
-        f"val top-1 error {trial['best_val_top1_error']:.2%} (it chose the trial), test top-1 error "
-        f"{evaluation['top1_error']:.2%}; registered as {model}."
+        f"val top-1 error {trial.best_val_top1_error:.2%} (it chose the trial), test top-1 error "
+        f"{evaluation.top1_error:.2%}; registered as {model}."
     )
     for key, value in {
         "best_trial": child.info.run_name,
@@ -188,8 +177,8 @@ def record_on_parent_run(store: tracking.Store, trial: dict[str, Any], evaluatio
         store.set_tag(parent, key, value)
 
 
-def register(params: Params) -> dict[str, Any]:
-    trial = best_trial(read_sweep(params.paths.reports))
+def register(params: Params) -> Registration:
+    trial = read_sweep(params.paths.reports).best_trial()
     evaluation = read_eval(params.paths.metrics, trial)
     manifest = read_manifest(params.paths.shards)
     store = tracking.store(params)
@@ -198,19 +187,18 @@ def register(params: Params) -> dict[str, Any]:
 
     info = log_model_unmoved(store, trial, params, manifest)
     tags = {
-        "depth": str(trial["depth"]),
-        "shortcut": trial["shortcut"],
-        VAL_ERROR_TAG: repr(trial["best_val_top1_error"]),
-        "val_top5_error": repr(trial["best_val_top5_error"]),
-        "test_top1_error": repr(evaluation["top1_error"]),
-        "test_top5_error": repr(evaluation["top5_error"]),
+        "depth": str(trial.depth),
+        "shortcut": trial.shortcut,
+        VAL_ERROR_TAG: repr(trial.best_val_top1_error),
+        "val_top5_error": repr(trial.best_val_top5_error),
+        VAL_LOSS_TAG: repr(trial.best_val_loss),
+        "test_top1_error": repr(evaluation.top1_error),
+        "test_top5_error": repr(evaluation.top5_error),
         "manifest_sha256": tracking.manifest_sha256(params.paths.shards),
         "shards_dvc_md5": shards_dvc_hash(),
         "git_commit": tracking.git_commit(),
-        "num_params": str(trial["num_params"]),
+        "num_params": str(trial.num_params),
     }
-    if trial.get("best_val_loss") is not None:  # a sweep from before val_loss was recorded has none
-        tags[VAL_LOSS_TAG] = repr(trial["best_val_loss"])
     version = store.call(mlflow.register_model, info.model_uri, name, tags=tags)
     store.update_model_version(
         name, version.version, description=description(params, trial, evaluation, manifest)
@@ -219,27 +207,27 @@ def register(params: Params) -> dict[str, Any]:
 
     moved, verdict = settle_alias(store, name, alias, str(version.version))
     champion = store.get_model_version_by_alias(name, alias)
-    return {
-        "registered_model": name,
-        "version": int(version.version),
-        "alias": alias,
-        "alias_moved": moved,
-        "champion_version": int(champion.version),
-        "val_top1_error": trial["best_val_top1_error"],
-        "val_loss": trial.get("best_val_loss"),
-        "test_top1_error": evaluation["top1_error"],
-        "test_top5_error": evaluation["top5_error"],
-        "model_uri": f"models:/{name}/{version.version}",
-        "message": verdict,
-    }
+    return Registration(
+        registered_model=name,
+        version=int(version.version),
+        alias=alias,
+        alias_moved=moved,
+        champion_version=int(champion.version),
+        val_top1_error=trial.best_val_top1_error,
+        val_loss=trial.best_val_loss,
+        test_top1_error=evaluation.top1_error,
+        test_top5_error=evaluation.top5_error,
+        model_uri=f"models:/{name}/{version.version}",
+        message=verdict,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("register", "Register the sweep's best model in the MLflow Model Registry.", argv)
     result = register(params)
-    print(f"registered {result['registered_model']} version {result['version']}: {result['message']}")
-    out = Path(params.paths.metrics) / "registry.json"
-    write_json_atomic(out, result)
+    print(f"registered {result.registered_model} version {result.version}: {result.message}")
+    out = Path(params.paths.metrics) / Registration.FILE
+    artifacts.write(out, result)
     print(f"wrote {out}")
 
 

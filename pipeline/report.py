@@ -4,8 +4,7 @@
 
 Writes to `paths.reports`:
 - `claims.json`: the paper's claims that a depth x shortcut sweep can test, each with its verdict
-  (held, not held, or not tested) and the numbers behind it (`claims`, a pure function of the
-  sweep's records, also run by `benchmarks/claims.py`); a DVC metric;
+  (held, not held, or not tested) and the numbers behind it (`pipeline.claims`); a DVC metric;
 - `curves.png`: training (dashed) and val (bold) error per epoch, plain nets in one panel and
   ResNets in another (one per shortcut option), one line per depth, on a linear axis from 0%:
   the layout of the paper's Figure 6;
@@ -21,8 +20,7 @@ Writes to `paths.reports`:
 - `curves/<trial>.csv`: each finished trial's train and val top-1 error per epoch, the data of
   a DVC plot (dvc.yaml, top-level `plots:`), so that `dvc plots diff` overlays two revisions'
   curves.
-All are logged to the sweep's MLflow run. A failed trial (a record with "error") has no numbers
-to give: it is left out of trials.json and curves/, and named in results.md and claims.json.
+All are logged to the sweep's MLflow run. A failed trial has no numbers to give: it is left out of trials.json and curves/, and named in results.md and claims.json.
 Each file is written under a temporary name and then renamed, so DVC, Git or a reader never sees
 half a file; none holds a path of this machine.
 """
@@ -32,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +41,11 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline import cli, files, tracking
+from pipeline import artifacts, cli, files, tracking
+from pipeline.artifacts import Artifact, Evaluation, Registration
+from pipeline.claims import Claim, claims
 from pipeline.params import Params
-from pipeline.records import TABLE_COLUMNS, read_sweep, table_row
+from pipeline.records import TABLE_COLUMNS, FailedTrial, Sweep, Trial, TrialRecord, read_sweep, table_row
 
 # Paper, Table 6: CIFAR-10 test error (%) of the residual nets (option A).
 PAPER_CIFAR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
@@ -55,27 +54,7 @@ PAPER_IMAGENET = {
     (18, "none"): 27.94, (18, "A"): 27.88, (34, "none"): 28.54, (34, "A"): 25.03, (34, "B"): 24.52,
     (34, "C"): 24.19, (50, "B"): 22.85, (101, "B"): 21.75, (152, "B"): 21.43,
 }  # fmt: skip
-SHORTCUT_LABEL = {"none": "plain", "A": "ResNet (A)", "B": "ResNet (B)", "C": "ResNet (C)"}
-RESIDUAL = ("A", "B", "C")
-
-# The claims' thresholds, errors as fractions of the images (0.02: two points of error).
-# a. Degradation (Sec. 4.1, Fig. 4 left; Sec. 4.2, Fig. 6 left): the deepest plain net's final
-#    train error exceeds the shallowest's by more than this.
-DEGRADATION_MIN_GAP = 0.0
-# b. Residual learning fixes it (Sec. 4.1, Table 2; Fig. 6 middle): at the deepest depth, the
-#    ResNet (A)'s final train error is under this fraction of the plain net's.
-RESIDUAL_MAX_RATIO = 1 / 3
-# c. ResNets gain from depth (Table 6, Fig. 6 middle): the deepest ResNet (A)'s final train
-#    error is at most this much above the shallowest's (or below it).
-DEPTH_TOLERANCE = 0.02
-# d. Shortcut options (Sec. 4.1, Table 3): A, B and C each beat plain (best val error) at the
-#    deepest depth, where plain nets degrade (Table 3 compares at 34 layers; at 18 the paper
-#    finds plain and residual "comparably accurate", Table 2), and at every depth their best
-#    val errors span at most this much.
-SHORTCUT_MAX_SPREAD = 0.02
-# Errors are counts over a split (k/n); their differences carry float rounding
-# (0.05 - 0.03 = 0.020000000000000004), which must not decide an at-most comparison.
-ROUNDING = 1e-9
+SHORTCUT_LABEL = {"none": "plain", "A": "ResNet A", "B": "ResNet B", "C": "ResNet C"}
 
 PAPER_FIGURE6_NOTE = "cf. He et al. 2015, Fig. 6"
 
@@ -86,182 +65,6 @@ def paper_error(arch: str, depth: int, shortcut: str) -> str:
         return f"{value:.2f}% (CIFAR-10, Table 6)" if value else ""
     value = PAPER_IMAGENET.get((depth, shortcut))
     return f"{value:.2f}% (ImageNet 10-crop, Tables 2-3)" if value else ""
-
-
-def net_name(depth: int, shortcut: str) -> str:
-    """The paper's names: plain-20, ResNet-20 (and the option, where it is not A)."""
-    if shortcut == "none":
-        return f"plain-{depth}"
-    return f"ResNet-{depth}" if shortcut == "A" else f"ResNet-{depth} ({shortcut})"
-
-
-# --- The claims ------------------------------------------------------------------------------
-
-# The sweep's finished trials by (depth, shortcut).
-Nets = dict[tuple[int, str], dict[str, Any]]
-
-
-def claims(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The paper's claims that the sweep's records (reports/sweep.json) can test, in order a-e.
-
-    Each is `{"id", "claim", "held", "evidence"}`: held is True, False, or None when the sweep
-    lacks what the claim needs (then evidence["reason"] says what). A failed trial (a record
-    with "error") is left out, and named in every claim's evidence["skipped_failed_trials"]; so is
-    a trial a scheduler stopped early (its final errors are an early epoch's), under
-    "skipped_stopped_early_trials"."""
-    failed = [net_name(t["depth"], t["shortcut"]) for t in trials if "error" in t]
-    stopped = [net_name(t["depth"], t["shortcut"]) for t in trials if t.get("stopped_early")]
-    nets = {(t["depth"], t["shortcut"]): t for t in trials if "error" not in t and not t.get("stopped_early")}
-    results = [
-        degradation(nets),
-        residual_fixes_degradation(nets),
-        residual_gains_from_depth(nets),
-        shortcut_options(nets),
-        parameter_counts(nets),
-    ]
-    for key, skipped in (("skipped_failed_trials", failed), ("skipped_stopped_early_trials", stopped)):
-        if skipped:
-            for result in results:
-                result["evidence"][key] = skipped
-    return results
-
-
-def depths_of(nets: Nets, *shortcuts: str) -> list[int]:
-    """The depths at which the sweep has a finished trial of every one of these shortcuts."""
-    return sorted({d for d, _ in nets if all((d, s) in nets for s in shortcuts)})
-
-
-def final_train_errors(nets: Nets, shortcut: str, *depths: int) -> tuple[float, ...]:
-    """The final train errors of the nets of one shortcut at `depths`: what claims a-c compare."""
-    return tuple(nets[(depth, shortcut)]["final_train_top1_error"] for depth in depths)
-
-
-def verdict(claim_id: str, claim: str, held: bool | None, evidence: dict[str, Any]) -> dict[str, Any]:
-    return {"id": claim_id, "claim": claim, "held": held, "evidence": evidence}
-
-
-def degradation(nets: Nets) -> dict[str, Any]:
-    claim = (
-        "a. Degradation (Sec. 4.1-4.2, Fig. 6 left): the deepest plain net ends training with a higher "
-        "train error than the shallowest one"
-    )
-    depths = depths_of(nets, "none")
-    if len(depths) < 2:
-        reason = f"needs finished plain nets at two depths or more; the sweep has them at {depths or 'none'}"
-        return verdict("degradation", claim, None, {"reason": reason, "plain_depths": depths})
-    shallow, deep = final_train_errors(nets, "none", depths[0], depths[-1])
-    evidence = {
-        "shallow_depth": depths[0],
-        "deep_depth": depths[-1],
-        "plain_shallow_final_train_error": shallow,
-        "plain_deep_final_train_error": deep,
-        "gap": deep - shallow,
-        "min_gap": DEGRADATION_MIN_GAP,
-    }
-    return verdict("degradation", claim, deep - shallow > DEGRADATION_MIN_GAP, evidence)
-
-
-def residual_fixes_degradation(nets: Nets) -> dict[str, Any]:
-    claim = (
-        "b. Residual learning fixes it (Sec. 4.1-4.2, Fig. 6): at the deepest depth, ResNet (A) ends "
-        f"training with under {Fraction(RESIDUAL_MAX_RATIO).limit_denominator(100)} of the plain net's train error"
-    )
-    depths = depths_of(nets, "none", "A")
-    if not depths:
-        reason = "needs a finished plain net and ResNet (A) at the same depth; the sweep has none"
-        return verdict("residual_fixes_degradation", claim, None, {"reason": reason})
-    depth = depths[-1]
-    plain = nets[(depth, "none")]["final_train_top1_error"]
-    resnet = nets[(depth, "A")]["final_train_top1_error"]
-    evidence = {
-        "depth": depth,
-        "plain_final_train_error": plain,
-        "resnet_A_final_train_error": resnet,
-        "ratio": resnet / plain if plain > 0 else None,
-        "max_ratio": RESIDUAL_MAX_RATIO,
-    }
-    return verdict("residual_fixes_degradation", claim, resnet < RESIDUAL_MAX_RATIO * plain, evidence)
-
-
-def residual_gains_from_depth(nets: Nets) -> dict[str, Any]:
-    claim = (
-        "c. ResNets gain from depth (Table 6, Fig. 6 middle): the deepest ResNet (A) ends training with a "
-        f"train error at most {DEPTH_TOLERANCE:.0%} above the shallowest one's, or below it"
-    )
-    depths = depths_of(nets, "A")
-    if len(depths) < 2:
-        reason = f"needs finished ResNets (A) at two depths or more; the sweep has them at {depths or 'none'}"
-        return verdict("residual_gains_from_depth", claim, None, {"reason": reason, "resnet_A_depths": depths})
-    shallow, deep = final_train_errors(nets, "A", depths[0], depths[-1])
-    evidence = {
-        "shallow_depth": depths[0],
-        "deep_depth": depths[-1],
-        "resnet_A_shallow_final_train_error": shallow,
-        "resnet_A_deep_final_train_error": deep,
-        "difference": deep - shallow,
-        "tolerance": DEPTH_TOLERANCE,
-    }
-    return verdict("residual_gains_from_depth", claim, deep - shallow <= DEPTH_TOLERANCE + ROUNDING, evidence)
-
-
-def incomplete_depths(nets: Nets, complete: list[int]) -> list[int]:
-    return sorted({d for d, _ in nets} - set(complete))
-
-
-def shortcut_options(nets: Nets) -> dict[str, Any]:
-    claim = (
-        "d. Shortcut options (Sec. 4.1, Table 3): at the deepest depth, ResNets with options A, B and C all beat "
-        f"the plain net (best val error), and at each depth they differ among themselves by at most {SHORTCUT_MAX_SPREAD:.0%}"
-    )
-    depths = depths_of(nets, "none", *RESIDUAL)
-    if not depths:
-        reason = "needs finished plain, A, B and C nets at the same depth; the sweep has no such depth"
-        return verdict("shortcut_options", claim, None, {"reason": reason})
-    rows = []
-    for depth in depths:
-        errors = {s: nets[(depth, s)]["best_val_top1_error"] for s in ("none", *RESIDUAL)}
-        residual = [errors[s] for s in RESIDUAL]
-        spread = max(residual) - min(residual)
-        beat_plain = all(e < errors["none"] for e in residual)
-        must_beat_plain = depth == depths[-1]
-        rows.append(
-            {
-                "depth": depth,
-                **{f"{'plain' if s == 'none' else s}_best_val_error": e for s, e in errors.items()},
-                "spread": spread,
-                "all_beat_plain": beat_plain,
-                "held": (beat_plain or not must_beat_plain) and spread <= SHORTCUT_MAX_SPREAD + ROUNDING,
-            }
-        )
-    evidence = {"depths": rows, "max_spread": SHORTCUT_MAX_SPREAD, "untested_depths": incomplete_depths(nets, depths)}
-    return verdict("shortcut_options", claim, all(r["held"] for r in rows), evidence)
-
-
-def parameter_counts(nets: Nets) -> dict[str, Any]:
-    claim = (
-        "e. Parameters (Sec. 3.3 and 4.1, Table 3): at each depth, option A (zero-padding identity shortcuts) adds "
-        "no parameters to the plain net; B (projections where dimensions grow) and C (all projections) "
-        "add some, C more than B"
-    )
-    depths = depths_of(nets, "none", *RESIDUAL)
-    if not depths:
-        reason = "needs finished plain, A, B and C nets at the same depth; the sweep has no such depth"
-        return verdict("parameter_counts", claim, None, {"reason": reason})
-    rows = []
-    for depth in depths:
-        plain, a, b, c = (nets[(depth, s)]["num_params"] for s in ("none", *RESIDUAL))
-        rows.append(
-            {
-                "depth": depth,
-                "plain_num_params": plain,
-                "A_num_params": a,
-                "B_num_params": b,
-                "C_num_params": c,
-                "held": a == plain and c > b > a,
-            }
-        )
-    evidence = {"depths": rows, "untested_depths": incomplete_depths(nets, depths)}
-    return verdict("parameter_counts", claim, all(r["held"] for r in rows), evidence)
 
 
 VERDICT = {True: "held", False: "**not held**", None: "not tested"}
@@ -286,17 +89,17 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def format_row(row: dict[str, Any]) -> str:
+def format_row(row: dict[str, object]) -> str:
     """One depth of a per-depth claim: `20 layers (plain best val error: 3.33%, ...)`."""
     rest = {k: v for k, v in row.items() if k != "depth"}
     return f"{row['depth']} layers ({format_evidence(rest)})" if "depth" in row else format_evidence(row)
 
 
-def format_evidence(evidence: dict[str, Any]) -> str:
+def format_evidence(evidence: dict[str, object]) -> str:
     return ", ".join(f"{key.replace('_', ' ')}: {format_value(key, value)}" for key, value in evidence.items())
 
 
-def claims_section(results: list[dict[str, Any]]) -> str:
+def claims_section(results: list[Claim]) -> str:
     lines = [
         "## The paper's claims, checked on this sweep",
         "",
@@ -304,12 +107,12 @@ def claims_section(results: list[dict[str, Any]]) -> str:
         "|---|---|---|",
     ]
     for c in results:
-        evidence = {k: v for k, v in c["evidence"].items() if k != "skipped_failed_trials"}
-        lines.append(f"| {c['claim']} | {VERDICT[c['held']]} | {format_evidence(evidence)} |")
-    held = sum(c["held"] is True for c in results)
-    not_held = sum(c["held"] is False for c in results)
+        evidence = {k: v for k, v in c.evidence.items() if k != "skipped_failed_trials"}
+        lines.append(f"| {c.claim} | {VERDICT[c.held]} | {format_evidence(evidence)} |")
+    held = sum(c.held is True for c in results)
+    not_held = sum(c.held is False for c in results)
     lines += ["", f"{held} held, {not_held} not held, {len(results) - held - not_held} not tested."]
-    failed = results[0]["evidence"].get("skipped_failed_trials") if results else None
+    failed = results[0].evidence.get("skipped_failed_trials") if results else None
     if failed:
         lines.append(f"Failed trials, left out of every claim: {', '.join(failed)}.")
     lines.append(
@@ -353,8 +156,8 @@ def save_png(fig: plt.Figure, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def present_shortcuts(trials: list[dict[str, Any]]) -> list[str]:
-    return [s for s in SHORTCUT_LABEL if any(t["shortcut"] == s for t in trials)]
+def present_shortcuts(trials: list[TrialRecord]) -> list[str]:
+    return [s for s in SHORTCUT_LABEL if any(t.shortcut == s for t in trials)]
 
 
 def depth_colours(depths: list[int]) -> dict[int, Any]:
@@ -369,17 +172,15 @@ def percent_ceiling(values: list[float]) -> float:
     return max(max(finite, default=0.0) * 1.12, 1.0)
 
 
-def plot_curves(trials: list[dict[str, Any]], path: Path) -> plt.Figure:
+def plot_curves(trials: list[TrialRecord], path: Path) -> plt.Figure:
     """The paper's Figure 6: per epoch, train error dashed and val error bold (the paper's test
     error); plain nets left, ResNets right (one panel per shortcut option in the sweep), one
     line per depth; a linear axis from 0% shared by all panels."""
-    trials = [t for t in trials if t.get("curve") and t["curve"]["epoch"]]
+    trials = [t for t in trials if t.curve.epoch]
     shortcuts = present_shortcuts(trials) or ["none"]
-    depths = sorted({t["depth"] for t in trials})
+    depths = sorted({t.depth for t in trials})
     colours = depth_colours(depths)
-    top = percent_ceiling(
-        [100 * v for t in trials for key in ("train_top1_error", "val_top1_error") for v in t["curve"][key]]
-    )
+    top = percent_ceiling([100 * v for t in trials for v in (*t.curve.train_top1_error, *t.curve.val_top1_error)])
     # In a row as the paper's three panels; four (plain, A, B, C) as a 2 x 2 grid, not a strip.
     ncols = len(shortcuts) if len(shortcuts) <= 3 else 2
     nrows = -(-len(shortcuts) // ncols)
@@ -387,18 +188,18 @@ def plot_curves(trials: list[dict[str, Any]], path: Path) -> plt.Figure:
     for ax in axes.flat[len(shortcuts) :]:
         ax.set_visible(False)
     for ax, shortcut in zip(axes.flat, shortcuts):
-        for t in (t for t in trials if t["shortcut"] == shortcut):
-            curve, colour = t["curve"], colours[t["depth"]]
-            epochs = [e + 1 for e in curve["epoch"]]
+        for t in (t for t in trials if t.shortcut == shortcut):
+            curve, colour = t.curve, colours[t.depth]
+            epochs = [e + 1 for e in curve.epoch]
             # clip_on=False: a net at 0% error draws its line on the axis, not half under it.
-            ax.plot(epochs, np.array(curve["train_top1_error"]) * 100, "--", color=colour, linewidth=1, clip_on=False)
+            ax.plot(epochs, np.array(curve.train_top1_error) * 100, "--", color=colour, linewidth=1, clip_on=False)
             ax.plot(
                 epochs,
-                np.array(curve["val_top1_error"]) * 100,
+                np.array(curve.val_top1_error) * 100,
                 "-",
                 color=colour,
                 linewidth=2.2,
-                label=net_name(t["depth"], shortcut),
+                label=t.trial.label,
                 clip_on=False,
             )
         ax.set_title("plain" if shortcut == "none" else f"ResNet (option {shortcut})")
@@ -425,7 +226,7 @@ SHORTCUT_COLOUR = {"none": "0.55", "A": "tab:blue", "B": "tab:orange", "C": "tab
 
 
 def bar_panel(
-    ax: plt.Axes, trials: list[dict[str, Any]], depths: list[int], shortcuts: list[str], key: str, extra: list[float]
+    ax: plt.Axes, trials: list[TrialRecord], depths: list[int], shortcuts: list[str], key: str, extra: list[float]
 ) -> None:
     """Bars of one error per (depth, shortcut), each labelled with its value; `extra` values
     (the baseline) are kept inside the axis too."""
@@ -433,7 +234,7 @@ def bar_panel(
     shown = []
     for i, shortcut in enumerate(shortcuts):
         values = [
-            next((100 * t[key] for t in trials if t["depth"] == d and t["shortcut"] == shortcut), np.nan)
+            next((100 * getattr(t, key) for t in trials if t.depth == d and t.shortcut == shortcut), np.nan)
             for d in depths
         ]
         bars = ax.bar(
@@ -451,13 +252,13 @@ def bar_panel(
     ax.grid(True, axis="y", alpha=0.3)
 
 
-def plot_final_errors(trials: list[dict[str, Any]], baseline: float | None, path: Path) -> plt.Figure:
+def plot_final_errors(trials: list[TrialRecord], baseline: float | None, path: Path) -> plt.Figure:
     """Final train error (top row: degradation is a training-error effect, Sec. 4.1) and best
     val error (bottom row) of each trial. Left: every net on one linear axis; right, when the
     sweep has plain nets beside ResNets: the ResNets alone, on an axis scaled to them."""
     shortcuts = present_shortcuts(trials) or ["none"]
     residual = [s for s in shortcuts if s != "none"]
-    depths = sorted({t["depth"] for t in trials})
+    depths = sorted({t.depth for t in trials})
     columns = [("plain and ResNets", shortcuts)]
     if residual and "none" in shortcuts:
         columns.append(("ResNets only (zoomed)", residual))
@@ -491,41 +292,31 @@ TRIALS_METRICS = "trials.json"
 CURVES = "curves"
 
 
-def trial_key(depth: int, shortcut: str) -> str:
-    """A trial's name in trials.json and curves/: `plain-20`, `resnet-56-A`. Letters, digits and
-    dashes only: it is a column of `dvc exp show` and a file name."""
-    return f"plain-{depth}" if shortcut == "none" else f"resnet-{depth}-{shortcut}"
-
-
-def trial_metrics(trials: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def trial_metrics(trials: list[TrialRecord]) -> dict[str, dict[str, float]]:
     """trials.json: `{"plain-20": {"best_val_error": ..., "final_train_error": ...}, ...}` for the
-    finished trials, in the sweep's order. DVC flattens nested keys with dots, so `dvc exp show`
-    has one column per trial and error (`plain-20.best_val_error`), and an experiment without a
-    trial shows `-` there."""
+    finished trials, in the sweep's order, under their `Trial.key`. DVC flattens nested keys with
+    dots, so `dvc exp show` has one column per trial and error (`plain-20.best_val_error`), and an
+    experiment without a trial shows `-` there."""
     return {
-        trial_key(t["depth"], t["shortcut"]): {
-            "best_val_error": t["best_val_top1_error"],
-            "final_train_error": t["final_train_top1_error"],
-        }
+        t.trial.key: {"best_val_error": t.best_val_top1_error, "final_train_error": t.final_train_top1_error}
         for t in trials
-        if "error" not in t
     }
 
 
-def curve_csv(trial: dict[str, Any]) -> str:
+def curve_csv(trial: TrialRecord) -> str:
     """One trial's curve as CSV: `epoch,train_error,val_error`, epochs counted from 1 as in
     curves.png (the sweep's records count them from 0). DVC plots read CSV by column names
     (https://dvc.org/doc/user-guide/experiment-management/visualizing-plots)."""
-    curve = trial["curve"]
+    curve = trial.curve
     rows = ["epoch,train_error,val_error"]
     rows += [
         f"{epoch + 1},{float(train)!r},{float(val)!r}"
-        for epoch, train, val in zip(curve["epoch"], curve["train_top1_error"], curve["val_top1_error"])
+        for epoch, train, val in zip(curve.epoch, curve.train_top1_error, curve.val_top1_error)
     ]
     return "\n".join(rows) + "\n"
 
 
-def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
+def write_curves(out: Path, trials: list[TrialRecord]) -> None:
     """`out/curves/`, one CSV per finished trial with a curve, replaced as a whole: the new files
     are written into a staging folder that then takes the old one's place, so a trial that an
     earlier sweep had and this one has not leaves no file behind for `dvc plots` to draw."""
@@ -535,8 +326,8 @@ def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     for t in trials:
-        if "error" not in t and t.get("curve") and t["curve"]["epoch"]:
-            files.write_text_atomic(staging / f"{trial_key(t['depth'], t['shortcut'])}.csv", curve_csv(t))
+        if t.curve.epoch:
+            files.write_text_atomic(staging / f"{t.trial.key}.csv", curve_csv(t))
     # A folder cannot be renamed onto a folder that holds files: move the old one aside first.
     if final.exists():
         os.replace(final, previous)
@@ -549,7 +340,11 @@ def write_curves(out: Path, trials: list[dict[str, Any]]) -> None:
 
 
 def results_table(
-    params: Params, trials: list[dict[str, Any]], evaluation: dict | None, registry: dict | None, baseline: float | None
+    params: Params,
+    trials: list[TrialRecord | FailedTrial],
+    evaluation: Evaluation | None,
+    registry: Registration | None,
+    baseline: float | None,
 ) -> str:
     lines = [
         f"# Sweep results: {params.data.source}, {params.model.arch}-style nets",
@@ -558,22 +353,17 @@ def results_table(
         "|---" * (len(TABLE_COLUMNS) + 1) + "|",
     ]
     for t in trials:
-        cells = table_row(t)
-        cells[1] = SHORTCUT_LABEL.get(t["shortcut"], t["shortcut"])
-        paper = "" if "error" in t else paper_error(params.model.arch, t["depth"], t["shortcut"])
-        lines.append("| " + " | ".join([*cells, paper]) + " |")
+        paper = "" if isinstance(t, FailedTrial) else paper_error(params.model.arch, t.depth, t.shortcut)
+        lines.append("| " + " | ".join([*table_row(t), paper]) + " |")
     lines.append("")
     if evaluation:
         e = evaluation
         lines.append(
-            f"Best trial ({e['depth']}-layer, shortcut {e['shortcut']}) on {e['num_samples']} "
-            f"{e.get('split', 'val')} images, {e['crop']} crop: top-1 error {e['top1_error']:.2%}, "
-            f"top-5 error {e['top5_error']:.2%}."
+            f"Best trial ({Trial(params.model.arch, e.depth, e.shortcut).label}) on {e.num_samples} {e.split} images, "
+            f"{e.crop} crop: top-1 error {e.top1_error:.2%}, top-5 error {e.top5_error:.2%}."
         )
-        if "ten_crop" in e:
-            lines.append(
-                f"10-crop: top-1 error {e['ten_crop']['top1_error']:.2%}, top-5 error {e['ten_crop']['top5_error']:.2%}."
-            )
+        if e.ten_crop:
+            lines.append(f"10-crop: top-1 error {e.ten_crop.top1_error:.2%}, top-5 error {e.ten_crop.top5_error:.2%}.")
     if baseline is not None:
         lines.append(
             f"SVC baseline (scikit-learn, gamma=0.001), fitted on the same train split, on the test split: "
@@ -581,7 +371,7 @@ def results_table(
         )
     if registry:
         lines.append("")
-        lines.append(f"Registry: {registry['registered_model']} version {registry['version']}; {registry['message']}.")
+        lines.append(f"Registry: {registry.registered_model} version {registry.version}; {registry.message}.")
     lines.append("")
     lines.append(
         "The paper's numbers are for its data sets (CIFAR-10 test set, ImageNet val), shown beside the "
@@ -593,8 +383,9 @@ def results_table(
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def read_optional(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_optional(path: Path, model: type[Artifact]) -> Artifact | None:
+    """An earlier stage's file, if it is there: the report draws the sweep without them."""
+    return artifacts.read(str(path), model) if path.is_file() else None
 
 
 OUTPUTS = ("claims.json", TRIALS_METRICS, "curves.png", "final_errors.png", "results.md")
@@ -603,45 +394,41 @@ OUTPUTS = ("claims.json", TRIALS_METRICS, "curves.png", "final_errors.png", "res
 def write_report(
     out: Path,
     params: Params,
-    trials: list[dict[str, Any]],
-    evaluation: dict | None,
-    registry: dict | None,
+    sweep: Sweep,
+    evaluation: Evaluation | None,
+    registry: Registration | None,
     baseline: float | None,
-) -> list[dict[str, Any]]:
+) -> list[Claim]:
     """Every output of the stage under `out`, from the records alone (no MLflow); the claims."""
     out.mkdir(parents=True, exist_ok=True)
-    finished = [t for t in trials if "error" not in t]
-    results = claims(trials)
-    files.write_text_atomic(out / "claims.json", json.dumps(results, indent=1) + "\n")
-    files.write_text_atomic(out / TRIALS_METRICS, json.dumps(trial_metrics(trials), indent=1) + "\n")
-    write_curves(out, trials)
-    plot_curves(finished, out / "curves.png")
-    plot_final_errors(finished, baseline, out / "final_errors.png")
-    files.write_text_atomic(out / "results.md", results_table(params, trials, evaluation, registry, baseline))
+    results = claims(sweep.trials)
+    verdicts = [c.model_dump(mode="json") for c in results]
+    files.write_text_atomic(out / "claims.json", json.dumps(verdicts, indent=1) + "\n")
+    files.write_text_atomic(out / TRIALS_METRICS, json.dumps(trial_metrics(sweep.finished), indent=1) + "\n")
+    write_curves(out, sweep.finished)
+    plot_curves(sweep.finished, out / "curves.png")
+    plot_final_errors(sweep.finished, baseline, out / "final_errors.png")
+    files.write_text_atomic(out / "results.md", results_table(params, sweep.trials, evaluation, registry, baseline))
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("report", "Plots, tables and claims of the sweep, beside the paper's.", argv)
-    trials = read_sweep(params.paths.reports)
+    sweep = read_sweep(params.paths.reports)
     out = Path(params.paths.reports)
     baseline = svc_baseline(params)
-    evaluation = read_optional(Path(params.paths.metrics) / "eval.json")
-    registry = read_optional(Path(params.paths.metrics) / "registry.json")
-    results = write_report(out, params, trials, evaluation, registry, baseline)
+    evaluation = read_optional(Path(params.paths.metrics) / Evaluation.FILE, Evaluation)
+    registry = read_optional(Path(params.paths.metrics) / Registration.FILE, Registration)
+    results = write_report(out, params, sweep, evaluation, registry, baseline)
 
     store = tracking.store(params)
-    finished = [t for t in trials if "error" not in t]
-    if finished:
-        parent = store.get_run(finished[0]["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
-        if parent:
-            for name in OUTPUTS:
-                store.log_artifact(parent, str(out / name), artifact_path="report")
-            store.log_artifacts(parent, str(out / CURVES), artifact_path=f"report/{CURVES}")
-            store.log_metric(parent, "claims_held", sum(c["held"] is True for c in results))
-            store.log_metric(parent, "claims_not_held", sum(c["held"] is False for c in results))
-            if baseline is not None:
-                store.log_metric(parent, "svc_baseline_test_top1_error", baseline)
+    for name in OUTPUTS:
+        store.log_artifact(sweep.mlflow_run_id, str(out / name), artifact_path="report")
+    store.log_artifacts(sweep.mlflow_run_id, str(out / CURVES), artifact_path=f"report/{CURVES}")
+    store.log_metric(sweep.mlflow_run_id, "claims_held", sum(c.held is True for c in results))
+    store.log_metric(sweep.mlflow_run_id, "claims_not_held", sum(c.held is False for c in results))
+    if baseline is not None:
+        store.log_metric(sweep.mlflow_run_id, "svc_baseline_test_top1_error", baseline)
     print((out / "results.md").read_text())
     print("wrote " + ", ".join([*(str(out / name) for name in OUTPUTS), f"{out / CURVES}/"]))
 

@@ -42,7 +42,7 @@ from PIL import Image
 
 from pipeline import tracking, transforms
 from pipeline.images import Conversion, Rejected, rgb_of, to_rgb_jpeg
-from pipeline.manifest import shard_list
+from pipeline.manifest import Manifest
 from pipeline.params import Params
 from pipeline.recipe import PROFILES
 from pipeline.tars import tar_samples
@@ -73,10 +73,10 @@ class Setup:
         )
 
 
-def setup_of(arch: str, manifest: dict[str, Any], conversion: Conversion) -> Setup:
-    size = manifest["splits"]["train"].get("image_size") or {}
-    uniform = tuple(size["uniform"]) if PROFILES[arch].whole_images and size.get("uniform") else None
-    return Setup(arch, uniform, tuple(manifest["mean"]), tuple(manifest["classes"]), conversion)
+def setup_of(arch: str, manifest: Manifest, conversion: Conversion) -> Setup:
+    size = manifest.splits["train"].image_size
+    uniform = tuple(size.uniform) if PROFILES[arch].whole_images and size and size.uniform else None
+    return Setup(arch, uniform, tuple(manifest.mean), tuple(manifest.classes), conversion)
 
 
 def bad_input(message: str) -> MlflowException:
@@ -184,13 +184,13 @@ def log_model(store: tracking.Store, net: torch.nn.Module, setup: Setup, example
         )
 
 
-def example_images(shards: str, manifest: dict[str, Any], count: int = 3) -> list[bytes]:
+def example_images(shards: str, manifest: Manifest, count: int = 3) -> list[bytes]:
     """The first few val images, as the shards store them (what a consumer would send)."""
-    url, _ = shard_list(shards, manifest, "val")[0]
+    url, _ = manifest.shard_list(shards, "val")[0]
     return [sample["jpg"] for sample in islice(tar_samples(iter([{"url": url}])), count)]
 
 
-def log_run_model(store: tracking.Store, net: torch.nn.Module, params: Params, manifest: dict[str, Any], step: int):
+def log_run_model(store: tracking.Store, net: torch.nn.Module, params: Params, manifest: Manifest, step: int):
     """`log_model` for a net trained on the shards of params: their preprocessing, and a few
     of their val images as the input example. Into the active MLflow run."""
     setup = setup_of(params.model.arch, manifest, Conversion.of(params.shard))

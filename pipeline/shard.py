@@ -35,42 +35,53 @@ from collections.abc import Iterable
 from concurrent.futures import as_completed
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline import cli, files, outputs, sources
+from pipeline import artifacts, cli, files, outputs, sources
 from pipeline.errors import UsageError
 from pipeline.images import MAX_PIXELS, Conversion, Prepared, Rejected, to_rgb_jpeg
-from pipeline.manifest import MANIFEST, SCHEMA
+from pipeline.manifest import MANIFEST, SCHEMA, Converted, ImageSize, Manifest, ManifestShard, ManifestSplit, Noted
 from pipeline.params import Params
 from pipeline.params import Shard as ShardParams
 from pipeline.tars import MAX_MEMBER_BYTES
 
 
-def size_range(sizes: list[tuple[int, int]]) -> dict[str, Any] | None:
+def size_range(sizes: list[tuple[int, int]]) -> ImageSize | None:
     """The image sizes of some samples, as the manifest records them per split (the trainer
     checks them against the arch): None for no samples."""
     if not sizes:
         return None
-    return {
-        "min_side": min(min(size) for size in sizes),
-        "max_side": max(max(size) for size in sizes),
-        "uniform": list(sizes[0]) if all(size == sizes[0] for size in sizes) else None,
-    }
+    return ImageSize(
+        min_side=min(min(size) for size in sizes),
+        max_side=max(max(size) for size in sizes),
+        uniform=list(sizes[0]) if all(size == sizes[0] for size in sizes) else None,
+    )
 
 
-def merge_size_ranges(ranges: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+def merge_size_ranges(ranges: list[ImageSize | None]) -> ImageSize | None:
     ranges = [r for r in ranges if r is not None]
     if not ranges:
         return None
-    uniform = ranges[0]["uniform"]
-    return {
-        "min_side": min(r["min_side"] for r in ranges),
-        "max_side": max(r["max_side"] for r in ranges),
-        "uniform": uniform if uniform is not None and all(r["uniform"] == uniform for r in ranges) else None,
-    }
+    uniform = ranges[0].uniform
+    return ImageSize(
+        min_side=min(r.min_side for r in ranges),
+        max_side=max(r.max_side for r in ranges),
+        uniform=uniform if uniform is not None and all(r.uniform == uniform for r in ranges) else None,
+    )
+
+
+class ShardResult(ManifestShard):
+    """A written shard: its manifest entry, and what the manifest sums up over shards."""
+
+    rejected: list[Noted]
+    converted: list[Converted]
+    channel_mean_sums: list[float]
+    image_size: ImageSize | None
+
+    def entry(self) -> ManifestShard:
+        return ManifestShard(name=self.name, num_samples=self.num_samples, bytes=self.bytes, sha256=self.sha256)
 
 
 def prepare(record: sources.Record, conversion: Conversion) -> Prepared:
@@ -129,25 +140,21 @@ def shuffled(records: list[sources.Record], seed: int) -> list[sources.Record]:
     return out
 
 
-def kept_shard(path: Path, record_path: Path, fingerprint: str) -> dict[str, Any] | None:
+def kept_shard(path: Path, record_path: Path, fingerprint: str) -> ShardResult | None:
     """The result of a shard an interrupted run finished, or None. It is kept only if its record
     says it was made of these inputs and the file is still the one recorded, size and sha256: a
     torn or edited file, or a record of another plan, means writing the shard again."""
     try:
         done = json.loads(record_path.read_text())
-        kept = done["result"]
-        if (
-            done["fingerprint"] == fingerprint
-            and path.stat().st_size == kept["bytes"]
-            and files.sha256_of(path) == kept["sha256"]
-        ):
+        kept = ShardResult.model_validate(done["result"])
+        if done["fingerprint"] == fingerprint and path.stat().st_size == kept.bytes and files.sha256_of(path) == kept.sha256:
             return kept
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
         pass  # no shard, no record, or a record that is not one: write the shard
     return None
 
 
-def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
+def write_shard(job: ShardJob, staging: Path) -> ShardResult:
     """Write one shard (or keep it from an interrupted run); returns its manifest entry plus
     its `rejected` and `converted` lists."""
     path = staging / job.name
@@ -165,10 +172,10 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
             try:
                 prepared = prepare(r, job.conversion)
             except Rejected as e:
-                rejected.append({"source": r.source, "reason": str(e)})
+                rejected.append(Noted(source=r.source, reason=str(e)))
                 continue
             if prepared.converted_from:
-                converted.append({"source": r.source, "from": prepared.converted_from})
+                converted.append(Converted(source=r.source, **{"from": prepared.converted_from}))
             # The key is made safe for WebDataset; `.source` keeps the original name.
             tar.write(
                 {
@@ -185,17 +192,17 @@ def write_shard(job: ShardJob, staging: Path) -> dict[str, Any]:
     # final name is whole. Its record comes last (write_json_atomic flushes it and the folder).
     files.fsync_file(tmp)
     os.replace(tmp, path)
-    result = {
-        "name": job.name,
-        "num_samples": num_samples,
-        "bytes": path.stat().st_size,
-        "sha256": files.sha256_of(path),
-        "rejected": rejected,
-        "converted": converted,
-        "channel_mean_sums": mean_sums,
-        "image_size": size_range(sizes),
-    }
-    files.write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result})
+    result = ShardResult(
+        name=job.name,
+        num_samples=num_samples,
+        bytes=path.stat().st_size,
+        sha256=files.sha256_of(path),
+        rejected=rejected,
+        converted=converted,
+        channel_mean_sums=mean_sums,
+        image_size=size_range(sizes),
+    )
+    files.write_json_atomic(record_path, {"fingerprint": fingerprint, "result": result.model_dump(mode="json", by_alias=True)})
     return result
 
 
@@ -220,7 +227,7 @@ def build_jobs(dataset: sources.Dataset, params: Params) -> list[ShardJob]:
     return jobs
 
 
-def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, dict[str, Any]]:
+def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, ShardResult]:
     """Write every shard with a pool of processes, a progress bar over samples.
 
     Ctrl-C or SIGTERM (see `shard`) stops it at once: the shards not started are cancelled and
@@ -228,7 +235,7 @@ def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, dic
     how many finished shards a rerun will keep. A failing shard ends the pool the same way."""
     for split in {job.split for job in jobs}:
         (staging / split).mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, ShardResult] = {}
     total = sum(len(job.records) for job in jobs)
     try:
         with tqdm(total=total, unit="img", desc="shard", mininterval=1.0) as bar:
@@ -251,45 +258,41 @@ def run_jobs(jobs: list[ShardJob], staging: Path, workers: int) -> dict[str, dic
     return results
 
 
-def manifest(dataset: sources.Dataset, jobs: list[ShardJob], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def manifest(dataset: sources.Dataset, jobs: list[ShardJob], results: dict[str, ShardResult]) -> Manifest:
     splits = {}
     for split in sources.SPLITS:
         entries = [results[job.name] for job in jobs if job.split == split]
-        splits[split] = {
-            "num_samples": sum(e["num_samples"] for e in entries),
-            "shards": [{k: e[k] for k in ("name", "num_samples", "bytes", "sha256")} for e in entries],
+        splits[split] = ManifestSplit(
+            num_samples=sum(e.num_samples for e in entries),
+            shards=[e.entry() for e in entries],
             # What the walk over the files refused (symlinks out of the root, pipes, ...) comes
             # first, then what could not be read or decoded.
-            "rejected": dataset.rejected.get(split, []) + [r for e in entries for r in e["rejected"]],
-            "converted": [c for e in entries for c in e["converted"]],
-            "skipped": dataset.skipped.get(split, []),
-            "image_size": merge_size_ranges([e["image_size"] for e in entries]),
-        }
+            rejected=[Noted(**r) for r in dataset.rejected.get(split, [])] + [r for e in entries for r in e.rejected],
+            converted=[c for e in entries for c in e.converted],
+            skipped=[Noted(**r) for r in dataset.skipped.get(split, [])],
+            image_size=merge_size_ranges([e.image_size for e in entries]),
+        )
     train = [results[job.name] for job in jobs if job.split == "train"]
-    num_images = sum(e["num_samples"] for e in train)
-    sums = [sum(e["channel_mean_sums"][c] for e in train) for c in range(3)]
-    out: dict[str, Any] = {"schema": SCHEMA, "source": dataset.source, "classes": dataset.classes}
+    num_images = sum(e.num_samples for e in train)
+    sums = [sum(e.channel_mean_sums[c] for e in train) for c in range(3)]
     # The paper subtracts the training set's mean; this is its per-channel form, in [0, 1]
     # units, with every image weighing the same whatever its size or format.
-    out["mean"] = [round(s / num_images / 255, 6) for s in sums] if num_images else [0.0, 0.0, 0.0]
-    if dataset.class_names:
-        out["class_names"] = dataset.class_names
-    out.update(dataset.notes)
-    out["splits"] = splits
-    return out
+    mean = [round(s / num_images / 255, 6) for s in sums] if num_images else [0.0, 0.0, 0.0]
+    notes = {"class_names": dataset.class_names} if dataset.class_names else {}
+    return Manifest(source=dataset.source, classes=dataset.classes, mean=mean, splits=splits, **notes, **dataset.notes)
 
 
-def check_rejects(manifest_: dict[str, Any], max_fraction: float) -> None:
-    for split, info in manifest_["splits"].items():
-        seen = info["num_samples"] + len(info["rejected"])
+def check_rejects(manifest_: Manifest, max_fraction: float) -> None:
+    for split, info in manifest_.splits.items():
+        seen = info.num_samples + len(info.rejected)
         if seen == 0:
             raise UsageError(f"{split}: the data set has no {split} images")
-        fraction = len(info["rejected"]) / seen
+        fraction = len(info.rejected) / seen
         if fraction > max_fraction:
-            first = info["rejected"][0]
+            first = info.rejected[0]
             raise UsageError(
-                f"{split}: {len(info['rejected'])} of {seen} inputs rejected ({fraction:.2%} > "
-                f"shard.max_reject_fraction {max_fraction:.2%}); first: {first['source']}: {first['reason']}"
+                f"{split}: {len(info.rejected)} of {seen} inputs rejected ({fraction:.2%} > "
+                f"shard.max_reject_fraction {max_fraction:.2%}); first: {first.source}: {first.reason}"
             )
 
 
@@ -320,7 +323,7 @@ def remove_stale(staging: Path, jobs: Iterable[ShardJob]) -> None:
             path.unlink()
 
 
-def shard(params: Params) -> dict[str, Any]:
+def shard(params: Params) -> Manifest:
     """The stage. It replaces `paths.shards` (through a link, where it points) and works in
     `<paths.shards>.partial` beside it, under the lock `<paths.shards>.lock`, and refuses both
     folders unless they hold nothing but what it writes. Ctrl-C or SIGTERM: exit code 130."""
@@ -338,7 +341,7 @@ def shard(params: Params) -> dict[str, Any]:
             results = run_jobs(jobs, staging, params.shard.workers)
             result = manifest(dataset, jobs, results)
             check_rejects(result, params.shard.max_reject_fraction)
-            files.write_json_atomic(staging / MANIFEST, result)
+            artifacts.write(staging / MANIFEST, result)
             publish(staging, out)
     except KeyboardInterrupt as e:
         # One line and the shell's code for Ctrl-C (128 + SIGINT), not a traceback per process.
@@ -350,10 +353,10 @@ def shard(params: Params) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     params = cli.parse("shard", "Shard a raw data set into WebDataset tars.", argv)
     result = shard(params)
-    for split, info in result["splits"].items():
+    for split, info in result.splits.items():
         print(
-            f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards, "
-            f"{len(info['rejected'])} rejected, {len(info['converted'])} converted"
+            f"{split}: {info.num_samples} samples in {len(info.shards)} shards, "
+            f"{len(info.rejected)} rejected, {len(info.converted)} converted"
         )
     print(f"wrote {Path(params.paths.shards) / MANIFEST}")
 

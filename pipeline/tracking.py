@@ -18,7 +18,7 @@ import urllib.parse
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import mlflow
 import requests
@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient  # only here: everything else asks a Store
@@ -38,6 +38,7 @@ from pipeline.errors import TrackingUnavailable
 from pipeline.files import open_url, project_path
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
+from pipeline.records import METRIC, EpochMetrics
 
 T = TypeVar("T")
 
@@ -287,7 +288,7 @@ def experiment_id(store: Store, name: str) -> str:
         return experiment.experiment_id
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -346,7 +347,7 @@ def start_or_resume_run(
     store: Store,
     params: Params,
     run_name: str,
-    extra_params: dict[str, Any],
+    extra_params: dict[str, str | int],
     commit: str,
     source: str,
     parent_run_id: str | None = None,
@@ -396,7 +397,7 @@ def log_shards_input(store: Store, run_id: str, shards: str, manifest_sha: str, 
         location = resolve_dataset_source(shards)
     dataset = MetaDataset(location, name=f"{source}-shards", digest=manifest_sha[:MAX_DATASET_DIGEST_SIZE])
     context = InputTag(MLFLOW_DATASET_CONTEXT, "training")
-    store.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
+    store.log_inputs(run_id, [DatasetInput(Dataset(**dataset.to_dict()), [context])])
 
 
 def epoch_metrics(epoch: int, metrics: dict[str, float], timestamp_ms: int) -> list[Metric]:
@@ -439,8 +440,8 @@ class RunWriter:
 
     STOP = None
 
-    def __init__(self, store: Store, run_id: str, key: str, tags: dict[str, str], system_metrics: bool = True):
-        self.store, self.run_id, self.key = store, run_id, key
+    def __init__(self, store: Store, run_id: str, tags: dict[str, str], system_metrics: bool = True):
+        self.store, self.run_id = store, run_id
         self.pending: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
         self.closing = threading.Event()
         self.unwritten: list[int] = []
@@ -448,8 +449,8 @@ class RunWriter:
         self.thread = threading.Thread(target=self._write, args=(tags, system_metrics), daemon=True, name="mlflow-writer")
         self.thread.start()
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.pending.put((epoch, epoch_metrics(epoch, metrics, int(time.time() * 1000))))
+    def log_epoch(self, metrics: EpochMetrics) -> None:
+        self.pending.put((metrics.epoch, epoch_metrics(metrics.epoch, metrics.model_dump(), int(time.time() * 1000))))
 
     def waiting(self) -> int:
         """Epochs queued and not yet written: more than one while the store is away."""
@@ -467,7 +468,7 @@ class RunWriter:
 
     def _write(self, tags: dict[str, str], system_metrics: bool) -> None:
         try:
-            logged = {m.step for m in self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, self.key)}
+            logged = {m.step for m in self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, METRIC)}
             self.store.call_while(self._keep_trying, self.store.update_run, self.run_id, status="RUNNING")
             tags_logged = [RunTag(k, str(v)) for k, v in tags.items()]
             self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, tags=tags_logged)

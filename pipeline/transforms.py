@@ -41,7 +41,6 @@ TRAIN_SHORT_SIDE = (256, 480)
 CROP = 224
 TEST_SHORT_SIDE = 256
 
-jpegcrop.set_max_pixels(MAX_PIXELS)
 
 # AlexNet's PCA lighting noise: the eigen-decomposition of ImageNet's RGB covariance (pixels in
 # [0, 1]), as published with fb.resnet.torch.
@@ -65,7 +64,7 @@ def randint(low: int, high: int) -> int:
 def decode(jpeg: bytes) -> Tensor:
     """The whole JPEG as uint8 (H, W, 3) RGB."""
     width, height = jpegcrop.size(jpeg)
-    return torch.frombuffer(jpegcrop.decode(jpeg, 0, 0, width, height, 1), dtype=torch.uint8).view(height, width, 3)
+    return torch.frombuffer(jpegcrop.decode(jpeg, 0, 0, width, height, 1, MAX_PIXELS), dtype=torch.uint8).view(height, width, 3)
 
 
 def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tuple[int, int]) -> Tensor:
@@ -87,7 +86,7 @@ def decode_resized(jpeg: bytes, image_size: tuple[int, int], box: Box, size: tup
     y0 = min(round(top / scale_denom), scaled_height - 1)
     x1 = max(min(round(right / scale_denom), scaled_width), x0 + 1)
     y1 = max(min(round(bottom / scale_denom), scaled_height), y0 + 1)
-    region = jpegcrop.decode(jpeg, x0, y0, x1 - x0, y1 - y0, scale_denom)
+    region = jpegcrop.decode(jpeg, x0, y0, x1 - x0, y1 - y0, scale_denom, MAX_PIXELS)
     pixels = torch.frombuffer(region, dtype=torch.uint8).view(y1 - y0, x1 - x0, 3)
     if (x1 - x0, y1 - y0) == tuple(size):
         return pixels

@@ -4,43 +4,48 @@ plain-vs-residual comparisons), each trial a full distributed TorchTrainer run.
     python -m pipeline.tune [--params params.yaml] [--set tune.depths=[20]] ...
 
 The pattern of Ray's train_tune_interop example: a driver function per trial builds and fits a
-TorchTrainer whose Train RunConfig carries `TuneReportCallback`; the Train run's name derives
-from the trial id, so a resumed sweep resumes each trial's own checkpoints. MLflow gets a
+TorchTrainer whose Train RunConfig carries `TuneReportCallback`; the Train run is named after
+the sweep and the trial (`records.Trial`), so a resumed sweep resumes each trial's own checkpoints. MLflow gets a
 parent run for the sweep and one nested child run per trial. Rerunning an interrupted sweep
 (same `tune.name`, by default derived from the config) restores it with `Tuner.restore`.
-Writes `${paths.reports}/sweep.json`: one record per trial.
+Writes `${paths.reports}/sweep.json` (`records.Sweep`): one record per trial.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.tune
+from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-import resnet
-from pipeline import checkpoints, cli, driver, tracking
-from pipeline.files import ray_storage, write_json_atomic
-from pipeline.manifest import read_manifest
+from pipeline import artifacts, checkpoints, cli, driver, tracking
+from pipeline.files import ray_storage
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import EXECUTION_KEYS, Params, check_sweep
 from pipeline.records import (
     METRIC,
     TABLE_COLUMNS,
+    EpochMetrics,
+    FailedTrial,
+    RunFacts,
+    Sweep,
+    Trial,
+    TrialRecord,
     best_epoch,
     epochs_of,
-    failed_record,
     in_sweep_order,
     sweep_finished,
     table_row,
     trial_record,
-    val_rank,
 )
 from resnet.summary import count_params
 
@@ -55,17 +60,14 @@ class EpochLines(ray.tune.Callback):
     config boxes are off (verbose=0) and the trials' workers print nothing; Ray's logs and
     MLflow keep the detail."""
 
-    def __init__(self, arch: str, epochs: int):
-        self.arch, self.epochs = arch, epochs
-
-    def label(self, trial) -> str:
-        return trial_label(self.arch, trial.config["depth"], trial.config["shortcut"])
+    def __init__(self, epochs: int):
+        self.epochs = epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if METRIC not in result:
             return
         print(
-            f"{self.label(trial):<22} epoch {int(result['epoch']) + 1}/{self.epochs}"
+            f"{trial_of(trial.config)[0].label:<14} epoch {int(result['epoch']) + 1}/{self.epochs}"
             f"  train err {result['train_top1_error']:7.2%}  val err {result[METRIC]:7.2%}"
             f"  {result['images_per_s']:5.0f} img/s"
             + (f"  (MLflow away: {result['mlflow_waiting']} epochs wait)" if result.get("mlflow_waiting") else ""),
@@ -73,7 +75,7 @@ class EpochLines(ray.tune.Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        print(f"{self.label(trial):<22} failed; its traceback: {trial.error_file}", flush=True)
+        print(f"{trial_of(trial.config)[0].label:<14} failed; its traceback: {trial.error_file}", flush=True)
 
 
 class TrialTimes(ray.tune.Callback):
@@ -82,7 +84,7 @@ class TrialTimes(ray.tune.Callback):
     in the epochs it reported (`epoch_time_s`: training and val): its MLflow run, the Train
     controller's and workers' processes starting and importing, checkpoints, Tune. (Tune starts
     the clock once the trial's own process is up: the first trials' fresh processes have spent
-    about 4 s starting and importing by then; the others reuse theirs.) Logged to the trial's
+    seconds starting and importing by then; the others reuse theirs.) Logged to the trial's
     MLflow run, where the sweep's records read them. A trial that a rerun resumes is timed from
     its resumption, against the epochs it ran since."""
 
@@ -105,7 +107,7 @@ class TrialTimes(ray.tune.Callback):
         started, epoch_seconds = self.running.pop(trial.trial_id)
         wall = self.clock() - started
         try:
-            run_id = tracking.find_run(self.store, self.experiment, f"{self.sweep}-{trial.trial_id}")
+            run_id = tracking.find_run(self.store, self.experiment, trial_of(trial.config)[0].run_name(self.sweep))
         except tracking.TrackingUnavailable:
             return  # the time is a record, not a result: the sweep goes on without it
         if run_id:
@@ -117,50 +119,64 @@ class SweepInterrupted(Exception):
     pass
 
 
-def trial_params(base: dict[str, Any], depth: int, shortcut: str, run_name: str) -> Params:
-    params = Params.model_validate(base)
-    model = params.model.model_copy(update={"depth": depth, "shortcut": shortcut})
+class SweepSetup(BaseModel):
+    """What every trial of a sweep is given beside its grid point (Tune's config: `sweep` in it)."""
+
+    model_config = ConfigDict(frozen=True)
+    params: Params
+    sweep: str
+    tracking_uri: str
+    parent_run_id: str
+    manifest_sha256: str
+    data_source: str
+    git_commit: str
+    num_classes: int
+
+
+def trial_params(params: Params, trial: Trial, run_name: str) -> Params:
+    model = params.model.model_copy(update={"depth": trial.depth, "shortcut": trial.shortcut})
     train = params.train.model_copy(update={"run_name": run_name})
     return params.model_copy(update={"model": model, "train": train})
 
 
-def trial_label(arch: str, depth: int, shortcut: str) -> str:
-    """A trial's name for people: its MLflow run name and its console lines."""
-    return f"{resnet.model_name(arch, depth)}-{shortcut}"
+def trial_of(config: dict[str, Any]) -> tuple[Trial, SweepSetup]:
+    """The trial a Tune config is for, and its sweep's setup."""
+    setup = SweepSetup.model_validate(config["sweep"])
+    return Trial(setup.params.model.arch, config["depth"], config["shortcut"]), setup
 
 
-def open_trial_run(config: dict[str, Any], trial_id: str) -> tuple[Params, tracking.Store, str]:
+def open_trial_run(trial: Trial, setup: SweepSetup) -> tuple[Params, tracking.Store, str]:
     """A trial's params and its MLflow child run, found again on a retry or a resumed sweep.
     Every trial of a sweep does this at once: nothing here creates a record that another trial
     could be creating too (the sweep made the experiment and the dataset first)."""
-    run_name = f"{config['sweep']}-{trial_id}"
-    params = trial_params(config["params"], config["depth"], config["shortcut"], run_name)
-    store = tracking.Store(config["tracking_uri"], params.mlflow.retry_seconds)
-    num_params = count_params(checkpoints.build_model(params, config["num_classes"]))
+    run_name = trial.run_name(setup.sweep)
+    params = trial_params(setup.params, trial, run_name)
+    store = tracking.Store(setup.tracking_uri, params.mlflow.retry_seconds)
+    num_params = count_params(checkpoints.build_model(params, setup.num_classes))
     run_id = tracking.start_or_resume_run(
         store,
         params,
         run_name,
-        {"num_params": num_params, "manifest_sha256": config["manifest_sha256"], "trial_id": trial_id},
-        commit=config["git_commit"],
+        {"num_params": num_params, "manifest_sha256": setup.manifest_sha256},
+        commit=setup.git_commit,
         source="pipeline.tune",
-        parent_run_id=config["parent_run_id"],
-        display_name=trial_label(params.model.arch, config["depth"], config["shortcut"]),
+        parent_run_id=setup.parent_run_id,
+        display_name=trial.label,
         omit=TRIAL_OMITS,
     )
-    tracking.log_shards_input(store, run_id, params.paths.shards, config["manifest_sha256"], config["data_source"])
+    tracking.log_shards_input(store, run_id, params.paths.shards, setup.manifest_sha256, setup.data_source)
     return params, store, run_id
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
-    params, store, run_id = open_trial_run(config, ray.tune.get_context().get_trial_id())
-    run_name = params.train.run_name
+    params, store, run_id = open_trial_run(*trial_of(config))
     result = driver.fit(
-        params, run_name, run_id, store.uri, log_model=False, callbacks=[TuneReportCallback()], say_epochs=False
-    )
-    # The epoch sweep.json calls best: lowest val error, then lowest val loss (the registry's order).
-    kept = [(val_rank(metrics[METRIC], metrics.get("val_loss")), c) for c, metrics in result.best_checkpoints]
+        params, params.train.run_name, run_id, store.uri, callbacks=[TuneReportCallback()],
+        say_epochs=False,
+    )  # fmt: skip
+    # The epoch sweep.json calls best (`records.best_epoch`): its checkpoint is the trial's model.
+    kept = [(EpochMetrics.model_validate(metrics).rank, c) for c, metrics in result.best_checkpoints]
     best = min(kept, key=lambda k: k[0])[1] if kept else result.checkpoint
     try:
         store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
@@ -175,13 +191,13 @@ def complete_trial_run(store: tracking.Store, run_id: str, history: list[dict[st
     `mlflow.retry_seconds` as it ended (or of one a scheduler stopped). Ray Train always keeps a
     run's latest checkpoint, whose history holds every epoch, and its best (`history`: Tune's
     rows for the trial, each epoch's with the path of its checkpoint)."""
-    paths = {int(row["epoch"]): row["checkpoint_path"] for row in history if row.get("checkpoint_path")}
+    paths = {int(row["epoch"]): row["checkpoint_path"] for row in history if isinstance(row.get("checkpoint_path"), str)}
     uri = {epoch: checkpoints.checkpoint_uri(Checkpoint(path, filesystem)) for epoch, path in paths.items()}
-    epochs = checkpoints.load(uri[max(uri)])["history"]
-    best = int(best_epoch(epochs_of(epochs))["epoch"])
-    writer = tracking.RunWriter(store, run_id, METRIC, {"best_checkpoint": uri[best]}, system_metrics=False)
+    epochs = checkpoints.load(uri[max(uri)]).history
+    best = best_epoch(epochs_of(epochs)).epoch
+    writer = tracking.RunWriter(store, run_id, {"best_checkpoint": uri[best]}, system_metrics=False)
     for entry in epochs:
-        writer.log_epoch(int(entry["epoch"]), entry)
+        writer.log_epoch(entry)
     if unwritten := writer.close():
         raise tracking.TrackingUnavailable(
             f"MLflow at {tracking.redacted(store.uri)} did not take epochs {tracking.ranges(unwritten)} of run {run_id}"
@@ -212,34 +228,32 @@ def concurrent_trials(params: Params) -> int:
 
 
 def records(
-    grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experiment: str, epochs: int, filesystem: Any
-) -> list[dict[str, Any]]:
-    """reports/sweep.json's records (pipeline.records), from Tune's results and each trial's
-    MLflow run, first completing any run its trial could not (`complete_trial_run`)."""
-    out = []
+    grid: ray.tune.ResultGrid, sweep: str, store: tracking.Store, experiment: str, planned_epochs: int, filesystem: Any
+) -> list[TrialRecord | FailedTrial]:
+    """sweep.json's records, from Tune's results and each trial's MLflow run, first completing
+    any run its trial could not (`complete_trial_run`)."""
+    out: list[TrialRecord | FailedTrial] = []
     for result in grid:
-        config, history = result.config, result.metrics_dataframe
+        (trial, _), history = trial_of(result.config), result.metrics_dataframe
         if result.error or history is None or METRIC not in history:
-            cause = (
-                tracking.one_line(getattr(result.error, "cause", None) or result.error) if result.error else "no epoch"
-            )
-            out.append(failed_record(config["depth"], config["shortcut"], cause, f"{result.path}/error.txt"))
+            cause = tracking.one_line(getattr(result.error, "cause", None) or result.error) if result.error else "no epoch"
+            out.append(FailedTrial(**vars(trial), error=cause, error_file=f"{result.path}/error.txt"))
             continue
-        run_id = tracking.find_run(store, experiment, f"{sweep}-{result.metrics['trial_id']}")
-        rows = history.astype(object).where(history.notna(), None).to_dict("records")
+        run_id = tracking.find_run(store, experiment, trial.run_name(sweep))
+        rows = history.to_dict("records")  # Tune's rows: a value a row lacks is NaN
+        epochs = [EpochMetrics.model_validate(row) for row in rows if not math.isnan(row[METRIC])]
         run = store.get_run(run_id)
-        written = store.get_metric_history(run_id, METRIC)
-        if run.info.status != "FINISHED" or len(written) < len(epochs_of(rows)):
+        if run.info.status != "FINISHED" or len(store.get_metric_history(run_id, METRIC)) < len(epochs_of(epochs)):
             complete_trial_run(store, run_id, rows, filesystem)
             run = store.get_run(run_id)
-        about_run = {
-            "num_params": int(run.data.params["num_params"]),
-            "wall_time_s": float(run.data.metrics.get("wall_time_s", float("nan"))),
-            "overhead_s": float(run.data.metrics.get("overhead_s", float("nan"))),
-            "checkpoint": run.data.tags.get("best_checkpoint"),
-            "mlflow_run_id": run.info.run_id,
-        }
-        out.append(trial_record(config["depth"], config["shortcut"], rows, epochs, about_run))
+        facts = RunFacts(
+            num_params=int(run.data.params["num_params"]),
+            wall_time_s=run.data.metrics.get("wall_time_s"),  # TrialTimes: best effort
+            overhead_s=run.data.metrics.get("overhead_s"),
+            checkpoint=run.data.tags["best_checkpoint"],
+            mlflow_run_id=run.info.run_id,
+        )
+        out.append(trial_record(trial, epochs, planned_epochs, facts))
     return in_sweep_order(out)
 
 
@@ -252,7 +266,7 @@ def finished(grid: ray.tune.ResultGrid, params: Params) -> bool:
 
 
 def new_or_restored_tuner(
-    params: Params, name: str, trial_config: dict[str, Any], store: tracking.Store, experiment: str
+    params: Params, name: str, setup: SweepSetup, store: tracking.Store, experiment: str
 ) -> ray.tune.Tuner:
     """The grid's Tuner; the saved one when a sweep of this name was interrupted (with the
     callbacks it was made with)."""
@@ -275,7 +289,7 @@ def new_or_restored_tuner(
         param_space={
             "depth": ray.tune.grid_search(params.tune.depths),
             "shortcut": ray.tune.grid_search(params.tune.shortcuts),
-            **trial_config,
+            "sweep": setup.model_dump(mode="json"),
         },
         tune_config=ray.tune.TuneConfig(
             metric=METRIC,
@@ -283,7 +297,7 @@ def new_or_restored_tuner(
             scheduler=scheduler,
             max_concurrent_trials=concurrent_trials(params),
             # A trial that waits for a slot runs in the process of the trial that freed it, which
-            # has imported torch, MLflow and Ray Train already (3-4 s a trial on 2 cores). Not
+            # has imported torch, MLflow and Ray Train already (seconds a trial: BENCHMARKS.md). Not
             # after a scheduler stops a trial: its process is still inside TorchTrainer.fit and
             # cannot be reset, so Tune would fail the next trial it hands that process.
             reuse_actors=scheduler is None,
@@ -296,57 +310,49 @@ def new_or_restored_tuner(
             # A failed trial is started again; its Train run resumes from its latest checkpoint.
             failure_config=ray.tune.FailureConfig(max_failures=params.tune.max_failures),
             callbacks=[
-                EpochLines(params.model.arch, params.train.epochs),
+                EpochLines(params.train.epochs),
                 TrialTimes(store, experiment, name),
             ],
         ),
     )
 
 
-def open_sweep_run(
-    params: Params, manifest: dict[str, Any], manifest_sha: str, name: str
-) -> tuple[tracking.Store, dict[str, Any]]:
+def open_sweep_run(params: Params, manifest: Manifest, manifest_sha: str, name: str) -> tuple[tracking.Store, SweepSetup]:
     """The sweep's MLflow parent run, and the config every trial gets (`open_trial_run`). The
     records the trials would all make at once are made here, first: the experiment (with the
     parent run) and the shards' dataset."""
     store = tracking.store(params)
     commit = tracking.git_commit()
     parent = tracking.start_or_resume_run(
-        store,
-        params,
-        name,
-        {"manifest_sha256": manifest_sha, "sweep": name},
-        commit=commit,
-        source="pipeline.tune",
-        omit=SWEEP_OMITS,
+        store, params, name, {"manifest_sha256": manifest_sha, "sweep": name}, commit=commit, source="pipeline.tune", omit=SWEEP_OMITS
     )
-    tracking.log_shards_input(store, parent, params.paths.shards, manifest_sha, manifest["source"])
-    trial_config = {
-        "params": params.model_dump(mode="json"),
-        "sweep": name,
-        "tracking_uri": store.uri,
-        "parent_run_id": parent,
-        "manifest_sha256": manifest_sha,
-        "data_source": manifest["source"],
-        "git_commit": commit,
-        "num_classes": len(manifest["classes"]),
-    }
-    return store, trial_config
+    tracking.log_shards_input(store, parent, params.paths.shards, manifest_sha, manifest.source)
+    setup = SweepSetup(
+        params=params,
+        sweep=name,
+        tracking_uri=store.uri,
+        parent_run_id=parent,
+        manifest_sha256=manifest_sha,
+        data_source=manifest.source,
+        git_commit=commit,
+        num_classes=len(manifest.classes),
+    )
+    return store, setup
 
 
-def sweep(params: Params) -> dict[str, Any]:
+def sweep(params: Params) -> Sweep:
     check_sweep(params)
     params = driver.absolute_paths(params)
     manifest = read_manifest(params.paths.shards)
     driver.preflight(params, manifest)  # every trial shares what it checks: only depth and shortcut vary
     manifest_sha = tracking.manifest_sha256(params.paths.shards)
     name = params.tune.name or sweep_name(params, manifest_sha)
-    store, trial_config = open_sweep_run(params, manifest, manifest_sha, name)
-    parent = trial_config["parent_run_id"]
+    store, setup = open_sweep_run(params, manifest, manifest_sha, name)
+    parent = setup.parent_run_id
     print(f"sweep {name}: MLflow run {parent} at {tracking.redacted(store.uri)}", flush=True)
     driver.ray_init()
     experiment = store.get_run(parent).info.experiment_id
-    tuner = new_or_restored_tuner(params, name, trial_config, store, experiment)
+    tuner = new_or_restored_tuner(params, name, setup, store, experiment)
     grid = tuner.fit()
     if not finished(grid, params):
         # Ctrl-C or a lost driver: Tune saved its state; a table of half a sweep would look done.
@@ -354,10 +360,10 @@ def sweep(params: Params) -> dict[str, Any]:
     _, filesystem = ray_storage(driver.absolute(params.paths.ray_storage))
     table = records(grid, name, store, experiment, params.train.epochs, filesystem)
     store.set_terminated(parent, "FINISHED")
-    return {"name": name, "mlflow_run_id": parent, "trials": table}
+    return Sweep(name=name, mlflow_run_id=parent, trials=table)
 
 
-def format_table(trials: list[dict[str, Any]]) -> str:
+def format_table(trials: list[TrialRecord | FailedTrial]) -> str:
     """The sweep's table for the console: columns aligned, a failed trial's cause and the file
     with its traceback."""
     rows = [list(TABLE_COLUMNS), *map(table_row, trials)]
@@ -365,8 +371,8 @@ def format_table(trials: list[dict[str, Any]]) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     for line, trial in zip(range(2, len(lines)), trials, strict=True):
-        if "error" in trial:
-            lines[line] = f"{lines[line].rstrip()}: {trial['error']} (traceback: {trial.get('error_file')})"
+        if isinstance(trial, FailedTrial):
+            lines[line] = f"{lines[line].rstrip()}: {trial.error} (traceback: {trial.error_file})"
     return "\n".join(lines)
 
 
@@ -376,15 +382,14 @@ def main(argv: list[str] | None = None) -> None:
         result = sweep(params)
     except SweepInterrupted as e:
         raise SystemExit(str(e)) from None
-    out = Path(params.paths.reports) / "sweep.json"
-    write_json_atomic(out, result["trials"])
-    print(format_table(result["trials"]))
+    out = Path(params.paths.reports) / Sweep.FILE
+    artifacts.write(out, result)
+    print(format_table(result.trials))
     print(f"wrote {out}")
-    failed = [t for t in result["trials"] if "error" in t]
-    if failed:
-        names = ", ".join(trial_label(params.model.arch, t["depth"], t["shortcut"]) for t in failed)
+    if result.failed:
+        names = ", ".join(t.trial.label for t in result.failed)
         raise SystemExit(
-            f"{len(failed)} of {len(result['trials'])} trials failed ({names}); rerun the same command to retry them"
+            f"{len(result.failed)} of {len(result.trials)} trials failed ({names}); rerun the same command to retry them"
         )
 
 

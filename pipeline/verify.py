@@ -21,7 +21,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -30,7 +29,7 @@ import jpegcrop
 from pipeline import cli
 from pipeline.files import open_url, sha256_of, url_to_fs, write_json_atomic
 from pipeline.images import MAX_PIXELS
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import Params
 from pipeline.tars import member_refusal
 
@@ -122,50 +121,54 @@ def readable_copy(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
         yield local
 
 
-def verify(shards: str | Path, manifest: dict[str, Any]) -> list[str]:
+def verify(shards: str | Path, manifest: Manifest) -> list[str]:
     """Every problem of the shards under `shards` (a folder or a URL), one line each."""
     fs, root = url_to_fs(str(shards))
+    # fsspec shares one filesystem object per store within a process, with the listings it has
+    # seen: a check reads the store as it is now.
+    fs.invalidate_cache()
     base = location(shards)
     problems = []
-    num_classes = len(manifest["classes"])
-    for split, info in manifest["splits"].items():
+    num_classes = len(manifest.classes)
+    for split, info in manifest.splits.items():
         total = 0
-        for entry in info["shards"]:
-            path = f"{base}/{entry['name']}"
-            size = file_size(fs, f"{root}/{entry['name']}")
+        for entry in info.shards:
+            path = f"{base}/{entry.name}"
+            size = file_size(fs, f"{root}/{entry.name}")
             if size is None:
                 problems.append(f"{path}: missing")
                 continue
-            if size != entry["bytes"]:
-                problems.append(f"{path}: {size} bytes, manifest says {entry['bytes']}")
-            with readable_copy(fs, f"{root}/{entry['name']}") as local:
-                if sha256_of(local) != entry["sha256"]:
+            if size != entry.bytes:
+                problems.append(f"{path}: {size} bytes, manifest says {entry.bytes}")
+            with readable_copy(fs, f"{root}/{entry.name}") as local:
+                if sha256_of(local) != entry.sha256:
                     problems.append(f"{path}: sha256 differs from the manifest")
                 # Its samples are checked all the same: nothing the loader would refuse is read,
                 # and the lines say what is wrong beyond "differs".
                 count, sample_problems = check_samples(local, num_classes, name=path)
             problems += sample_problems
-            if count != entry["num_samples"]:
-                problems.append(f"{path}: {count} samples, manifest says {entry['num_samples']}")
-            total += entry["num_samples"]
-        if total != info["num_samples"]:
-            problems.append(f"{split}: shards hold {total} samples, manifest says {info['num_samples']}")
-    listed = {entry["name"] for info in manifest["splits"].values() for entry in info["shards"]}
+            if count != entry.num_samples:
+                problems.append(f"{path}: {count} samples, manifest says {entry.num_samples}")
+            total += entry.num_samples
+        if total != info.num_samples:
+            problems.append(f"{split}: shards hold {total} samples, manifest says {info.num_samples}")
+    listed = {entry.name for info in manifest.splits.values() for entry in info.shards}
     for name in stored_shards(fs, root):
         if name not in listed:
             problems.append(f"{base}/{name}: a shard the manifest does not list")
     return problems
 
 
-def shard_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+def shard_metrics(manifest: Manifest) -> dict[str, dict[str, int]]:
+    """metrics/shards.json, a DVC metric: each split's counts."""
     return {
         split: {
-            "num_samples": info["num_samples"],
-            "num_shards": len(info["shards"]),
-            "rejected": len(info["rejected"]),
-            "converted": len(info["converted"]),
+            "num_samples": info.num_samples,
+            "num_shards": len(info.shards),
+            "rejected": len(info.rejected),
+            "converted": len(info.converted),
         }
-        for split, info in manifest["splits"].items()
+        for split, info in manifest.splits.items()
     }
 
 

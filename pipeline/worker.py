@@ -10,6 +10,7 @@ dies (`train.max_failures`), continues from the latest checkpoint; per-epoch see
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import tempfile
@@ -20,20 +21,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import mlflow
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
-from ray.train.v2._internal.execution import context as train_context
 
-from pipeline import checkpoints, loader, recipe, serving, tracking, transforms
-from pipeline.manifest import read_manifest
+from pipeline import checkpoints, loader, recipe, tracking, transforms
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import Params
-from pipeline.records import CHECKPOINT_SCORE, METRIC, val_rank_score
+from pipeline.records import CHECKPOINT_SCORE, EpochMetrics, val_rank_score
 from pipeline.scoring import score
 
 
@@ -84,14 +84,30 @@ def run_epoch(
     return loss_sum, errors, seen
 
 
+RAY_TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
 def quiet_worker_logs() -> None:
     """Keep the console to the epoch lines; Ray's log files keep everything."""
-    # Ray Train logs every `ray.train.report` at INFO, a whole TrainingReport a line, under a
-    # logger named by its file's path: outside "ray.train", so LoggingConfig's level misses it.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray Train (2.60) logs every `ray.train.report` at INFO, a whole TrainingReport a line, under
+    # a logger named by its source file's path: outside "ray.train", so LoggingConfig's level
+    # misses it, and no public API names it. The module's spec gives the path without importing it.
+    spec = importlib.util.find_spec(RAY_TRAIN_REPORT_LOGGER_MODULE)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
     # MLflow's system-metrics monitor says at INFO when it starts, stops, and that it skips GPUs,
     # and warns at every sample it cannot send while the store is away (the outage has its lines).
     logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+
+
+class RunSetup(BaseModel):
+    """What every rank is given (`pipeline.driver.fit`): the run's params, and where it records."""
+
+    model_config = ConfigDict(frozen=True)
+    params: Params
+    mlflow_run_id: str
+    tracking_uri: str
+    say_epochs: bool  # False in a sweep: its driver prints one line per trial-epoch
 
 
 @dataclass
@@ -99,16 +115,16 @@ class RankState:
     """One rank's part of a run: what it trains, on what, and what it has done so far."""
 
     params: Params
-    config: dict[str, Any]
+    setup: RunSetup
     rank: int
     world_size: int
     device: torch.device
-    manifest: dict[str, Any]
+    manifest: Manifest
     net: torch.nn.Module  # the bare net: its weights are what checkpoints and models hold
     model: torch.nn.Module  # what trains: the net in DDP, perhaps compiled
     optimizer: torch.optim.Optimizer
     schedule: recipe.Schedule
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[EpochMetrics] = field(default_factory=list)
     start_epoch: int = 0
     writer: tracking.RunWriter | None = None  # rank 0's
 
@@ -117,15 +133,15 @@ class RankState:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
 
-def set_up(config: dict[str, Any]) -> RankState:
+def set_up(setup: RunSetup) -> RankState:
     """The net (the same initial weights on every rank), its DDP wrapper and the optimizer."""
-    params = Params.model_validate(config["params"])
+    params = setup.params
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     torch.set_num_threads(params.train.cpus_per_worker)
     manifest = read_manifest(params.paths.shards)
     torch.manual_seed(params.train.seed)
-    net = checkpoints.build_model(params, len(manifest["classes"]))
+    net = checkpoints.build_model(params, len(manifest.classes))
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(net)  # moves to the device, wraps in DDP
@@ -138,7 +154,7 @@ def set_up(config: dict[str, Any]) -> RankState:
         weight_decay=params.train.weight_decay,
     )
     return RankState(
-        params, config, context.get_world_rank(), context.get_world_size(), device, manifest, net, model, optimizer,
+        params, setup, context.get_world_rank(), context.get_world_size(), device, manifest, net, model, optimizer,
         recipe.schedule(params),
     )  # fmt: skip
 
@@ -150,10 +166,10 @@ def restore(state: RankState) -> None:
         return
     with checkpoint.as_directory() as directory:
         saved = checkpoints.load(directory)
-    state.net.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.schedule.load_state_dict(saved["schedule"])
-    state.history, state.start_epoch = saved["history"], saved["epoch"] + 1
+    state.net.load_state_dict(saved.model)
+    state.optimizer.load_state_dict(saved.optimizer)
+    state.schedule.load_state_dict(saved.schedule)
+    state.history, state.start_epoch = saved.history, saved.epoch + 1
 
 
 def start_tracking(state: RankState) -> None:
@@ -168,29 +184,27 @@ def start_tracking(state: RankState) -> None:
         return
     # In a sweep the driver's epoch lines say when a trial's MLflow records wait (`mlflow_waiting`),
     # once for all trials, rather than every trial's worker saying so.
-    outage_lines = say if state.config["say_epochs"] else lambda line: None
-    store = tracking.Store(state.config["tracking_uri"], state.params.mlflow.retry_seconds, outage_lines)
+    outage_lines = say if state.setup.say_epochs else lambda line: None
+    store = tracking.Store(state.setup.tracking_uri, state.params.mlflow.retry_seconds, outage_lines)
     tags = {"ray.world_size": str(state.world_size), "ray.nodes": ",".join(sorted(set(nodes)))}
-    state.writer = tracking.RunWriter(store, state.config["mlflow_run_id"], METRIC, tags)
+    state.writer = tracking.RunWriter(store, state.setup.mlflow_run_id, tags)
     for entry in state.history:
-        state.writer.log_epoch(int(entry["epoch"]), entry)
+        state.writer.log_epoch(entry)
     if state.start_epoch:
         say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}")
 
 
-def finish_tracking(state: RankState) -> bool:
-    """Rank 0 waits for its writer; what MLflow still lacks is said, and left to a rerun. Whether
-    MLflow has every epoch."""
+def finish_tracking(state: RankState) -> None:
+    """Rank 0 waits for its writer; what MLflow still lacks is said, and left to a rerun."""
     if state.writer is None:
-        return True
+        return
     unwritten = state.writer.close()
     if unwritten:
         say(
-            f"MLflow lacks epochs {tracking.ranges(unwritten)} of run {state.config['mlflow_run_id']}: its store at "
+            f"MLflow lacks epochs {tracking.ranges(unwritten)} of run {state.setup.mlflow_run_id}: its store at "
             f"{tracking.redacted(state.writer.store.uri)} did not answer; the checkpoint keeps them, and rerunning the "
             "same command writes them"
         )
-    return not unwritten
 
 
 def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
@@ -210,10 +224,10 @@ def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
     )
 
 
-def train_epoch(state: RankState, epoch: int) -> dict[str, float]:
+def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
     """One epoch of training and the val scores, summed over the ranks."""
     torch.manual_seed(loader.epoch_seed(state.params.train.seed, epoch, state.rank))
-    mean = state.manifest["mean"]
+    mean = state.manifest.mean
     started = time.perf_counter()
     loss_sum, errors, seen = run_epoch(
         state.model, epoch_batches(state, "train", epoch), state.optimizer, state.device, mean,
@@ -224,83 +238,69 @@ def train_epoch(state: RankState, epoch: int) -> dict[str, float]:
     net = getattr(state.model, "module", state.model)
     val = score(net, epoch_batches(state, "val", epoch), state.device, mean, state.autocast)
     top1, top5, val_loss_sum, val_seen = all_reduce_sum(list(val), state.device)
-    return {
-        "epoch": epoch,
-        "train_loss": loss_sum / seen,
-        "train_top1_error": errors / seen,
-        "val_top1_error": top1 / val_seen,
-        "val_top5_error": top5 / val_seen,
-        "val_loss": val_loss_sum / val_seen,  # the registry's tie-break (pipeline.register)
-        "lr": state.schedule.lr(epoch),  # at the epoch's end, for the record
-        "images_per_s": seen / train_seconds,
-        "epoch_time_s": time.perf_counter() - started,
-    }
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=loss_sum / seen,
+        train_top1_error=errors / seen,
+        val_top1_error=top1 / val_seen,
+        val_top5_error=top5 / val_seen,
+        val_loss=val_loss_sum / val_seen,
+        lr=state.schedule.lr(epoch),
+        images_per_s=seen / train_seconds,
+        epoch_time_s=time.perf_counter() - started,
+    )
 
 
-def checkpoint_and_report(state: RankState, epoch: int, metrics: dict[str, float]) -> None:
+def checkpoint_and_report(state: RankState, metrics: EpochMetrics) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray Train waits for all of them)."""
     with tempfile.TemporaryDirectory() as directory:
         if state.rank == 0:
             checkpoints.save(
                 directory,
-                {
-                    "model_args": checkpoints.model_args(state.params, len(state.manifest["classes"])),
-                    "model": state.net.state_dict(),
-                    "optimizer": state.optimizer.state_dict(),
-                    "schedule": state.schedule.state_dict(),
-                    "epoch": epoch,
-                    "history": state.history,
-                    "mean": state.manifest["mean"],
-                },
+                checkpoints.CheckpointState(
+                    model_args=checkpoints.ModelArgs.of(state.params, len(state.manifest.classes)),
+                    model=state.net.state_dict(),
+                    optimizer=state.optimizer.state_dict(),
+                    schedule=state.schedule.state_dict(),
+                    epoch=metrics.epoch,
+                    history=state.history,
+                    mean=state.manifest.mean,
+                ),
             )
-        score = val_rank_score(metrics[METRIC], metrics["val_loss"])  # what Ray keeps checkpoints by
+        score = val_rank_score(metrics.val_top1_error, metrics.val_loss)  # what Ray keeps checkpoints by
         checkpoint = Checkpoint.from_directory(directory) if state.rank == 0 else None
         waiting = state.writer.waiting() if state.writer else 0  # rank 0's counts: its report is the run's
-        ray.train.report({**metrics, CHECKPOINT_SCORE: score, "mlflow_waiting": waiting}, checkpoint=checkpoint)
+        ray.train.report({**metrics.model_dump(), CHECKPOINT_SCORE: score, "mlflow_waiting": waiting}, checkpoint=checkpoint)
 
 
-def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+def epoch_line(metrics: EpochMetrics, epochs: int) -> str:
     return (
-        f"epoch {int(metrics['epoch']) + 1}/{epochs}  lr {metrics['lr']:.4g}  train loss {metrics['train_loss']:.4f}"
-        f"  train err {metrics['train_top1_error']:.2%}  val err {metrics['val_top1_error']:.2%}"
-        f" (top-5 {metrics['val_top5_error']:.2%})  {metrics['images_per_s']:.0f} img/s"
-        f"  {metrics['epoch_time_s']:.1f} s"
+        f"epoch {metrics.epoch + 1}/{epochs}  lr {metrics.lr:.4g}  train loss {metrics.train_loss:.4f}"
+        f"  train err {metrics.train_top1_error:.2%}  val err {metrics.val_top1_error:.2%}"
+        f" (top-5 {metrics.val_top5_error:.2%})  {metrics.images_per_s:.0f} img/s  {metrics.epoch_time_s:.1f} s"
     )
 
 
-def log_final_model(state: RankState) -> None:
-    """The servable model (pipeline.serving) at the last epoch, once per run: a rerun of a
-    finished run trains nothing and logs nothing new (but the model, if the store was away
-    when the run ended)."""
-    if state.rank != 0 or not state.config["log_model"]:
-        return
-    store = state.writer.store
-    if tracking.has_logged_model(store, state.config["mlflow_run_id"]):
-        return
-    with store.call(mlflow.start_run, run_id=state.config["mlflow_run_id"]):
-        serving.log_run_model(store, state.net, state.params, state.manifest, step=state.params.train.epochs - 1)
-
-
 def train_loop(config: dict[str, Any]) -> None:
-    """The per-worker training function of the TorchTrainer (pipeline.driver.fit)."""
+    """The per-worker training function of the TorchTrainer (pipeline.driver.fit): its config is
+    a `RunSetup`, as Ray passes it, a dict."""
     quiet_worker_logs()
-    state = set_up(config)
+    state = set_up(RunSetup.model_validate(config))
     restore(state)
     start_tracking(state)
     epochs = state.params.train.epochs
     for epoch in range(state.start_epoch, epochs):
         metrics = train_epoch(state, epoch)
-        state.schedule.step(metrics["train_top1_error"], metrics["val_top1_error"])
+        state.schedule.step(metrics.train_top1_error, metrics.val_top1_error)
         state.history.append(metrics)
-        checkpoint_and_report(state, epoch, metrics)
+        checkpoint_and_report(state, metrics)
         if state.writer:
-            state.writer.log_epoch(epoch, metrics)
-        if state.rank == 0 and config["say_epochs"]:
+            state.writer.log_epoch(metrics)
+        if state.rank == 0 and state.setup.say_epochs:
             say(epoch_line(metrics, epochs))
     if state.history and state.start_epoch >= epochs:
         # Resumed after its last epoch was checkpointed but before whoever waits on this run took
         # the result (a Ctrl-C in between): say the final result again, or a sweep would see a
         # trial that never reported and count it unfinished.
-        ray.train.report(state.history[-1])
-    if finish_tracking(state):
-        log_final_model(state)
+        ray.train.report(state.history[-1].model_dump())
+    finish_tracking(state)

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,36 @@ def isolated_mlflow_uri() -> Iterator[None]:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture
+def run_stage(monkeypatch, capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """`python -m pipeline.<stage> --params params.yaml ARGS` from the repository root, run in
+    this process as the stage's `__main__` runs it (`cli.run` over `main`): its exit code and
+    what it printed, without a new interpreter's seconds of imports."""
+    from pipeline import cli
+
+    def run(stage: str, *args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(REPO)
+        argv = [*([] if "--params" in args else ["--params", str(REPO / "params.yaml")]), *args]
+        main = importlib.import_module(f"pipeline.{stage}").main
+        capsys.readouterr()
+        try:
+            cli.run(lambda: main(argv))
+            code = 0
+        except SystemExit as ended:
+            code = ended.code if isinstance(ended.code, int) else 1
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess([stage, *argv], code, printed.out, printed.err)
+
+    return run
+
+
+SERVER_FIXTURES = {"s3_server", "s3_process"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a server is slow, wherever it lives: `make test-fast` starts none."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

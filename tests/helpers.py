@@ -1,13 +1,12 @@
-"""What many test modules share: params whose outputs stay in a test's folder, the stages as
-subprocesses, and the shards read back."""
+"""What many test modules share: params whose outputs stay in a test's folder, and the shards
+read back (the stages themselves run through conftest's `run_stage` fixture)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
 from pipeline import loader, records, sources, transforms
@@ -66,14 +65,10 @@ def read_shards(shards: Path, split: str) -> dict[str, tuple[int, bytes]]:
     return {key: (int(s["cls"]), s["jpg"]) for key, s in samples.items()}
 
 
-def run_stage(stage: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", "--params", str(REPO / "params.yaml"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=False,
-    )
+def attempts(n: int) -> list:
+    """The ids 0..n-1 for running a concurrent case n times, since a race shows only sometimes:
+    the first runs in `make test-fast`, all n in `make test` (the rest are marked slow)."""
+    return [pytest.param(i, marks=[pytest.mark.slow] if i else []) for i in range(n)]
 
 
 def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw) -> loader.Batches:
@@ -93,31 +88,43 @@ def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
 EXTRA_PARAMS = {"none": 0, "A": 0, "B": 500, "C": 4000}
 
 
-def finished_trial(depth: int, shortcut: str, train: float, val: float, num_params: int | None = None) -> dict:
+def finished_trial(
+    depth: int, shortcut: str, train: float, val: float, num_params: int | None = None, **fields
+) -> records.TrialRecord:
     """One finished trial of reports/sweep.json (pipeline.records.trial_record), its curve ending at
     (train, val) after 4 epochs."""
-    return {
-        "depth": depth,
-        "shortcut": shortcut,
-        "num_params": 1000 * depth + EXTRA_PARAMS[shortcut] if num_params is None else num_params,
-        "best_val_top1_error": val,
-        "best_val_top5_error": val / 4,
-        "best_val_loss": 0.1,
-        "final_train_top1_error": train,
-        "final_val_top1_error": val,
-        "epochs": 4,
-        "planned_epochs": 4,
-        "wall_time_s": 12.0,
-        "overhead_s": 3.0,
-        "curve": {
-            "epoch": [0, 1, 2, 3],
-            "train_top1_error": [0.9, 0.5, (0.5 + train) / 2, train],
-            "val_top1_error": [0.9, 0.6, (0.6 + val) / 2, val],
-        },
-        "checkpoint": f"file:///ckpt/{depth}-{shortcut}",
-        "mlflow_run_id": f"run-{depth}-{shortcut}",
-    }
+    return records.TrialRecord(
+        arch="cifar",
+        depth=depth,
+        shortcut=shortcut,
+        num_params=1000 * depth + EXTRA_PARAMS[shortcut] if num_params is None else num_params,
+        best_val_top1_error=val,
+        best_val_top5_error=val / 4,
+        best_val_loss=0.1,
+        best_epoch=3,
+        final_train_top1_error=train,
+        final_val_top1_error=val,
+        epochs=4,
+        planned_epochs=4,
+        stopped_early=False,
+        wall_time_s=12.0,
+        overhead_s=3.0,
+        curve=records.Curve(
+            epoch=[0, 1, 2, 3],
+            train_top1_error=[0.9, 0.5, (0.5 + train) / 2, train],
+            val_top1_error=[0.9, 0.6, (0.6 + val) / 2, val],
+        ),
+        checkpoint=f"file:///ckpt/{depth}-{shortcut}",
+        mlflow_run_id=f"run-{depth}-{shortcut}",
+    ).model_copy(update=fields)
 
 
-def failed_trial(depth: int, shortcut: str) -> dict:
-    return records.failed_record(depth, shortcut, "RayTaskError: worker died", f"/ray/sweep/trial-{depth}-{shortcut}/error.txt")
+def failed_trial(depth: int, shortcut: str) -> records.FailedTrial:
+    return records.FailedTrial(
+        arch="cifar", depth=depth, shortcut=shortcut, error="RayTaskError: worker died",
+        error_file=f"/ray/sweep/trial-{depth}-{shortcut}/error.txt",
+    )  # fmt: skip
+
+
+def sweep_of(trials: list, mlflow_run_id: str = "sweep-run") -> records.Sweep:
+    return records.Sweep(name="sweep-test", mlflow_run_id=mlflow_run_id, trials=trials)

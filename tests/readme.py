@@ -1,4 +1,10 @@
-"""README.md's own text, for the tests that run its commands verbatim."""
+"""README.md's and docs/*.md's own text, for the tests that run their commands verbatim.
+
+Each command block is found by a needle, a string only that block holds, wherever it lives
+(README.md or a page of docs/): moving a block between pages breaks no test. `NEEDLES` names every
+needle the tests use and the test file that uses it; tests/test_docs.py fails on a fenced block
+that no needle finds and `NOT_RUN` does not excuse, so a new command cannot go untested.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,45 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
+# needle -> the test file that runs (or checks) the one block holding it
+NEEDLES = {
+    "--set model.shortcut=D": "tests/integration/test_readme.py",
+    "# CIFAR ResNet-20, option A": "tests/integration/test_readme.py",
+    "ray job submit --address http://127.0.0.1:8265": "tests/integration/test_readme.py",
+    "mlflow ui": "tests/integration/test_readme.py",
+    'resnet.build("resnet50")': "tests/integration/test_readme.py",
+    "ray job submit --address http://<head>:8265": "tests/integration/test_readme.py",
+    "kubectl apply": "tests/integration/test_readme.py",
+    "mlflow.pyfunc.load_model": "tests/integration/test_serving.py",
+    "mlflow models serve": "tests/integration/test_serving.py",
+    "dvc exp show": "tests/integration/test_dvc_experiments.py",  # reads README.md itself
+}
+
+# needle -> why its block is not run by a test that finds it
+NOT_RUN = {
+    "make repro\nmake test\n": "the quick start: CI (.ci/run) runs `make test`, and the slow tests run `dvc repro`",
+    "stage: raw data set -> WebDataset tar shards": "README's layout map: text, not a command",
+}
+
+
+def doc_files() -> list[Path]:
+    """README.md, then every page of docs/."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def blocks_of(text: str) -> list[str]:
+    return re.findall(r"^```[a-z]*\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
+
 
 def fenced_blocks() -> list[str]:
-    return re.findall(r"^```[a-z]*\n(.*?)^```$", (REPO / "README.md").read_text(), flags=re.DOTALL | re.MULTILINE)
+    """Every fenced block of README.md and docs/*.md."""
+    return [block for path in doc_files() for block in blocks_of(path.read_text())]
 
 
 def readme_block(needle: str) -> str:
-    """The one fenced block of README.md that contains `needle`."""
+    """The one fenced block of README.md or docs/*.md that contains `needle`."""
     found = [b for b in fenced_blocks() if needle in b]
-    assert len(found) == 1, f"README.md has {len(found)} fenced blocks with {needle!r}"
+    assert len(found) == 1, f"README.md and docs/*.md have {len(found)} fenced blocks with {needle!r}"
     return found[0]
 
 

@@ -211,3 +211,13 @@ def test_the_mlflow_call_check_sees_a_direct_call():
     assert mlflow_calls_outside_the_store("from mlflow.tracking import fluent\nfluent.start_run()\n")
     assert mlflow_calls_outside_the_store("import mlflow\nwith mlflow.start_run(run_id='x'):\n    pass\n")
     assert not mlflow_calls_outside_the_store("import mlflow\nstore.call(mlflow.register_model, 'uri', 'name')\n")
+
+
+def test_editing_the_model_reshards_nothing_and_editing_serving_retrains_nothing():
+    """Two arrows that cost reruns: params (which every stage reads) does not import resnet, and
+    the training worker does not import the served model's code (train logs it after `fit`)."""
+    modules = stage_modules()
+    for stage in ("shard", "verify"):
+        assert not {f for f in closure(modules[stage]) if f.startswith("resnet/")}, stage
+    assert "pipeline/serving.py" not in closure(modules["tune"])
+    assert "pipeline/serving.py" not in closure("pipeline/worker.py")

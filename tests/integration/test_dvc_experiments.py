@@ -20,9 +20,11 @@ import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.report import trial_key
+from pipeline import artifacts
+from pipeline.artifacts import Evaluation, Registration
+from pipeline.records import Trial
 from tests.conftest import REPO
-from tests.helpers import failed_trial, finished_trial
+from tests.helpers import failed_trial, finished_trial, sweep_of
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -49,33 +51,40 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
-def mlflow_runs(repo: Path, trials: list[tuple[int, str]]) -> dict[tuple[int, str], str]:
+def mlflow_runs(repo: Path, trials: list[tuple[int, str]]) -> tuple[str, dict[tuple[int, str], str]]:
     """MLflow runs as pipeline.tune leaves them: a sweep's parent run, with a child per trial. The
-    report logs its files into the parent, found through the first trial's run."""
+    report logs its files into the parent."""
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.create_experiment("resnet", artifact_location=(repo / "mlartifacts").as_uri())
     parent = client.create_run(experiment, run_name="sweep").info.run_id
-    return {trial: client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id for trial in trials}
+    children = {trial: client.create_run(experiment, tags={"mlflow.parentRunId": parent}).info.run_id for trial in trials}
+    return parent, children
 
 
-def write_inputs(repo: Path, errors: dict, runs: dict, failed_trials: list[tuple[int, str]] = ()) -> None:
+def write_inputs(repo: Path, errors: dict, runs: tuple[str, dict], failed_trials: list[tuple[int, str]] = ()) -> None:
     """What the stages before report leave for it: reports/sweep.json, metrics/eval.json and
     metrics/registry.json."""
-    trials = [finished_trial(d, s, *errors[(d, s)]) | {"mlflow_run_id": runs[(d, s)]} for d, s in errors]
+    parent, children = runs
+    trials = [finished_trial(d, s, *errors[(d, s)], mlflow_run_id=children[(d, s)]) for d, s in errors]
     trials += [failed_trial(d, s) for d, s in failed_trials]
-    best = min(trials, key=lambda t: t.get("best_val_top1_error", 1.0))
-    evaluation = {
-        "depth": best["depth"], "shortcut": best["shortcut"], "split": "test", "crop": "single",
-        "top1_error": 0.0083, "top5_error": 0.0, "num_samples": 360,
-    }  # fmt: skip
-    registry = {"registered_model": "resnet-digits", "version": 1, "message": "the first version is the champion"}
+    sweep = sweep_of(trials, parent)
+    best = sweep.best_trial()
+    evaluation = Evaluation(
+        mlflow_run_id=best.mlflow_run_id, checkpoint_name="checkpoint_000003", depth=best.depth, shortcut=best.shortcut,
+        split="test", crop="single", top1_error=0.0083, top5_error=0.0, loss=0.05, num_samples=360,
+    )  # fmt: skip
+    registry = Registration(
+        registered_model="resnet-digits", version=1, alias="champion", alias_moved=True, champion_version=1,
+        val_top1_error=best.best_val_top1_error, val_loss=best.best_val_loss, test_top1_error=0.0083,
+        test_top5_error=0.0, model_uri="models:/resnet-digits/1", message="the first version is the champion",
+    )  # fmt: skip
     for path, content in (
-        (repo / "reports" / "sweep.json", trials),
+        (repo / "reports" / "sweep.json", sweep),
         (repo / "metrics" / "eval.json", evaluation),
         (repo / "metrics" / "registry.json", registry),
     ):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(content, indent=1))
+        artifacts.write(path, content)
 
 
 def markdown_table(text: str) -> tuple[list[str], dict[str, dict[str, str]]]:
@@ -95,7 +104,7 @@ def errors_shown(row: dict[str, str]) -> dict[str, tuple[str, str]]:
 
 def errors_written(errors: dict) -> dict[str, tuple[str, str]]:
     """`errors` as errors_shown reads them from the table."""
-    return {trial_key(depth, shortcut): (str(val), str(train)) for (depth, shortcut), (train, val) in errors.items()}
+    return {Trial("cifar", depth, shortcut).key: (str(val), str(train)) for (depth, shortcut), (train, val) in errors.items()}
 
 
 def plotted(data: list[dict], rev: str, field: str) -> list[tuple[int, float]]:

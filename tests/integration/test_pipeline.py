@@ -22,7 +22,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline import checkpoints
-from pipeline.manifest import read_manifest, shard_list
+from pipeline.manifest import read_manifest
+from pipeline.records import FailedTrial, read_sweep
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -48,7 +49,7 @@ def champion_error_on(split: str, repo: Path, uri: str) -> float:
     shards = str(repo / "data" / "shards")
     manifest = read_manifest(shards)
     images, labels = [], []
-    for url, _ in shard_list(shards, manifest, split):
+    for url, _ in manifest.shard_list(shards, split):
         with tarfile.open(url) as tar:
             for member in sorted(tar.getmembers(), key=lambda m: m.name):
                 if member.name.endswith(".jpg"):
@@ -76,19 +77,18 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
     # The sweep's console: one line per trial-epoch from the driver, and the final table; no
     # Tune tables or config dumps, no Ray Train report lines, no error-level lines.
     sweep = out[out.index("Running stage 'tune'") : out.index("Running stage 'evaluate'")].splitlines()
-    for label in ("cifar_resnet8-none", "cifar_resnet8-A"):
+    for label in ("plain-8", "ResNet-8 A"):
         for epoch in range(1, 5):
             assert len([line for line in sweep if line.startswith(f"{label} ") and f" epoch {epoch}/4 " in line]) == 1
     for noise in ("Current best trial", "Trial status", "config", "Reporting training result", "PreemptionWatcher", " E "):
         assert not [line for line in sweep if noise in line], noise
     assert len(sweep) <= 2 * 4 + 30, "\n".join(sweep)
-    trials = json.loads((clone / "reports" / "sweep.json").read_text())
-    assert [(t["depth"], t["shortcut"]) for t in trials] == [(8, "none"), (8, "A")]
+    trials = read_sweep(str(clone / "reports")).trials
+    assert [(t.depth, t.shortcut) for t in trials] == [(8, "none"), (8, "A")]
     for t in trials:
-        assert {"num_params", "best_val_top1_error", "best_val_loss", "final_train_top1_error", "epochs"} <= set(t)
-        assert 0 < t["overhead_s"] < t["wall_time_s"]  # pipeline.tune.TrialTimes
-        assert t["best_val_loss"] > 0
-        assert checkpoints.load(t["checkpoint"])["epoch"] == t["best_epoch"]  # the weights are the best epoch's
+        assert 0 < t.overhead_s < t.wall_time_s  # pipeline.tune.TrialTimes
+        assert t.best_val_loss > 0
+        assert checkpoints.load(t.checkpoint).epoch == t.best_epoch  # the weights are the best epoch's
     # The val split chose the trial; the figures reported are the test split's.
     evaluation = json.loads((clone / "metrics" / "eval.json").read_text())
     assert evaluation["split"] == "test" and evaluation["crop"] == "single" and evaluation["num_samples"] == 360
@@ -117,9 +117,9 @@ def test_dvc_repro_runs_the_pipeline_and_the_registry_keeps_the_better_champion(
         assert dataset.name == "digits-shards" and trial_run.data.params["manifest_sha256"].startswith(dataset.digest)
     version = client.get_model_version("resnet-digits", "1")
     assert version.tags["depth"] == "8" and len(version.tags["manifest_sha256"]) == 64
-    best = min(trials, key=lambda t: (t["best_val_top1_error"], t["best_val_loss"]))
-    assert float(version.tags["val_top1_error"]) == best["best_val_top1_error"] == registry["val_top1_error"]
-    assert float(version.tags["val_loss"]) == best["best_val_loss"]
+    best = min(trials, key=lambda t: (t.best_val_top1_error, t.best_val_loss))
+    assert float(version.tags["val_top1_error"]) == best.best_val_top1_error == registry["val_top1_error"]
+    assert float(version.tags["val_loss"]) == best.best_val_loss
     assert float(version.tags["test_top1_error"]) == evaluation["top1_error"] == registry["test_top1_error"]
     assert float(version.tags["test_top5_error"]) == evaluation["top5_error"]
     assert "Val (the split that chose" in version.description and "Test (a split that chose nothing" in version.description
@@ -158,7 +158,7 @@ def sweep_in(folder: Path, *overrides: str) -> tuple[dict[str, str], list[str]]:
 def epochs_said(console: str) -> dict[str, list[int]]:
     """Each trial's epoch lines on a sweep's console: label -> the epochs, counted from 1."""
     said: dict[str, list[int]] = {}
-    for label, epoch in re.findall(r"^(\S+)\s+epoch (\d+)/", console, re.MULTILINE):
+    for label, epoch in re.findall(r"^(.+?)\s+epoch (\d+)/", console, re.MULTILINE):
         said.setdefault(label, []).append(int(epoch))
     return said
 
@@ -202,9 +202,9 @@ def test_an_interrupted_sweep_resumes_without_training_an_epoch_twice(tmp_path):
     assert last.returncode == 0, last.stdout[-4000:] + last.stderr[-4000:]
     assert "resuming sweep" in last.stdout
     consoles.append(last.stdout)
-    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert [(t["shortcut"], t["epochs"]) for t in trials] == [("none", 6), ("A", 6)]
-    assert all(0 < t["overhead_s"] < t["wall_time_s"] for t in trials)  # timed from the resumption
+    trials = read_sweep(str(tmp_path / "reports")).trials
+    assert [(t.shortcut, t.epochs) for t in trials] == [("none", 6), ("A", 6)]
+    assert all(0 < t.overhead_s < t.wall_time_s for t in trials)  # timed from the resumption
     last_said: dict[str, int] = {}  # no epoch an earlier run finished is trained again
     for console in consoles:
         for label, epochs in epochs_said(console).items():
@@ -228,16 +228,16 @@ def test_an_asha_sweep_stops_poor_trials_and_records_them_as_stopped_early(tmp_p
     )
     done = subprocess.run([sys.executable, "-m", "pipeline.tune", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert [t["shortcut"] for t in trials] == ["none", "A", "B", "C"] and not [t for t in trials if "error" in t]
-    stopped = [t for t in trials if t["stopped_early"]]
-    assert stopped and all(1 <= t["epochs"] < 6 for t in stopped)
-    assert all(t["epochs"] == 6 for t in trials if not t["stopped_early"])
+    trials = read_sweep(str(tmp_path / "reports")).trials
+    assert [t.shortcut for t in trials] == ["none", "A", "B", "C"] and not [t for t in trials if isinstance(t, FailedTrial)]
+    stopped = [t for t in trials if t.stopped_early]
+    assert stopped and all(1 <= t.epochs < 6 for t in stopped)
+    assert all(t.epochs == 6 for t in trials if not t.stopped_early)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for trial in trials:  # each record names its own trial
-        run = client.get_run(trial["mlflow_run_id"])
-        assert run.data.params["model.shortcut"] == trial["shortcut"], trial
-        assert len(client.get_metric_history(run.info.run_id, "val_top1_error")) == trial["epochs"]
+        run = client.get_run(trial.mlflow_run_id)
+        assert run.data.params["model.shortcut"] == trial.shortcut, trial
+        assert len(client.get_metric_history(run.info.run_id, "val_top1_error")) == trial.epochs
     assert "(stopped early)" in done.stdout
 
     report = subprocess.run([sys.executable, "-m", "pipeline.report", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
@@ -254,13 +254,13 @@ def test_trials_that_wait_for_a_slot_run_in_a_reused_trial_process_each_in_its_o
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
-    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert [t["shortcut"] for t in trials] == ["none", "A", "B"]
+    trials = read_sweep(str(tmp_path / "reports")).trials
+    assert [t.shortcut for t in trials] == ["none", "A", "B"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for trial in trials:
-        run = client.get_run(trial["mlflow_run_id"])
-        assert run.data.params["model.shortcut"] == trial["shortcut"]
-        assert run.info.run_name == f"cifar_resnet8-{trial['shortcut']}" and run.info.status == "FINISHED"
+        run = client.get_run(trial.mlflow_run_id)
+        assert run.data.params["model.shortcut"] == trial.shortcut
+        assert run.info.run_name == trial.trial.label and run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1_error")] == [0]
-        assert 0 < trial["overhead_s"] < trial["wall_time_s"]
-    assert len({t["mlflow_run_id"] for t in trials}) == 3 and len({t["checkpoint"] for t in trials}) == 3
+        assert 0 < trial.overhead_s < trial.wall_time_s
+    assert len({t.mlflow_run_id for t in trials}) == 3 and len({t.checkpoint for t in trials}) == 3

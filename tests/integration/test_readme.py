@@ -1,7 +1,8 @@
-"""README as written: its commands, taken from README.md itself, run verbatim in a fresh clone
-where the quick start has been done (the project's .venv, the digits' shards), in the shell a new
-user has (the venv not on PATH, no RAY_ADDRESS, no MLFLOW_TRACKING_URI). README and the code
-cannot drift apart: change a command in README and this runs the new one.
+"""README and docs/ as written: their commands, taken from README.md and docs/*.md themselves
+(tests/readme.py finds each block by a needle, whichever page holds it), run verbatim in a fresh
+clone where the quick start has been done (the project's .venv, the digits' shards), in the shell
+a new user has (the venv not on PATH, no RAY_ADDRESS, no MLFLOW_TRACKING_URI). The docs and the
+code cannot drift apart: change a command there and this runs the new one.
 
 Commands for a real cluster (`<head>`, docker, kubectl) cannot run here: their `--set` options are
 checked against params, and the files they name must exist. `make repro` and `make test` are

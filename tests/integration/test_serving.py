@@ -27,9 +27,23 @@ import torch
 from mlflow.tracking import MlflowClient
 from sklearn.datasets import load_digits
 
-from pipeline import checkpoints, loader, recipe, scoring, serving, sources, tracking, transforms, worker
+from pipeline import (
+    artifacts,
+    checkpoints,
+    loader,
+    recipe,
+    records,
+    scoring,
+    serving,
+    sources,
+    tracking,
+    transforms,
+    worker,
+)
 from pipeline import params as params_module
+from pipeline.artifacts import Evaluation
 from pipeline.manifest import read_manifest
+from pipeline.records import EpochMetrics, Trial, read_sweep
 from tests.conftest import REPO
 from tests.readme import bash, new_user_env, readme_block
 
@@ -45,47 +59,66 @@ def stage(name: str, root: Path, overrides: list[str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def train_trial(params, root: Path, uri: str) -> dict:
+def train_trial(params, root: Path, uri: str) -> tuple[records.TrialRecord, str]:
     """CIFAR ResNet-20 (A) trained by worker.run_epoch, checkpointed as Ray Train's workers do,
-    with a parent and a child MLflow run as a sweep makes them; its sweep.json record."""
+    with a parent and a child MLflow run as a sweep makes them; its sweep.json record, and the
+    parent run."""
     manifest = read_manifest(params.paths.shards)
     torch.manual_seed(0)
-    net = checkpoints.build_model(params, len(manifest["classes"]))
+    net = checkpoints.build_model(params, len(manifest.classes))
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)
     schedule = recipe.schedule(params)
     store = tracking.Store(uri, budget_s=30)
     parent = tracking.start_or_resume_run(store, params, "sweep-served", {}, commit="test", source="pipeline.tune", omit=("model.depth", "model.shortcut"))
-    child = tracking.start_or_resume_run(store, params, "sweep-served-0", {"num_params": 0}, commit="test", source="pipeline.tune", parent_run_id=parent)
+    child = tracking.start_or_resume_run(store, params, "sweep-served-resnet-20-A", {"num_params": 0}, commit="test", source="pipeline.tune", parent_run_id=parent)
     client = MlflowClient(uri)
+    history = []
     for epoch in range(EPOCHS):
+        started = time.perf_counter()
         batches = loader.make_loader(
             params.paths.shards, "train", transforms.train_transform("cifar", flip=False),
             batch_size=params.train.batch_size, num_workers=0, epoch=epoch, seed=0, train=True, manifest=manifest,
         )  # fmt: skip
         loss_sum, errors, seen = worker.run_epoch(
-            net, batches, optimizer, torch.device("cpu"), manifest["mean"], False, nullcontext(), partial(schedule.lr, epoch)
+            net, batches, optimizer, torch.device("cpu"), manifest.mean, False, nullcontext(), partial(schedule.lr, epoch)
         )
-        metrics = {"train_loss": loss_sum / seen, "train_top1_error": errors / seen}
-        client.log_batch(child, metrics=tracking.epoch_metrics(epoch, metrics, int(time.time() * 1000)))
-    val = loader.make_loader(
-        params.paths.shards, "val", transforms.eval_transform("cifar"),
-        batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
-    )  # fmt: skip
-    scores = scoring.score(net, val, torch.device("cpu"), manifest["mean"], nullcontext())
-    best = EPOCHS - 1
-    metrics = {"val_top1_error": scores.top1 / scores.seen, "val_loss": scores.loss_sum / scores.seen}
-    client.log_batch(child, metrics=tracking.epoch_metrics(best, metrics, int(time.time() * 1000)))
-    checkpoint = root / "ray" / "sweep-served-0" / f"checkpoint_{best:06d}"
+        val = loader.make_loader(
+            params.paths.shards, "val", transforms.eval_transform("cifar"),
+            batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
+        )  # fmt: skip
+        scores = scoring.score(net, val, torch.device("cpu"), manifest.mean, nullcontext())
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=loss_sum / seen, train_top1_error=errors / seen,
+            val_top1_error=scores.top1 / scores.seen, val_top5_error=scores.top5 / scores.seen,
+            val_loss=scores.loss_sum / scores.seen, lr=schedule.lr(epoch), images_per_s=seen / 1.0,
+            epoch_time_s=time.perf_counter() - started,
+        )  # fmt: skip
+        history.append(metrics)
+        client.log_batch(child, metrics=tracking.epoch_metrics(epoch, metrics.model_dump(exclude={"epoch"}), int(time.time() * 1000)))
+    best = EPOCHS - 1  # the last epoch's weights are the ones kept
+    checkpoint = root / "ray" / "sweep-served-resnet-20-A" / f"checkpoint_{best:06d}"
     checkpoint.mkdir(parents=True)
-    checkpoints.save(checkpoint, {"model_args": checkpoints.model_args(params, 10), "model": net.state_dict()})
+    checkpoints.save(
+        checkpoint,
+        checkpoints.CheckpointState(
+            model_args=checkpoints.ModelArgs.of(params, 10), model=net.state_dict(), optimizer={}, schedule={},
+            epoch=best, history=history, mean=manifest.mean,
+        ),
+    )  # fmt: skip
     for run in (child, parent):
         client.set_terminated(run, "FINISHED")
-    return {
-        "depth": 20, "shortcut": "A", "num_params": sum(p.numel() for p in net.parameters()),
-        "best_val_top1_error": scores.top1 / scores.seen, "best_val_top5_error": scores.top5 / scores.seen,
-        "best_val_loss": scores.loss_sum / scores.seen, "best_epoch": best, "final_train_top1_error": errors / seen,
-        "checkpoint": str(checkpoint), "mlflow_run_id": child,
-    }  # fmt: skip
+    facts = records.RunFacts(
+        num_params=sum(p.numel() for p in net.parameters()), wall_time_s=None, overhead_s=None,
+        checkpoint=str(checkpoint), mlflow_run_id=child,
+    )  # fmt: skip
+    # The record of the last epoch as the best: the weights saved are that epoch's.
+    record = records.trial_record(Trial("cifar", 20, "A"), history, EPOCHS, facts)
+    last = history[-1]
+    record = record.model_copy(update={
+        "best_epoch": best, "best_val_top1_error": last.val_top1_error, "best_val_top5_error": last.val_top5_error,
+        "best_val_loss": last.val_loss,
+    })  # fmt: skip
+    return record, parent
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +134,10 @@ def project(tmp_path_factory) -> Path:
     stage("shard", root, overrides)
     params = params_module.load(REPO / "params.yaml", overrides)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    trial = train_trial(params, root, uri)
-    (root / "reports").mkdir()
-    (root / "reports" / "sweep.json").write_text(json.dumps([trial]))
+    trial, parent = train_trial(params, root, uri)
+    artifacts.write(root / "reports" / records.Sweep.FILE, records.Sweep(name="sweep-served", mlflow_run_id=parent, trials=[trial]))
     client = MlflowClient(uri)
-    times = {r: (client.get_run(r).info.start_time, client.get_run(r).info.end_time) for r in (trial["mlflow_run_id"],)}
+    times = {r: (client.get_run(r).info.start_time, client.get_run(r).info.end_time) for r in (trial.mlflow_run_id,)}
     stage("evaluate", root, overrides)
     stage("register", root, overrides)
     assert {r: (client.get_run(r).info.start_time, client.get_run(r).info.end_time) for r in times} == times
@@ -139,20 +171,20 @@ def test_the_registered_version_and_the_runs_tell_the_truth(project):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("resnet-digits", "champion")
     assert "Input: a DataFrame column `image` of encoded images" in version.description
-    trial = json.loads((project / "reports" / "sweep.json").read_text())[0]
-    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
-    assert evaluation["checkpoint_name"] == f"checkpoint_{trial['best_epoch']:06d}" and str(project) not in json.dumps(evaluation)
+    (trial,) = read_sweep(str(project / "reports")).trials
+    evaluation = artifacts.read(str(project / "metrics" / Evaluation.FILE), Evaluation)
+    assert evaluation.checkpoint_name == f"checkpoint_{trial.best_epoch:06d}" and str(project) not in evaluation.model_dump_json()
     # The logged model carries the metrics of the epoch it was saved at, and the test figures.
     model = client.get_logged_model(version.source.removeprefix("models:/"))  # the version's logged model
     metrics = {m.key: (m.step, m.value) for m in model.metrics}
-    assert metrics["val_top1_error"] == (trial["best_epoch"], trial["best_val_top1_error"])
-    assert metrics["test_single_top1_error"] == (trial["best_epoch"], evaluation["top1_error"])
+    assert metrics["val_top1_error"] == (trial.best_epoch, trial.best_val_top1_error)
+    assert metrics["test_single_top1_error"] == (trial.best_epoch, evaluation.top1_error)
     # The sweep's run shows the result.
-    parent = client.get_run(client.get_run(trial["mlflow_run_id"]).data.tags["mlflow.parentRunId"])
-    assert parent.data.tags["best_trial_run_id"] == trial["mlflow_run_id"]
+    parent = client.get_run(client.get_run(trial.mlflow_run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["best_trial_run_id"] == trial.mlflow_run_id
     assert parent.data.tags["registered_model_version"] == f"models:/resnet-digits/{version.version}"
-    assert parent.data.metrics["test_top1_error"] == evaluation["top1_error"]
-    assert trial["mlflow_run_id"] in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["test_top1_error"] == evaluation.top1_error
+    assert trial.mlflow_run_id in parent.data.tags["mlflow.note.content"]
 
 
 def post(port: int, images: list[bytes]) -> tuple[int, dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import secrets
 import shutil
@@ -26,6 +25,7 @@ import requests
 
 from pipeline import params as params_module
 from pipeline import shard
+from pipeline.records import read_sweep
 from tests.conftest import REPO, free_port, mlflow_answers
 
 pytestmark = pytest.mark.slow
@@ -207,8 +207,8 @@ def test_the_pipeline_against_the_team_server_and_s3(team_server, s3_server, tmp
         done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], env=env, cwd=tmp_path, capture_output=True, text=True, check=False)
         assert done.returncode == 0, f"{stage}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
-    trials = json.loads((tmp_path / "reports" / "sweep.json").read_text())
-    assert trials[0]["checkpoint"].startswith("s3://resnet-data/ray/")
+    trials = read_sweep(str(tmp_path / "reports")).finished
+    assert trials[0].checkpoint.startswith("s3://resnet-data/ray/")
     assert fs.ls("resnet-data/ray")  # Ray's checkpoints are in the bucket
 
     admin = team_server["admin"]

@@ -66,7 +66,7 @@ def test_rerunning_the_same_command_resumes_into_the_same_run(tmp_path, shards, 
     run_id = first["mlflow_run_id"]
     assert again["run_name"] == first["run_name"] and again["mlflow_run_id"] == run_id
     assert [s for s, _ in history(uri, run_id)] == [0, 1]  # nothing trained twice, nothing logged twice
-    assert [int(h["epoch"]) for h in checkpoints.load(again["checkpoint"])["history"]] == [0, 1]
+    assert [h.epoch for h in checkpoints.load(again["checkpoint"]).history] == [0, 1]
 
     run = MlflowClient(uri).get_run(run_id)
     assert int(run.data.params["num_params"]) == 75290  # cifar_resnet8, option A, 10 classes

@@ -2,28 +2,34 @@
 more than they hold are refused, in one line naming the shard and the sample or member, before
 anything of the claimed size is allocated or read.
 
-Each hostile case runs in a child process whose address space is capped a little above what its
-imports take: were the refusal to come after the allocation, the child would fail with a
+Each hostile case runs in a child process whose address space is capped a little above what it
+already holds: were the refusal to come after the allocation, the child would fail with a
 MemoryError (or libjpeg's "insufficient memory") rather than the test machine running out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
-import sys
 import tarfile
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 import jpegcrop
+from pipeline import loader, shard, tars, transforms, verify
 from pipeline import params as params_module
-from pipeline import shard, tars
 from pipeline.images import MAX_PIXELS
 from tests.conftest import REPO
 from tests.data_trees import jpeg_bytes, picture
@@ -33,33 +39,40 @@ GIB = 1 << 30
 CLAIMED_SIDE = 65500  # libjpeg's largest side: 13 GB of RGB, 13-26 GB of progressive coefficients
 CLAIMED_BYTES = 16 * GIB
 
-# The child's imports (torch's above all) take ~3 GB of address space, so a fixed cap would
-# measure the imports; the cap is 1 GiB above what they took: room for the work, and a tenth of
-# what a claimed image or member would ask for.
-CAPPED_CHILD = """
-import resource
-import sys
+def capped(work: Callable[..., None], args: tuple[str, ...], results) -> None:
+    """In the forked child: cap the address space, run `work(*args)`, send back its exit code
+    and what it printed, a traceback included, as an interpreter would.
 
-import pipeline.loader, pipeline.tars, pipeline.transforms, pipeline.verify
+    The imports (torch's above all) already take ~3 GB of address space, so a fixed cap would
+    measure them; the cap is 1 GiB above what the process holds: room for the work, and a tenth
+    of what a claimed image or member would ask for."""
+    os.environ.update(RANK="0", WORLD_SIZE="1")  # one process, no torch.distributed
+    with open("/proc/self/status") as status:
+        vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    cap = vm_kib * 1024 + (1 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    out, err = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            work(*args)
+        except SystemExit as ended:
+            returncode = ended.code if isinstance(ended.code, int) else 1
+        except BaseException:  # noqa: BLE001 - whatever it is, the test reads it as the traceback's last line
+            traceback.print_exc()
+            returncode = 1
+    results.put((returncode, out.getvalue(), err.getvalue()))
 
-with open("/proc/self/status") as status:
-    vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
-cap = vm_kib * 1024 + (1 << 30)
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-"""
 
-
-def run_capped(code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run `code` (with sys.argv[1:] = args) in a fresh interpreter under the cap."""
-    return subprocess.run(
-        [sys.executable, "-c", CAPPED_CHILD + code, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "RANK": "0", "WORLD_SIZE": "1"},  # one process, no torch.distributed
-        timeout=300,
-        check=False,
-    )
+def run_capped(work: Callable[..., None], *args: str) -> subprocess.CompletedProcess:
+    """`work(*args)` under the cap, in a child forked from this process: its imports are done."""
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    child = fork.Process(target=capped, args=(work, args, results))
+    child.start()
+    returncode, stdout, stderr = results.get(timeout=300)
+    child.join()
+    return subprocess.CompletedProcess([work.__name__, *args], returncode, stdout, stderr)
 
 
 # --- hostile inputs, built small -----------------------------------------------------------------
@@ -184,24 +197,20 @@ def hostile_member(kind: str) -> bytes:
 
 # --- the decoder ---------------------------------------------------------------------------------
 
-DECODE_EVERY_WAY = """
-from pathlib import Path
-from pipeline import transforms
-
-jpeg = Path(sys.argv[1]).read_bytes()
-ways = {
-    "whole": transforms.decode,
-    "training crop": transforms.train_transform("imagenet", flip=True),
-    "centre crop": transforms.eval_transform("imagenet", "single"),
-    "ten crops": transforms.eval_transform("imagenet", "ten"),
-}
-for way, transform in ways.items():
-    try:
-        transform(jpeg)
-        print(f"{way}: decoded")
-    except Exception as error:
-        print(f"{way}: {type(error).__name__}: {error}")
-"""
+def decode_every_way(path: str) -> None:
+    jpeg = Path(path).read_bytes()
+    ways = {
+        "whole": transforms.decode,
+        "training crop": transforms.train_transform("imagenet", flip=True),
+        "centre crop": transforms.eval_transform("imagenet", "single"),
+        "ten crops": transforms.eval_transform("imagenet", "ten"),
+    }
+    for way, transform in ways.items():
+        try:
+            transform(jpeg)
+            print(f"{way}: decoded")
+        except ValueError as error:
+            print(f"{way}: {type(error).__name__}: {error}")
 
 
 @pytest.mark.parametrize("kind", HOSTILE_JPEGS)
@@ -210,7 +219,7 @@ def test_the_decoder_refuses_a_pixel_bomb_before_allocating(tmp_path, kind):
     coefficients alone 13 GB, even for a crop at 1/8 scale."""
     bomb = tmp_path / "bomb.jpg"
     bomb.write_bytes(HOSTILE_JPEGS[kind])
-    result = run_capped(DECODE_EVERY_WAY, str(bomb))
+    result = run_capped(decode_every_way, str(bomb))
     assert result.returncode == 0, result.stderr
     ways = ["whole", "training crop", "centre crop", "ten crops"]
     assert result.stdout.splitlines() == [f"{way}: ValueError: {BOMB_REFUSAL}" for way in ways]
@@ -218,25 +227,18 @@ def test_the_decoder_refuses_a_pixel_bomb_before_allocating(tmp_path, kind):
 
 def test_the_decoders_limit_is_the_pixel_count_of_the_header():
     jpeg = jpeg_bytes(picture(np.random.default_rng(0), 64, 48))
-    try:
-        jpegcrop.set_max_pixels(64 * 48)
-        assert len(jpegcrop.decode(jpeg, 0, 0, 64, 48, 1)) == 64 * 48 * 3
-        jpegcrop.set_max_pixels(64 * 48 - 1)
-        with pytest.raises(ValueError, match=r"^64 x 48 pixels, over the decoder's limit of 3071 pixels$"):
-            jpegcrop.decode(jpeg, 0, 0, 8, 8, 1)
-        with pytest.raises(ValueError, match="at least 1"):
-            jpegcrop.set_max_pixels(0)
-    finally:
-        jpegcrop.set_max_pixels(MAX_PIXELS)
+    assert len(jpegcrop.decode(jpeg, 0, 0, 64, 48, 1, 64 * 48)) == 64 * 48 * 3
+    with pytest.raises(ValueError, match=r"^64 x 48 pixels, over the decoder's limit of 3071 pixels$"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1, 64 * 48 - 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1, 0)
 
 
-def test_the_decoder_refuses_to_run_without_a_limit():
-    """Fail closed: code that imports jpegcrop but not pipeline.transforms decodes nothing."""
-    code = "import jpegcrop; jpegcrop.decode(b'', 0, 0, 1, 1, 1)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
-    assert result.stderr.strip().splitlines()[-1] == (
-        "RuntimeError: jpegcrop.set_max_pixels was never called (pipeline.transforms calls it)"
-    )
+def test_the_decoder_takes_no_call_without_a_limit():
+    """Fail closed: the limit is an argument of every decode, not a setting someone may forget."""
+    jpeg = jpeg_bytes(picture(np.random.default_rng(0), 64, 48))
+    with pytest.raises(TypeError, match="exactly 7 arguments"):
+        jpegcrop.decode(jpeg, 0, 0, 8, 8, 1)
 
 
 def test_the_ten_crop_refuses_a_resize_over_the_limit(tmp_path):
@@ -244,7 +246,7 @@ def test_the_ten_crop_refuses_a_resize_over_the_limit(tmp_path):
     to a short side of 256: 1.9 billion pixels."""
     banner = tmp_path / "banner.jpg"
     banner.write_bytes(jpeg_bytes(np.zeros((4, 30_000, 3), np.uint8)))
-    result = run_capped(DECODE_EVERY_WAY, str(banner))
+    result = run_capped(decode_every_way, str(banner))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == (
         f"ten crops: ValueError: resizing 30000 x 4 to 1920000 x 256 is over the limit of {MAX_PIXELS} pixels"
@@ -267,14 +269,11 @@ def test_the_shard_stages_defaults_fit_the_loaders_limits():
 
 # --- the loader ----------------------------------------------------------------------------------
 
-LOAD_VAL = """
-from pipeline import loader, transforms
-
-batches = loader.make_loader(
-    sys.argv[1], "val", transforms.eval_transform("cifar"), batch_size=4, num_workers=0, epoch=0, seed=0, train=False
-)
-print(sum(len(labels) for _, labels in batches), "samples")
-"""
+def load_val(shards: str) -> None:
+    batches = loader.make_loader(
+        shards, "val", transforms.eval_transform("cifar"), batch_size=4, num_workers=0, epoch=0, seed=0, train=False
+    )
+    print(sum(len(labels) for _, labels in batches), "samples")
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:
@@ -284,7 +283,7 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("kind", HOSTILE_JPEGS)
 def test_the_loader_names_the_shard_and_sample_of_a_pixel_bomb(digit_shards, tmp_path, kind):
     shards = with_hostile_shard(digit_shards, tmp_path, hostile_sample(HOSTILE_JPEGS[kind]))
-    result = run_capped(LOAD_VAL, str(shards))
+    result = run_capped(load_val, str(shards))
     url = shards / "val" / "shard-000000.tar"
     assert last_line(result) == f"ValueError: {url}: sample hostile: {BOMB_REFUSAL}", result.stderr
 
@@ -292,18 +291,14 @@ def test_the_loader_names_the_shard_and_sample_of_a_pixel_bomb(digit_shards, tmp
 @pytest.mark.parametrize("kind", HOSTILE_MEMBERS)
 def test_the_loader_refuses_a_sparse_or_oversized_member_unread(digit_shards, tmp_path, kind):
     shards = with_hostile_shard(digit_shards, tmp_path, hostile_member(kind))
-    result = run_capped(LOAD_VAL, str(shards))
+    result = run_capped(load_val, str(shards))
     url = shards / "val" / "shard-000000.tar"
     expected = f"{url}: hostile.jpg: {MEMBER_REFUSALS[kind]}; check the shards with `python -m pipeline.verify`"
     assert last_line(result) == f"ValueError: {expected}", result.stderr
 
 
-READ_PIPE = """
-import webdataset as wds
-from pipeline import tars
-
-print(len(list(wds.DataPipeline(wds.SimpleShardList([sys.argv[1]]), tars.tar_samples))), "samples")
-"""
+def read_pipe(url: str) -> None:
+    print(len(list(wds.DataPipeline(wds.SimpleShardList([url]), tars.tar_samples))), "samples")
 
 
 def test_a_sparse_member_in_a_piped_shard_is_refused_unread(digit_shards, tmp_path):
@@ -311,7 +306,7 @@ def test_a_sparse_member_in_a_piped_shard_is_refused_unread(digit_shards, tmp_pa
     zero-filled all the same."""
     shards = with_hostile_shard(digit_shards, tmp_path, hostile_member("gnu sparse"))
     url = f"pipe:cat {shards / 'val' / 'shard-000000.tar'}"
-    result = run_capped(READ_PIPE, url)
+    result = run_capped(read_pipe, url)
     expected = f"{url}: hostile.jpg: {SPARSE_REFUSAL}; check the shards with `python -m pipeline.verify`"
     assert last_line(result) == f"ValueError: {expected}", result.stderr
 
@@ -328,16 +323,13 @@ def test_a_member_is_read_up_to_the_limit(tmp_path, monkeypatch):
 
 # --- verify --------------------------------------------------------------------------------------
 
-VERIFY = """
-from pipeline import verify
-
-verify.main(["--params", "params.yaml", "--set", f"paths.shards={sys.argv[1]}", "--set", f"paths.metrics={sys.argv[2]}"])
-"""
+def verify_shards(shards: str, metrics: str) -> None:
+    verify.main(["--params", str(REPO / "params.yaml"), "--set", f"paths.shards={shards}", "--set", f"paths.metrics={metrics}"])
 
 
 def run_verify(shards: Path, tmp_path: Path) -> list[str]:
     """verify's problem lines (it exits 1), without its last line: FAILED and the count."""
-    result = run_capped(VERIFY, str(shards), str(tmp_path / "metrics"))
+    result = run_capped(verify_shards, str(shards), str(tmp_path / "metrics"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and lines[-1] == f"verify: FAILED, {len(lines) - 1} problems in {shards}", (
         result.stderr

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline import loader, shard, transforms
-from pipeline.manifest import SCHEMA, read_manifest
+from pipeline.files import sha256_of
+from pipeline.manifest import Manifest, ManifestShard, ManifestSplit, read_manifest
 from tests.data_trees import imagenet_tree, jpeg_bytes, picture
 from tests.helpers import digits_loader, imagenet_params
 
@@ -92,7 +93,7 @@ def _rank_main(rank: int, world_size: int, shards: str, init_file: str, results:
 
 def test_two_ranks_get_equal_batch_counts_on_uneven_shards(digit_shards, tmp_path):
     manifest = read_manifest(str(digit_shards))
-    counts = [s["num_samples"] for s in manifest["splits"]["train"]["shards"]]
+    counts = [s.num_samples for s in manifest.splits["train"].shards]
     assert len(counts) % 2 == 1 and len(set(counts)) > 1  # the uneven case
     os.environ.pop("RANK", None)
     os.environ.pop("WORLD_SIZE", None)
@@ -145,11 +146,27 @@ def one_shard_loader(shards: Path, samples: list[dict[str, bytes]]) -> loader.Ba
                 info = tarfile.TarInfo(f"s{i}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    manifest = {
-        "schema": SCHEMA,
-        "classes": [str(i) for i in range(10)],
-        "splits": {"train": {"shards": [{"name": "train/shard-000000.tar", "num_samples": len(samples)}]}},
-    }
+    path = shards / "train" / "shard-000000.tar"
+    entry = ManifestShard(
+        name="train/shard-000000.tar", num_samples=len(samples), bytes=path.stat().st_size, sha256=sha256_of(path)
+    )
+    train, empty = (
+        ManifestSplit(
+            num_samples=sum(s.num_samples for s in listed),
+            shards=listed,
+            rejected=[],
+            converted=[],
+            skipped=[],
+            image_size=None,
+        )
+        for listed in ([entry], [])
+    )
+    manifest = Manifest(
+        source="hand-written",
+        classes=[str(i) for i in range(10)],
+        mean=[0.5, 0.5, 0.5],
+        splits={"train": train, "val": empty, "test": empty},
+    )
     return loader.make_loader(
         str(shards),
         "train",

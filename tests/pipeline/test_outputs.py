@@ -23,7 +23,7 @@ from pipeline import shard, sources
 from pipeline.errors import UsageError
 from tests.conftest import REPO
 from tests.data_trees import imagefolder_tree
-from tests.helpers import make_params, read_shards, run_stage
+from tests.helpers import make_params, read_shards
 
 
 def tree(tmp_path: Path, per_class: int = 3) -> Path:
@@ -53,7 +53,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_a_folder_with_other_files_is_refused_and_left_untouched(tmp_path):
+def test_a_folder_with_other_files_is_refused_and_left_untouched(tmp_path, run_stage):
     data = tmp_path / "data"
     precious = data / "imagenet" / "train" / "n01440764_1.JPEG"
     precious.parent.mkdir(parents=True)
@@ -74,7 +74,7 @@ def test_a_rerun_replaces_its_own_output_but_not_a_file_someone_added(tmp_path):
     first = shard.shard(params_for(tmp_path, root, out))
     (out / "train" / "shard-000000.tar").write_bytes(b"damaged")  # still its own: replaced
     assert shard.shard(params_for(tmp_path, root, out)) == first
-    assert sha256(out / "train" / "shard-000000.tar") == first["splits"]["train"]["shards"][0]["sha256"]
+    assert sha256(out / "train" / "shard-000000.tar") == first.splits["train"].shards[0].sha256
 
     (out / "val" / "notes.txt").write_text("mine")
     before = listing(out)
@@ -106,7 +106,7 @@ def test_a_link_stays_a_link_and_the_shards_land_where_it_points(tmp_path):
     for _ in range(2):  # the first run fills an empty folder, the second replaces its output
         result = shard.shard(params_for(tmp_path, root, link))
         assert link.is_symlink() and link.resolve() == target
-        assert json.loads((target / "manifest.json").read_text()) == result
+        assert json.loads((target / "manifest.json").read_text()) == result.model_dump(mode="json", by_alias=True)
         assert len(read_shards(target, "train")) == 4  # 3 images a class, 1 held out as val
         assert sorted(p.name for p in tmp_path.iterdir()) == ["other_disk", "raw", "shards"]
         assert sorted(p.name for p in target.parent.iterdir()) == ["shards"]  # no staging, lock or old copy left
@@ -153,8 +153,8 @@ def test_a_torn_or_altered_shard_left_by_an_interrupted_run_is_written_again(tmp
     altered.write_bytes(bytes(data))
 
     assert shard.shard(params) == reference
-    for entry in (s for split in reference["splits"].values() for s in split["shards"]):
-        assert sha256(out / entry["name"]) == entry["sha256"]
+    for entry in (s for split in reference.splits.values() for s in split.shards):
+        assert sha256(out / entry.name) == entry.sha256
 
 
 # The shard stage with every shard slowed down, so that the run would take about 20 s:

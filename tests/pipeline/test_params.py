@@ -175,3 +175,18 @@ def test_val_and_test_fractions_must_leave_train_images(repo):
     assert "data.val_per_class: Input should be greater than or equal to 1 (got 0)" in error_of(
         repo, "data.val_per_class=0"
     )
+
+
+def test_the_depths_params_accept_are_those_resnet_builds():
+    """params writes resnet's depth rules down rather than importing the model: the two agree."""
+    import resnet
+
+    assert params.IMAGENET_DEPTHS == tuple(spec.depth for spec in resnet.SPECS.values())
+    for depth in range(2000):
+        try:
+            resnet.spec_for(resnet.model_name("cifar", depth))
+            builds = True
+        except ValueError as e:
+            builds = False
+            assert str(e).startswith(params.CIFAR_DEPTH_RULE)
+        assert params.is_cifar_depth(depth) is builds, depth

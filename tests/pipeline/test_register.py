@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import register
+from pipeline import artifacts, register
+from pipeline.artifacts import Evaluation
 from pipeline.errors import UsageError
+from tests.helpers import finished_trial
 
 NAME, ALIAS = "resnet-digits", "champion"
 
@@ -29,10 +31,10 @@ def test_the_decision_lower_error_takes_it_equal_error_and_lower_loss_takes_it_e
     assert takes and why.endswith("beats unrecorded")
 
 
-def test_a_versions_rank_comes_from_its_tags_an_old_ones_from_top1_error_with_no_loss():
-    assert register.version_rank({"val_top1_error": "0.05", "val_loss": "0.2", "top1_error": "0.9"}) == (0.05, 0.2)
-    assert register.version_rank({"top1_error": "0.05"}) == (0.05, math.inf)
-    assert register.version_rank({}) == (math.inf, math.inf)
+def test_a_versions_rank_comes_from_its_val_tags_and_one_without_them_ranks_last():
+    assert register.version_rank({"val_top1_error": "0.05", "val_loss": "0.2", "test_top1_error": "0.9"}) == (0.05, 0.2)
+    assert register.version_rank({"val_top1_error": "0.1", "val_loss": "nan"}) == (0.1, math.inf)
+    assert register.version_rank({}) == (math.inf, math.inf)  # registered by hand, or by another tool
 
 
 def test_a_lower_val_error_takes_the_alias_whatever_the_losses_and_says_whose_error_it_beats():
@@ -67,35 +69,24 @@ def test_no_champion_means_the_new_version_takes_the_alias_even_without_figures(
     assert register.decide((math.inf, math.inf), None) == (True, "no version held it")
 
 
-@pytest.mark.parametrize(
-    ("new_error", "takes"),
-    [(0.04, True), (0.05, True), (0.06, False)],  # lower error; equal error and a loss beats none; higher error
-)
-def test_an_old_champion_with_only_top1_error_ranks_by_it_with_an_unknown_loss(new_error, takes):
-    old = register.version_rank({"top1_error": "0.05", "depth": "20"})
-    new = register.version_rank({"val_top1_error": repr(new_error), "val_loss": "3.5", "test_top1_error": "0.9"})
-    assert old == (0.05, math.inf)
-    assert register.decide(new, ("1", old))[0] is takes
-
-
-def test_a_versions_rank_reads_the_val_tags_before_the_old_one_and_a_nan_loss_as_unrecorded():
-    assert register.version_rank({"val_top1_error": "0.1", "top1_error": "0.0"}) == (0.1, math.inf)
-    assert register.version_rank({"val_top1_error": "0.1", "val_loss": "nan"}) == (0.1, math.inf)
-    # The test figures are recorded, never ranked.
-    assert register.version_rank({"test_top1_error": "0.0", "val_top1_error": "0.3", "val_loss": "0.7"}) == (0.3, 0.7)
-
-
 def test_register_takes_only_the_test_figures_of_the_chosen_checkpoint(tmp_path):
-    trial = {"checkpoint": "/ray/run-b/checkpoint_000004", "mlflow_run_id": "b"}
-    chosen = {"mlflow_run_id": "b", "checkpoint_name": "checkpoint_000004", "top1_error": 0.0}
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "val"}))
+    trial = finished_trial(20, "A", 0.01, 0.05, checkpoint="/ray/run-b/checkpoint_000004", mlflow_run_id="b")
+    chosen = Evaluation(
+        mlflow_run_id="b", checkpoint_name="checkpoint_000004", depth=20, shortcut="A", split="test", crop="single",
+        top1_error=0.0, top5_error=0.0, loss=0.01, num_samples=360,
+    )  # fmt: skip
+    path = tmp_path / Evaluation.FILE
+    artifacts.write(path, chosen.model_copy(update={"split": "val"}))
     with pytest.raises(UsageError, match="eval.json: measured on the 'val' split, expected 'test'; rerun"):
         register.read_eval(str(tmp_path), trial)
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test", "checkpoint_name": "checkpoint_000003"}))
+    artifacts.write(path, chosen.model_copy(update={"checkpoint_name": "checkpoint_000003"}))
     with pytest.raises(UsageError, match=r"figures of run b checkpoint_000003, not of the sweep's best trial \(run b checkpoint_000004\)"):
         register.read_eval(str(tmp_path), trial)
-    (tmp_path / "eval.json").write_text(json.dumps({**chosen, "split": "test"}))
-    assert register.read_eval(str(tmp_path), trial)["checkpoint_name"] == "checkpoint_000004"
+    artifacts.write(path, chosen)
+    assert register.read_eval(str(tmp_path), trial) == chosen
+    path.write_text(json.dumps({"top1_error": 0.0, "split": "test"}))  # from before eval.json had a schema
+    with pytest.raises(UsageError, match=r"eval\.json: schema: missing key; expected 1$"):
+        register.read_eval(str(tmp_path), trial)
 
 
 @pytest.fixture
@@ -140,19 +131,11 @@ def test_the_alias_moves_on_a_lower_val_error_or_an_equal_one_with_a_lower_val_l
     )
 
 
-def test_a_champion_from_before_the_val_loss_tag_is_ranked_by_its_old_error_and_an_unknown_loss(registry, tmp_path):
-    # What register tagged before the test split: `top1_error`, the val error, and no loss.
-    old = str(registry.create_model_version(NAME, str(tmp_path / "model"), tags={"top1_error": repr(0.0)}).version)
-    registry.set_registered_model_alias(NAME, ALIAS, old)
-    moved, _ = register.settle_alias(
-        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.01, val_loss=0.01)
-    )
-    assert not moved and champion(registry) == old  # a higher error does not take it
+def test_a_champion_registered_by_hand_without_val_tags_gives_way_to_any_tagged_version(registry, tmp_path):
+    by_hand = str(registry.create_model_version(NAME, str(tmp_path / "model")).version)
+    registry.set_registered_model_alias(NAME, ALIAS, by_hand)
     moved, message = register.settle_alias(
-        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.0, val_loss=0.2)
+        registry, NAME, ALIAS, new_version(registry, tmp_path, val_top1_error=0.3, val_loss=2.0)
     )
-    assert moved and champion(registry) == "3"  # an equal error with a loss beats one without
-    assert (
-        message
-        == "alias 'champion' -> version 3 (its val top-1 error 0.00% ties version 1's, and its val loss 0.2 beats unrecorded)"
-    )
+    assert moved and champion(registry) == "2"
+    assert message == "alias 'champion' -> version 2 (version 1, which held it, has no val figures)"

@@ -58,3 +58,17 @@ def test_the_val_loss_sums_over_batches_and_tells_equal_error_counts_apart():
     sure, unsure = (scoring.score(Scaled(k), batches, torch.device("cpu"), mean, nullcontext()) for k in (5.0, 1.0))
     assert sure.top1 == unsure.top1 == 0 and sure.seen == unsure.seen == 4
     assert 0 < sure.loss_sum < unsure.loss_sum
+
+
+def test_a_label_outside_the_five_highest_logits_is_a_top5_miss():
+    """Seven classes ranked 6, 5, ..., 0 whatever the image: label 0 and 1 are not among the five
+    highest (a miss), label 2 is the fifth (a hit), label 6 is the first."""
+
+    class Ranked(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.arange(7, dtype=torch.float32).expand(x.shape[0], 7) + 0 * x[:, :1, 0, 0]
+
+    pixels = torch.zeros(4, 4, 4, 3, dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 6])
+    scores = scoring.score(Ranked(), [(pixels, labels)], torch.device("cpu"), (0.0, 0.0, 0.0), nullcontext())
+    assert (scores.top1, scores.top5, scores.seen) == (3, 2, 4)

@@ -51,7 +51,7 @@ def test_the_served_probabilities_are_the_evaluations(digits, classifier):
     )  # fmt: skip
     pixels, _ = next(iter(batches))
     with torch.no_grad():
-        logits = classifier.network(transforms.prepare_batch(pixels, manifest["mean"], lighting=False))
+        logits = classifier.network(transforms.prepare_batch(pixels, manifest.mean, lighting=False))
     assert np.allclose(served, logits.softmax(1).numpy(), atol=1e-5)
 
 

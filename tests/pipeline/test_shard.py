@@ -13,13 +13,14 @@ import pytest
 from PIL import Image
 
 from pipeline import shard, sources
+from pipeline.manifest import read_manifest
 from tests.data_trees import (
     WNIDS,
     cifar10_tree,
     imagefolder_tree,
     imagenet_tree,
 )
-from tests.helpers import imagenet_params, imagenet_source, make_params, read_shards, run_stage
+from tests.helpers import imagenet_params, imagenet_source, make_params, read_shards
 
 
 @pytest.mark.parametrize("val_format", ["loc_csv", "devkit", "folders"])
@@ -28,12 +29,12 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
     result = shard.shard(imagenet_params(tmp_path, tree.root))
     out = tmp_path / "shards"
 
-    assert result["classes"] == WNIDS  # sorted wnids: torchvision's index
+    assert result.classes == WNIDS  # sorted wnids: torchvision's index
     # train/ holds train and the val held out of it; the official val/ is the test split.
     for folder, splits, expected in (("train", ("train", "val"), tree.train_labels), ("val", ("test",), tree.val_labels)):
-        infos = [result["splits"][split] for split in splits]
+        infos = [result.splits[split] for split in splits]
         seen = sum(1 for _ in (tree.root / folder).rglob("*.JPEG"))
-        assert sum(info["num_samples"] + len(info["rejected"]) for info in infos) == seen
+        assert sum(info.num_samples + len(info.rejected) for info in infos) == seen
         samples = {k: v for split in splits for k, v in read_shards(out, split).items()}
         assert {k: WNIDS[label] for k, (label, _) in samples.items()} == expected
         for _, jpeg in samples.values():
@@ -41,16 +42,17 @@ def test_imagenet_labels_quirks_and_exact_accounting(tmp_path, val_format):
                 assert (image.format, image.mode) == ("JPEG", "RGB")
                 assert not image.info.get("progressive")
 
-    rejected = {Path(r["source"]).stem: r["reason"] for r in result["splits"]["train"]["rejected"]}
+    rejected = {Path(r.source).stem: r.reason for r in result.splits["train"].rejected}
     assert set(rejected) == tree.rejected
     assert rejected[f"{WNIDS[2]}_empty"] == "empty file"
     assert rejected[f"{WNIDS[1]}_truncated"] == "truncated image"
     converted = {
-        Path(c["source"]).stem: c["from"] for split in sources.SPLITS for c in result["splits"][split]["converted"]
+        Path(c.source).stem: c.from_ for split in sources.SPLITS for c in result.splits[split].converted
     }
     assert converted == tree.converted
     on_disk = json.loads((out / shard.MANIFEST).read_text())
-    assert on_disk == result
+    assert on_disk == result.model_dump(mode="json", by_alias=True)
+    assert read_manifest(str(out)) == result
     assert on_disk["splits"]["train"]["shards"][0]["name"] == "train/shard-000000.tar"
 
 
@@ -88,8 +90,8 @@ def test_train_shards_mix_classes(tmp_path):
 
 def test_digits_split_is_stratified_and_complete(tmp_path):
     result = shard.shard(make_params(tmp_path))
-    assert [result["splits"][split]["num_samples"] for split in ("train", "val", "test")] == [1077, 360, 360]
-    assert all(0.05 < m < 0.5 for m in result["mean"])  # mostly black digits, white strokes
+    assert [result.splits[split].num_samples for split in ("train", "val", "test")] == [1077, 360, 360]
+    assert all(0.05 < m < 0.5 for m in result.mean)  # mostly black digits, white strokes
     val, test = read_shards(tmp_path / "shards", "val"), read_shards(tmp_path / "shards", "test")
     for split in (val, test):
         counts = Counter(label for label, _ in split.values())
@@ -104,7 +106,7 @@ def test_same_params_give_byte_identical_shards_whatever_the_worker_count(tmp_pa
     tree = imagenet_tree(tmp_path / "raw")
     one = shard.shard(imagenet_params(tmp_path / "a", tree.root, "shard.workers=1"))
     two = shard.shard(imagenet_params(tmp_path / "b", tree.root, "shard.workers=2"))
-    hashes = lambda m: [s["sha256"] for split in m["splits"].values() for s in split["shards"]]
+    hashes = lambda m: [s.sha256 for split in m.splits.values() for s in split.shards]
     assert hashes(one) == hashes(two)
     assert len(hashes(one)) > 4
 
@@ -124,7 +126,7 @@ def test_max_side_shrinks_images(tmp_path):
             assert image.size == (60, 45)
 
 
-def test_too_many_rejects_fail_and_keep_the_previous_output(tmp_path):
+def test_too_many_rejects_fail_and_keep_the_previous_output(tmp_path, run_stage):
     tree = imagenet_tree(tmp_path / "raw")
     base = [
         f"paths.shards={tmp_path / 'shards'}",
@@ -180,7 +182,7 @@ def test_two_files_with_one_key_are_both_kept(tmp_path):
     assert {r.label for r in records if r.key.startswith(f"{WNIDS[0]}_1000")} == {0, 1}
 
 
-def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path):
+def test_missing_or_malformed_root_is_one_line_and_exit_2(tmp_path, run_stage):
     missing = run_stage("shard", "--set", "data.source=imagenet", "--set", f"data.root={tmp_path / 'nope'}")
     assert missing.returncode == 2
     assert missing.stderr.strip() == f"error: data.root: {tmp_path / 'nope'}: no such folder"
@@ -202,7 +204,7 @@ def test_imagefolder_source(tmp_path):
     result = shard.shard(
         make_params(tmp_path, "data.source=imagefolder", f"data.root={tmp_path / 'raw'}", "data.val_per_class=1")
     )
-    assert result["classes"] == ["cat", "dog"]
+    assert result.classes == ["cat", "dog"]
     # No test/: val/ is the test split (tests/pipeline/test_splits.py has the rest).
     assert set(read_shards(tmp_path / "shards", "test")) == {
         f"{c}/img_{i}".replace("/", "_") for c in ("cat", "dog") for i in range(3)
@@ -217,8 +219,8 @@ def test_cifar10_source(tmp_path):
     result = shard.shard(
         make_params(tmp_path, "data.source=cifar10", f"data.root={tmp_path / 'raw'}", "data.val_per_class=1")
     )
-    assert result["classes"][:2] == ["airplane", "automobile"]
-    counts = [result["splits"][split]["num_samples"] for split in ("train", "val", "test")]
+    assert result.classes[:2] == ["airplane", "automobile"]
+    counts = [result.splits[split].num_samples for split in ("train", "val", "test")]
     assert counts == [10, 10, 4]  # 2 images a class in the training batches, 1 held out as val
 
 
@@ -244,6 +246,6 @@ def test_an_interrupted_run_leaves_nothing_that_looks_complete_and_a_rerun_finis
 
     result = shard.shard(params)
     assert result == reference
-    assert result["splits"]["train"]["shards"][0]["sha256"] == kept["sha256"]
+    assert result.splits["train"].shards[0].sha256 == kept.sha256
     assert not staging.exists()
     assert not list((tmp_path / "shards").rglob("*.tmp-*")) and not list((tmp_path / "shards").rglob("*.json.*"))

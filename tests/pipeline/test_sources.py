@@ -15,8 +15,9 @@ import pytest
 
 from pipeline import loader, shard, sources, transforms, verify
 from pipeline.images import Rejected, to_rgb_jpeg
+from pipeline.manifest import ImageSize, Noted
 from tests.data_trees import cifar10_tree, jpeg_bytes, picture, png_bytes
-from tests.helpers import CONVERSION, make_params, read_shards, run_stage
+from tests.helpers import CONVERSION, make_params, read_shards
 
 RNG = np.random.default_rng(0)
 
@@ -68,9 +69,9 @@ def test_the_mean_weighs_every_image_the_same(tmp_path):
     image_file(root / "val" / "a" / "x.jpg")
     image_file(root / "test" / "a" / "t.jpg")
     result = shard.shard(folder_params(tmp_path, root))
-    assert result["mean"] == pytest.approx([0.5, 0.0, 0.5], abs=0.01)
-    assert result["splits"]["train"]["image_size"] == {"min_side": 16, "max_side": 64, "uniform": None}
-    assert result["splits"]["val"]["image_size"] == {"min_side": 20, "max_side": 24, "uniform": [24, 20]}
+    assert result.mean == pytest.approx([0.5, 0.0, 0.5], abs=0.01)
+    assert result.splits["train"].image_size == ImageSize(min_side=16, max_side=64, uniform=None)
+    assert result.splits["val"].image_size == ImageSize(min_side=20, max_side=24, uniform=[24, 20])
 
 
 # --- the walk over the files --------------------------------------------------------------------
@@ -94,9 +95,9 @@ def test_every_file_is_a_sample_a_reject_or_a_counted_skip(tmp_path):
     image_file(root / "test" / "cat" / "t.jpg")
 
     result = shard.shard(folder_params(tmp_path, root))
-    split = result["splits"]["train"]
-    reasons = {Path(r["source"]).name: r["reason"] for r in split["rejected"]}
-    assert split["num_samples"] == 4  # a, more/b, d, link
+    split = result.splits["train"]
+    reasons = {Path(r.source).name: r.reason for r in split.rejected}
+    assert split.num_samples == 4  # a, more/b, d, link
     assert reasons == {
         "broken.jpg": "broken symlink",
         "escape.jpg": f"symlink to {(outside / 'secret.jpg').resolve()}, outside data.root",
@@ -104,15 +105,15 @@ def test_every_file_is_a_sample_a_reject_or_a_counted_skip(tmp_path):
         "pipe.jpg": "not a regular file",
         "loose.jpg": "not in a class folder",
     }
-    assert split["skipped"] == [
-        {"source": str(train / "cat" / ".DS_Store"), "reason": "hidden file"},
-        {"source": str(train / "cat" / ".ipynb_checkpoints"), "reason": "hidden folder"},
+    assert split.skipped == [
+        Noted(source=str(train / "cat" / ".DS_Store"), reason="hidden file"),
+        Noted(source=str(train / "cat" / ".ipynb_checkpoints"), reason="hidden folder"),
     ]
     keys = set(read_shards(tmp_path / "shards", "train"))
     assert keys == {"cat_a", "cat_more_b", "dog_d", "dog_link"}
 
 
-def test_an_empty_train_class_is_an_error(tmp_path):
+def test_an_empty_train_class_is_an_error(tmp_path, run_stage):
     root = tmp_path / "raw"
     image_file(root / "train" / "cat" / "a.jpg")
     (root / "train" / "dog").mkdir()
@@ -139,7 +140,7 @@ def test_class_and_file_names_with_dots_shard_verify_and_load(tmp_path):
             image_file(root / split / cls / f"{cls[4:]}.0001.jpg")
             image_file(root / split / cls / f"{cls[4:]}_0001.jpg")  # the same key once dots go
     result = shard.shard(folder_params(tmp_path, root))
-    assert result["splits"]["train"]["num_samples"] == 4 and not result["splits"]["train"]["rejected"]
+    assert result.splits["train"].num_samples == 4 and not result.splits["train"].rejected
     keys = set(read_shards(tmp_path / "shards", "train"))
     assert "001_ak47_ak47_0001" in keys and all("." not in k for k in keys) and len(keys) == 4
     assert verify.verify(tmp_path / "shards", result) == []
@@ -185,7 +186,7 @@ def test_malformed_cifar_batches_are_one_line_errors(tmp_path, change, message):
         sources.cifar10(tmp_path / "raw", seed=0, val_per_class=1)
 
 
-def test_a_truncated_cifar_pickle_is_one_line_and_exit_2(tmp_path):
+def test_a_truncated_cifar_pickle_is_one_line_and_exit_2(tmp_path, run_stage):
     folder = cifar10_tree(tmp_path / "raw", per_batch=3)
     data = (folder / "test_batch").read_bytes()
     (folder / "test_batch").write_bytes(data[: len(data) // 2])

@@ -1,6 +1,6 @@
 """Three splits, and what each is for: val chooses (the best epoch, the best trial, the registry's
 champion), test is only reported. Per source, where each split comes from (pipeline/sources.py's
-table); every holdout seeded and byte-identical on a rerun; the manifest's schema 2.
+table); every holdout seeded and byte-identical on a rerun; the manifest's schema 3.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 
 from pipeline import shard, sources, verify
 from pipeline.errors import UsageError
-from pipeline.manifest import MANIFEST, SCHEMA, read_manifest
+from pipeline.manifest import MANIFEST, SCHEMA, Manifest, read_manifest
 from tests.data_trees import WNIDS, cifar10_tree, imagefolder_tree, imagenet_tree, jpeg_bytes, picture
-from tests.helpers import imagenet_params, make_params, read_shards, run_stage
+from tests.helpers import imagenet_params, make_params, read_shards
 
 
-def hashes(manifest: dict) -> dict[str, str]:
-    return {s["name"]: s["sha256"] for split in manifest["splits"].values() for s in split["shards"]}
+def hashes(manifest: Manifest) -> dict[str, str]:
+    return {s.name: s.sha256 for split in manifest.splits.values() for s in split.shards}
 
 
 def keys(records: list[sources.Record]) -> set[str]:
@@ -55,7 +55,7 @@ def test_digits_shards_hold_the_three_splits(tmp_path):
     _, val, test = sources.digits_split(load_digits().target, 0, 0.2, 0.2)
     assert set(read_shards(tmp_path / "shards", "val")) == {f"digits_{i:04d}" for i in val}
     assert set(read_shards(tmp_path / "shards", "test")) == {f"digits_{i:04d}" for i in test}
-    assert [s["name"] for s in result["splits"]["test"]["shards"]] == ["test/shard-000000.tar", "test/shard-000001.tar"]
+    assert [s.name for s in result.splits["test"].shards] == ["test/shard-000000.tar", "test/shard-000001.tar"]
     assert verify.verify(tmp_path / "shards", result) == []
     assert shard.shard(make_params(tmp_path / "again")) == result  # byte-identical: same sha256s
 
@@ -97,11 +97,12 @@ def test_cifar10_shards_are_byte_identical_on_a_rerun(tmp_path):
     first = shard.shard(make_params(tmp_path / "a", *overrides))
     second = shard.shard(make_params(tmp_path / "b", *overrides, "shard.workers=1"))
     assert hashes(first) == hashes(second) and len(hashes(first)) == 3 + 1 + 1
-    assert [first["splits"][s]["num_samples"] for s in sources.SPLITS] == [80, 20, 20]
-    assert first["val_split"].endswith("seeded by data.seed 0") and first["test_split"] == "test_batch"
+    assert [first.splits[s].num_samples for s in sources.SPLITS] == [80, 20, 20]
+    notes = first.model_extra
+    assert notes["val_split"].endswith("seeded by data.seed 0") and notes["test_split"] == "test_batch"
 
 
-def test_a_holdout_that_would_empty_a_train_class_is_one_line_and_exit_2(tmp_path):
+def test_a_holdout_that_would_empty_a_train_class_is_one_line_and_exit_2(tmp_path, run_stage):
     cifar10_tree(tmp_path / "raw", per_batch=20)  # 10 training images a class
     result = run_stage(
         "shard", "--set", "data.source=cifar10", "--set", f"data.root={tmp_path / 'raw'}",
@@ -136,7 +137,7 @@ def test_imagenet_holds_out_val_from_train_and_tests_on_the_official_val(tmp_pat
 
     result = shard.shard(imagenet_params(tmp_path, tree.root, "data.val_per_class=2", "shard.max_reject_fraction=0.5"))
     seen_in_train = sum(1 for _ in (tree.root / "train").rglob("*.JPEG"))
-    counted = [result["splits"][s]["num_samples"] + len(result["splits"][s]["rejected"]) for s in sources.SPLITS]
+    counted = [result.splits[s].num_samples + len(result.splits[s].rejected) for s in sources.SPLITS]
     assert counted[0] + counted[1] == seen_in_train and counted[2] == len(tree.val_labels)
     assert set(read_shards(tmp_path / "shards", "test")) == set(tree.val_labels)
     assert verify.verify(tmp_path / "shards", result) == []
@@ -186,21 +187,19 @@ def test_imagefolder_without_a_test_folder_tests_on_val_and_holds_val_out_of_tra
     (root / "train" / "dog" / "broken.jpg").symlink_to(root / "train" / "dog" / "gone.jpg")
     (root / "val" / "cat" / "empty.jpg").write_bytes(b"")
     result = shard.shard(folder_params(tmp_path, root, "shard.max_reject_fraction=1"))
-    train, val, test = (result["splits"][s] for s in sources.SPLITS)
-    assert (train["num_samples"], val["num_samples"], test["num_samples"]) == (6, 2, 8)
-    assert [Path(r["source"]).name for r in train["rejected"]] == ["broken.jpg"]
-    assert [Path(r["source"]).name for r in train["skipped"]] == [".DS_Store"]
-    assert val["rejected"] == val["skipped"] == [] and [Path(r["source"]).name for r in test["rejected"]] == [
-        "empty.jpg"
-    ]
+    train, val, test = (result.splits[s] for s in sources.SPLITS)
+    assert (train.num_samples, val.num_samples, test.num_samples) == (6, 2, 8)
+    assert [Path(r.source).name for r in train.rejected] == ["broken.jpg"]
+    assert [Path(r.source).name for r in train.skipped] == [".DS_Store"]
+    assert val.rejected == val.skipped == [] and [Path(r.source).name for r in test.rejected] == ["empty.jpg"]
     # Every entry under train/ and val/ is accounted for exactly once.
     entries = {
         folder: sum(1 for p in (root / folder).rglob("*") if p.is_file() or p.is_symlink())
         for folder in ("train", "val")
     }
-    in_train = sum(train[k] if k == "num_samples" else len(train[k]) for k in ("num_samples", "rejected", "skipped"))
-    assert in_train + val["num_samples"] == entries["train"]
-    assert test["num_samples"] + len(test["rejected"]) == entries["val"]
+    in_train = train.num_samples + len(train.rejected) + len(train.skipped)
+    assert in_train + val.num_samples == entries["train"]
+    assert test.num_samples + len(test.rejected) == entries["val"]
     # val: one image a class of train/, keys and labels kept; test: the whole of val/.
     held = read_shards(tmp_path / "shards", "val")
     assert Counter(label for label, _ in held.values()) == {0: 1, 1: 1}
@@ -210,7 +209,8 @@ def test_imagefolder_without_a_test_folder_tests_on_val_and_holds_val_out_of_tra
         assert label == ["cat", "dog"].index(cls)
         assert jpeg == (root / "train" / cls / f"img.{number}.jpg").read_bytes()
     assert len(read_shards(tmp_path / "shards", "test")) == 8
-    assert result["val_split"].startswith("1 image a class held out of train/") and result["test_split"] == "val/"
+    notes = result.model_extra
+    assert notes["val_split"].startswith("1 image a class held out of train/") and notes["test_split"] == "val/"
 
     again = shard.shard(folder_params(tmp_path / "again", root, "shard.max_reject_fraction=1"))
     assert hashes(again) == hashes(result)
@@ -232,24 +232,30 @@ def test_imagefolder_with_test_alone_holds_val_out_of_train_and_without_either_i
     )
 
 
-# --- the manifest: schema 2 ---------------------------------------------------------------------
+# --- the manifest: schema 3 ---------------------------------------------------------------------
 
 
-def test_shards_of_schema_1_are_one_line_and_the_shard_stage_replaces_them(tmp_path):
+@pytest.mark.parametrize("old_schema", [1, 2])
+def test_shards_of_an_older_schema_are_one_line_and_the_shard_stage_replaces_them(tmp_path, old_schema, run_stage):
     root, out = tmp_path / "raw", tmp_path / "shards"
     imagefolder_tree(root)
     result = shard.shard(folder_params(tmp_path, root))
-    assert result["schema"] == SCHEMA == 2
-    # The same shards as an older stage wrote them: no test split, schema 1.
+    assert result.schema_version == SCHEMA == 3
+    # The same shards as an older stage wrote them: schema 1 had no test split, and neither
+    # schema 1 nor 2 always recorded image sizes.
     old = json.loads((out / MANIFEST).read_text())
-    old["schema"] = 1
-    del old["splits"]["test"]
-    shutil.rmtree(out / "test")
+    old["schema"] = old_schema
+    for split in old["splits"].values():
+        del split["image_size"]
+    if old_schema == 1:
+        del old["splits"]["test"]
+        shutil.rmtree(out / "test")
     (out / MANIFEST).write_text(json.dumps(old))
     with pytest.raises(UsageError) as info:
         read_manifest(str(out))
     assert str(info.value) == (
-        f"{out / MANIFEST}: schema 1, expected 2; rerun the shard stage (`python -m pipeline.shard`)"
+        f"{out / MANIFEST}: schema {old_schema}, expected 3, from an older version; "
+        "run `python -m pipeline.shard` again"
     )
     checked = run_stage("verify", "--set", f"paths.shards={out}", "--set", f"paths.metrics={tmp_path / 'metrics'}")
     assert checked.returncode == 2 and checked.stderr.strip() == f"error: {info.value}"
@@ -274,6 +280,6 @@ def test_an_image_rejected_in_a_held_out_val_counts_against_val(tmp_path):
         s for s in range(50) if "cat_0" in keys(sources.imagefolder(root, seed=s, val_per_class=1).splits["val"])
     )
     result = shard.shard(folder_params(tmp_path, root, f"data.seed={seed}", "shard.max_reject_fraction=1"))
-    val = result["splits"]["val"]
-    assert val["num_samples"] == 0 and [r["reason"] for r in val["rejected"]] == ["empty file"]
-    assert result["splits"]["train"]["num_samples"] == 2 and result["splits"]["train"]["rejected"] == []
+    val = result.splits["val"]
+    assert val.num_samples == 0 and [r.reason for r in val.rejected] == ["empty file"]
+    assert result.splits["train"].num_samples == 2 and result.splits["train"].rejected == []

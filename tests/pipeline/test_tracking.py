@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import cli, tracking
 from pipeline import params as params_module
+from tests.helpers import attempts
 
 
 @pytest.mark.parametrize(
@@ -177,7 +178,7 @@ def test_a_locked_sqlite_store_is_waited_out(tmp_path):
     experiment = tracking.experiment_id(store, "resnet")
     holder = sqlite3.connect(tmp_path / "locked.db", check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
-    releaser = threading.Timer(8, holder.rollback)
+    releaser = threading.Timer(6, holder.rollback)
     releaser.start()
     try:
         run = store.create_run(experiment)
@@ -227,7 +228,7 @@ def open_store_at_once(uri: str, barrier) -> None:
     tracking.Store(uri, budget_s=30).search_experiments()
 
 
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", attempts(5))
 def test_stages_that_open_a_new_sqlite_store_at_once_all_open_it(tmp_path, attempt):
     """The first client of a new SQLite file creates MLflow's tables: seen failing, without a
     lock, as "table ... already exists" or a CircularDependencyError in the process that lost."""

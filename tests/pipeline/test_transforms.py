@@ -11,6 +11,7 @@ from PIL import Image
 
 import jpegcrop
 from pipeline import transforms
+from pipeline.images import MAX_PIXELS
 from tests.data_trees import jpeg_bytes, picture
 
 MEAN = (0.5, 0.4, 0.3)
@@ -43,7 +44,7 @@ def test_cropped_decode_gives_the_pixels_of_a_full_decode(save):
             left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
             if i % 2:
                 left = left // 16 * 16  # on an iMCU boundary
-            region = np.frombuffer(jpegcrop.decode(jpeg, left, top, w, h, 1), np.uint8).reshape(h, w, 3)
+            region = np.frombuffer(jpegcrop.decode(jpeg, left, top, w, h, 1, MAX_PIXELS), np.uint8).reshape(h, w, 3)
             assert np.array_equal(region, full[top : top + h, left : left + w]), (width, height, left, top, w, h)
 
 
@@ -57,9 +58,9 @@ def test_cropped_decode_rejects_bad_input_with_a_reason():
     with pytest.raises(ValueError, match="Not a JPEG file"):
         transforms.decode(b"GIF89a not a jpeg")
     with pytest.raises(ValueError, match="outside the 64 x 48 image"):
-        jpegcrop.decode(jpeg, 60, 0, 10, 10, 1)
+        jpegcrop.decode(jpeg, 60, 0, 10, 10, 1, MAX_PIXELS)
     with pytest.raises(ValueError, match="valid: 1, 2, 4, 8"):
-        jpegcrop.decode(jpeg, 0, 0, 10, 10, 3)
+        jpegcrop.decode(jpeg, 0, 0, 10, 10, 3, MAX_PIXELS)
 
 
 def test_decode_resized_equals_cropping_and_resizing_the_full_decode():
@@ -89,7 +90,7 @@ def test_decode_resized_decodes_big_images_at_a_reduced_scale(monkeypatch):
     jpeg = photo(1200, 900)
     denominators = []
     decode = jpegcrop.decode
-    monkeypatch.setattr(jpegcrop, "decode", lambda *args: denominators.append(args[-1]) or decode(*args))
+    monkeypatch.setattr(jpegcrop, "decode", lambda *args: denominators.append(args[5]) or decode(*args))
     for box, expected in [((0, 0, 600, 600), 2), ((0, 0, 224 * 2 - 1, 224 * 2 - 1), 1), ((100, 0, 1100, 900), 4)]:
         got = transforms.decode_resized(jpeg, (1200, 900), box, (224, 224)).float()
         reference = full_decode(jpeg).crop(box).resize((224, 224), Image.Resampling.BILINEAR)

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline import checkpoints, records, tracking, tune
+from pipeline import checkpoints, tracking, tune
 from pipeline import params as params_module
 from pipeline.manifest import read_manifest
 from pipeline.params import EXECUTION_KEYS
+from pipeline.records import EpochMetrics, Trial
 from tests.conftest import REPO
-from tests.helpers import failed_trial, finished_trial, make_params
+from tests.helpers import attempts, failed_trial, finished_trial, make_params
 
 SHA = "a" * 64
 
@@ -102,66 +103,55 @@ def test_the_sweep_name_is_the_same_for_the_same_experiment_however_its_params_w
     assert name_with("paths.reports=/elsewhere", "paths.ray_storage=/tmp/ray", "mlflow.experiment=other") == name_with()
 
 
-def test_a_trials_params_and_label():
-    base = params_module.load(REPO / "params.yaml").model_dump(mode="json")
-    trial = tune.trial_params(base, 56, "C", "sweep-x-0001")
-    assert (trial.model.depth, trial.model.shortcut, trial.train.run_name) == (56, "C", "sweep-x-0001")
-    assert tune.trial_label("cifar", 56, "C") == "cifar_resnet56-C"
-
-
 def test_a_trials_params_are_the_sweeps_but_for_depth_shortcut_and_run_name():
     sweep_params = params_module.load(REPO / "params.yaml", ["train.lr=0.05", "model.bottleneck=v1.5"])
-    base = sweep_params.model_dump(mode="json")
-    before = copy.deepcopy(base)
-    trial = tune.trial_params(base, 56, "none", "sweep-x-0002")
-    assert base == before  # the config Tune hands every trial is left as it was
-    expected = copy.deepcopy(base)
+    before = sweep_params.model_dump(mode="json")
+    trial = tune.trial_params(sweep_params, Trial("cifar", 56, "none"), "sweep-x-plain-56")
+    assert sweep_params.model_dump(mode="json") == before  # the sweep's params are left as they were
+    expected = copy.deepcopy(before)
     expected["model"] |= {"depth": 56, "shortcut": "none"}
-    expected["train"]["run_name"] = "sweep-x-0002"
+    expected["train"]["run_name"] = "sweep-x-plain-56"
     assert trial.model_dump(mode="json") == expected
     assert isinstance(trial, params_module.Params)
 
 
-def test_a_trials_label_names_the_net_as_resnet_does_and_its_shortcut():
-    assert tune.trial_label("cifar", 20, "none") == "cifar_resnet20-none"
-    assert tune.trial_label("imagenet", 50, "B") == "resnet50-B"
+def test_a_tune_config_names_its_trial_and_carries_the_sweeps_setup(tmp_path):
+    setup = sweep_setup(make_params(tmp_path))
+    trial, carried = tune.trial_of({"depth": 56, "shortcut": "B", "sweep": setup.model_dump(mode="json")})
+    assert trial == Trial("cifar", 56, "B") and carried == setup
 
 
 def test_the_console_table_has_a_row_a_trial_and_names_a_failure():
     table = tune.format_table([finished_trial(20, "A", 0.02, 0.05), failed_trial(56, "B")]).splitlines()
-    assert table[0].split()[:2] == ["depth", "shortcut"] and len(table) == 4
-    assert table[2].split()[:2] == ["20", "A"] and "5.00%" in table[2] and "2.00%" in table[2]
-    assert table[3].split()[:3] == ["56", "B", "failed:"]
+    assert table[0].split()[:2] == ["trial", "params"] and len(table) == 4
+    assert table[2].split()[:2] == ["ResNet-20", "A"] and "5.00%" in table[2] and "2.00%" in table[2]
+    assert table[3].split()[:3] == ["ResNet-56", "B", "failed:"]
 
 
 def test_the_console_table_aligns_its_columns_and_gives_a_failures_cause_and_its_traceback_file():
     trials = [finished_trial(20, "none", 0.5, 0.55), finished_trial(110, "C", 0.0, 0.0123, num_params=1_734_000)]
     header, rule, *rows = tune.format_table([*trials, failed_trial(56, "A")]).splitlines()
     assert len(header) == len(rule) == len(rows[0]) == len(rows[1]) and set(rule) == {"-"}
-    assert rows[1].split() == ["110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s"]
+    assert rows[1].split() == ["ResNet-110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s"]
     # Right-aligned: each finished row's cells end where the header's columns end.
-    assert rows[0].index("20") + 2 == header.index("depth") + len("depth")
+    assert rows[0].index("plain-20") + len("plain-20") == header.index("trial") + len("trial")
     assert rows[2].endswith("failed: RayTaskError: worker died (traceback: /ray/sweep/trial-56-A/error.txt)")
-
-
-def test_a_record_from_before_trials_were_timed_leaves_the_overhead_cell_empty():
-    trial = finished_trial(20, "A", 0.02, 0.05)
-    del trial["overhead_s"]
-    assert records.table_row(trial)[-2:] == ["12 s", ""]
 
 
 def test_a_trials_times_reach_its_mlflow_run_wall_and_what_its_epochs_did_not_take(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.Store(uri, budget_s=10)
     experiment = tracking.experiment_id(client, "resnet")
-    run_id = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: "sweep-1-t1"}).info.run_id
-    times, trial = tune.TrialTimes(client, experiment, "sweep-1"), SimpleNamespace(trial_id="t1")
+    trial = Trial("cifar", 20, "A")
+    run_id = client.create_run(experiment, tags={tracking.RUN_NAME_TAG: trial.run_name("sweep-1")}).info.run_id
+    config = {"depth": 20, "shortcut": "A", "sweep": sweep_setup(make_params(tmp_path), "sweep-1").model_dump(mode="json")}
+    times, tune_trial = tune.TrialTimes(client, experiment, "sweep-1"), SimpleNamespace(trial_id="t1", config=config)
     times.clock = iter([100.0, 130.5]).__next__  # the driver's clock at the trial's start and end
-    times.on_trial_start(0, [], trial)
+    times.on_trial_start(0, [], tune_trial)
     for seconds in (10.0, 12.0):
-        times.on_trial_result(0, [], trial, {"epoch_time_s": seconds, "val_top1_error": 0.1})
-    times.on_trial_result(0, [], trial, {"done": True})  # Tune's own final result has no epoch
-    times.on_trial_complete(0, [], trial)
+        times.on_trial_result(0, [], tune_trial, {"epoch_time_s": seconds, "val_top1_error": 0.1})
+    times.on_trial_result(0, [], tune_trial, {"done": True})  # Tune's own final result has no epoch
+    times.on_trial_complete(0, [], tune_trial)
     assert client.get_run(run_id).data.metrics == {"wall_time_s": 30.5, "overhead_s": 8.5}
 
 
@@ -173,17 +163,25 @@ def test_the_driver_completes_a_trial_run_its_trial_could_not_from_the_trials_ch
     errors = [0.5, 0.2, 0.2, 0.3]
     losses = [1.0, 0.6, 0.4, 0.7]  # epochs 1 and 2 tie on error; 2 has the lower loss
     history = [
-        {"epoch": e, records.METRIC: errors[e], "val_loss": losses[e], "train_loss": 1.0 - e / 10} for e in range(4)
-    ]
+        EpochMetrics(
+            epoch=e, train_loss=1.0 - e / 10, train_top1_error=0.1, val_top1_error=errors[e], val_top5_error=0.0,
+            val_loss=losses[e], lr=0.1, images_per_s=100.0, epoch_time_s=1.0,
+        )
+        for e in range(4)
+    ]  # fmt: skip
+    net = checkpoints.ModelArgs(name="cifar_resnet8", shortcut="A", num_classes=10, bottleneck="v1", zero_init_residual=False)
     rows = []
     for epoch in range(4):
         folder = tmp_path / f"checkpoint_{epoch}"
         folder.mkdir()
-        checkpoints.save(folder, {"epoch": epoch, "history": history[: epoch + 1]})
-        rows.append({**history[epoch], "checkpoint_path": str(folder), "trial_id": "t1"})
-    rows.append({**history[3], "checkpoint_path": None})  # a resumed trial's report again, without one
+        state = checkpoints.CheckpointState(
+            model_args=net, model={}, optimizer={}, schedule={}, epoch=epoch, history=history[: epoch + 1], mean=[0.5] * 3
+        )
+        checkpoints.save(folder, state)
+        rows.append({**history[epoch].model_dump(), "checkpoint_path": str(folder), "trial_id": "t1"})
+    rows.append({**history[3].model_dump(), "checkpoint_path": None})  # a resumed trial's report again, without one
     for entry in history[:2]:  # what the trial wrote before its store went away
-        store.log_batch(run_id, metrics=tracking.epoch_metrics(entry["epoch"], entry, 0))
+        store.log_batch(run_id, metrics=tracking.epoch_metrics(entry.epoch, entry.model_dump(exclude={"epoch"}), 0))
 
     tune.complete_trial_run(store, run_id, rows, None)
     tune.complete_trial_run(store, run_id, rows, None)  # a rerun finds nothing left to write
@@ -199,13 +197,23 @@ def test_the_driver_completes_a_trial_run_its_trial_could_not_from_the_trials_ch
 TRIALS_AT_ONCE = 4
 
 
-def open_trial_when_released(config: dict, trial_id: str, barrier, results) -> None:
+SHORTCUTS_AT_ONCE = ["none", "A", "B", "C"]
+
+
+def sweep_setup(params, name: str = "sweep-x") -> tune.SweepSetup:
+    return tune.SweepSetup(
+        params=params, sweep=name, tracking_uri=params.mlflow.tracking_uri, parent_run_id="p",
+        manifest_sha256="0" * 64, data_source="digits", git_commit="test", num_classes=10,
+    )  # fmt: skip
+
+
+def open_trial_when_released(trial: Trial, setup: tune.SweepSetup, barrier, results) -> None:
     barrier.wait()
     try:
-        tune.open_trial_run(config, trial_id)
-        results.put((trial_id, "opened"))
+        tune.open_trial_run(trial, setup)
+        results.put((trial.key, "opened"))
     except Exception as e:  # noqa: BLE001 (the test reports whichever failed, and how)
-        results.put((trial_id, tracking.one_line(e)))
+        results.put((trial.key, tracking.one_line(e)))
 
 
 def sweep_config(params, name: str, log_dataset_first: bool, results) -> None:
@@ -218,43 +226,42 @@ def sweep_config(params, name: str, log_dataset_first: bool, results) -> None:
         return
     store = tracking.store(params)
     parent = tracking.start_or_resume_run(store, params, name, {}, commit="test", source="pipeline.tune")
-    results.put({
-        "params": params.model_dump(mode="json"), "sweep": name, "tracking_uri": store.uri, "parent_run_id": parent,
-        "manifest_sha256": sha, "data_source": manifest["source"], "git_commit": "test", "num_classes": 10,
-    })  # fmt: skip
+    setup = sweep_setup(params, name).model_copy(
+        update={"tracking_uri": store.uri, "parent_run_id": parent, "manifest_sha256": sha, "data_source": manifest.source}
+    )
+    results.put(setup)
 
 
 @pytest.mark.parametrize("log_dataset_first", [True, False], ids=["as-the-sweep-does", "racing-for-the-dataset"])
-@pytest.mark.parametrize("attempt", range(5))
+@pytest.mark.parametrize("attempt", attempts(5))
 def test_trials_that_start_at_once_on_a_new_store_all_open_their_runs(
     tmp_path, digit_shards, log_dataset_first, attempt
 ):
     fork = multiprocessing.get_context("fork")
     params = make_params(
-        tmp_path, f"paths.shards={digit_shards}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'new.db'}"
+        tmp_path, f"paths.shards={digit_shards}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'new.db'}", "model.depth=8"
     )
     results = fork.Queue()
     driver = fork.Process(target=sweep_config, args=(params, f"sweep-{attempt}", log_dataset_first, results))
     driver.start()
-    config = results.get(timeout=120)
+    setup = results.get(timeout=120)
     driver.join()
-    config["depth"], config["shortcut"] = 8, "A"
-    barrier = fork.Barrier(TRIALS_AT_ONCE)
+    barrier = fork.Barrier(len(SHORTCUTS_AT_ONCE))
     trials = [
-        fork.Process(target=open_trial_when_released, args=(config, f"trial-{i}", barrier, results))
-        for i in range(TRIALS_AT_ONCE)
+        fork.Process(target=open_trial_when_released, args=(Trial("cifar", 8, shortcut), setup, barrier, results))
+        for shortcut in SHORTCUTS_AT_ONCE
     ]
     for trial in trials:
         trial.start()
     outcomes = dict(results.get(timeout=120) for _ in trials)
     for trial in trials:
         trial.join()
-    assert outcomes == {f"trial-{i}": "opened" for i in range(TRIALS_AT_ONCE)}
-    store = tracking.Store(config["tracking_uri"], budget_s=10)
+    assert outcomes == {Trial("cifar", 8, s).key: "opened" for s in SHORTCUTS_AT_ONCE}
+    store = tracking.Store(setup.tracking_uri, budget_s=10)
     runs = store.search_runs([store.get_experiment_by_name("resnet").experiment_id])
-    assert len(runs) == TRIALS_AT_ONCE + 1  # the trials' and the sweep's, each once
-    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == config["parent_run_id"]]
-    assert [len(r.inputs.dataset_inputs) for r in trial_runs] == [1] * TRIALS_AT_ONCE
+    assert len(runs) == len(SHORTCUTS_AT_ONCE) + 1  # the trials' and the sweep's, each once
+    trial_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == setup.parent_run_id]
+    assert [len(r.inputs.dataset_inputs) for r in trial_runs] == [1] * len(SHORTCUTS_AT_ONCE)
     assert {(i.dataset.name, i.dataset.digest) for r in runs for i in r.inputs.dataset_inputs} == {
-        ("digits-shards", config["manifest_sha256"][:36])
+        ("digits-shards", setup.manifest_sha256[:36])
     }

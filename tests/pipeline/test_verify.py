@@ -13,10 +13,10 @@ import numpy as np
 from pipeline import shard, verify
 from pipeline.manifest import read_manifest
 from tests.data_trees import jpeg_bytes, picture
-from tests.helpers import make_params, run_stage
+from tests.helpers import make_params
 
 
-def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
+def test_verify_passes_then_catches_a_corrupted_shard(tmp_path, run_stage):
     overrides = ["--set", f"paths.shards={tmp_path / 'shards'}", "--set", f"paths.metrics={tmp_path / 'metrics'}"]
     assert run_stage("shard", *overrides).returncode == 0
     ok = run_stage("verify", *overrides)
@@ -37,7 +37,7 @@ def test_verify_passes_then_catches_a_corrupted_shard(tmp_path):
     assert bad.stderr.strip().splitlines()[-1].startswith("verify: FAILED")
 
 
-def test_verify_without_a_manifest_is_an_error(tmp_path):
+def test_verify_without_a_manifest_is_an_error(tmp_path, run_stage):
     (tmp_path / "shards" / "train").mkdir(parents=True)
     result = run_stage("verify", "--set", f"paths.shards={tmp_path / 'shards'}")
     assert result.returncode == 2
@@ -50,9 +50,13 @@ def test_verify_without_a_manifest_is_an_error(tmp_path):
 def test_verify_counts_samples_by_key(tmp_path):
     shard.shard(make_params(tmp_path))
     manifest = read_manifest(str(tmp_path / "shards"))
-    manifest["splits"]["val"]["shards"][0]["num_samples"] += 1
-    problems = verify.verify(tmp_path / "shards", manifest)
-    assert any("samples, manifest says" in p for p in problems)
+    val = manifest.splits["val"]
+    first = val.shards[0]
+    shards = [first.model_copy(update={"num_samples": first.num_samples + 1}), *val.shards[1:]]
+    splits = {**manifest.splits, "val": val.model_copy(update={"shards": shards})}
+    problems = verify.verify(tmp_path / "shards", manifest.model_copy(update={"splits": splits}))
+    path, count = tmp_path / "shards" / first.name, first.num_samples
+    assert f"{path}: {count} samples, manifest says {count + 1}" in problems
 
 
 def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
@@ -69,7 +73,7 @@ def test_verify_names_a_label_of_thousands_of_digits(tmp_path):
     assert count == 1 and problems == [f"{path}: sample a: label {'9' * 5000!r} not in 0..9"]
 
 
-def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_server, tmp_path):
+def test_verify_checks_shards_on_s3_as_the_loader_reads_them(digit_shards, s3_server, tmp_path, run_stage):
     import s3fs
 
     fs = s3fs.S3FileSystem()
@@ -104,12 +108,12 @@ def test_verify_names_local_shards_as_pathlib_does_and_lists_them_without_globbi
     (shards / "train" / "shard-999999.tar").write_bytes(b"")
     (shards / "val" / "shard-000000.tar").unlink()
     manifest = read_manifest(str(shards))
-    val = manifest["splits"]["val"]
-    left = val["num_samples"] - val["shards"][0]["num_samples"]
+    val = manifest.splits["val"]
+    left = val.num_samples - val.shards[0].num_samples
     monkeypatch.chdir(tmp_path)
     assert verify.verify("./run[1]/shards/", manifest) == [
         "run[1]/shards/val/shard-000000.tar: missing",
-        f"val: shards hold {left} samples, manifest says {val['num_samples']}",
+        f"val: shards hold {left} samples, manifest says {val.num_samples}",
         "run[1]/shards/train/shard-999999.tar: a shard the manifest does not list",
     ]
 
@@ -141,5 +145,5 @@ def test_verify_downloads_each_shard_on_s3_once(digit_shards, s3_server, monkeyp
         assert verify.verify("s3://verify-once/shards", manifest) == []
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
-    names = [entry["name"] for split in manifest["splits"].values() for entry in split["shards"]]
+    names = [entry.name for split in manifest.splits.values() for entry in split.shards]
     assert reads == Counter(f"verify-once/shards/{name}" for name in names)

@@ -1,0 +1,65 @@
+"""A training worker's epoch, without Ray: one rank in a real gloo process group, its net in
+DDP as `ray.train.torch.prepare_model` wraps it, on the digit shards. (The whole worker under
+Ray Train: tests/integration/test_train.py.)"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import checkpoints, recipe, worker
+from pipeline.manifest import read_manifest
+from pipeline.records import EpochMetrics
+from tests.helpers import make_params
+
+
+def one_rank_group() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def rank_state(tmp_path: Path, shards: Path, ddp: bool) -> worker.RankState:
+    """What `worker.set_up` makes on rank 0 of 1, on the CPU."""
+    params = make_params(tmp_path, f"paths.shards={shards}", "model.depth=8", "train.batch_size=64", "train.epochs=2")
+    manifest = read_manifest(params.paths.shards)
+    torch.manual_seed(params.train.seed)
+    net = checkpoints.build_model(params, len(manifest.classes))
+    model = DistributedDataParallel(net) if ddp else net
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.base_lr(params), momentum=0.9, weight_decay=1e-4)
+    setup = worker.RunSetup(params=params, mlflow_run_id="r", tracking_uri="sqlite:///unused.db", say_epochs=False)
+    return worker.RankState(
+        params, setup, 0, 1, torch.device("cpu"), manifest, net, model, optimizer, recipe.schedule(params)
+    )
+
+
+def test_one_epoch_in_a_one_rank_gloo_group_is_the_epoch_without_one(tmp_path, digit_shards):
+    """DDP's gradient all-reduce and the metrics' `all_reduce_sum` over one rank change nothing."""
+    one_rank_group()
+    try:
+        in_group = worker.train_epoch(rank_state(tmp_path, digit_shards, ddp=True), 0)
+    finally:
+        dist.destroy_process_group()
+    alone = worker.train_epoch(rank_state(tmp_path, digit_shards, ddp=False), 0)
+
+    assert isinstance(in_group, EpochMetrics) and in_group.epoch == 0
+    for key in ("train_loss", "train_top1_error", "val_top1_error", "val_top5_error", "val_loss", "lr"):
+        assert getattr(in_group, key) == pytest.approx(getattr(alone, key), rel=1e-5), key
+    assert 0 < in_group.val_top5_error <= in_group.val_top1_error < 1 and in_group.train_loss > 0
+    assert in_group.images_per_s > 0 and in_group.epoch_time_s > 0
+
+
+def test_the_epoch_line_says_what_a_person_needs():
+    metrics = EpochMetrics(
+        epoch=2, train_loss=0.5, train_top1_error=0.125, val_top1_error=0.25, val_top5_error=0.0625, val_loss=0.7,
+        lr=0.01, images_per_s=1234.4, epoch_time_s=1.26,
+    )  # fmt: skip
+    assert worker.epoch_line(metrics, 45) == (
+        "epoch 3/45  lr 0.01  train loss 0.5000  train err 12.50%  val err 25.00% (top-5 6.25%)  1234 img/s  1.3 s"
+    )
