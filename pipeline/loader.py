@@ -9,6 +9,12 @@ stops at the number of full batches the poorest rank can make (`batches_per_epoc
 other ranks skip this epoch, another shard order brings next epoch. Each DataLoader worker
 decodes only its share of those batches (`worker_batch_quotas`).
 
+An epoch resumes mid-way exactly (`Resume`, from a step checkpoint): every worker reads its
+samples again up to where the checkpoint was taken, without decoding them, then takes back the
+torch RNG state it had there (the random crops are drawn from it), and the DataLoader's turn
+starts at the worker whose batch came next. The batches that follow are those an uninterrupted
+run makes.
+
 Samples are decoded from their `.jpg` and `.cls` members only: no member is ever unpickled.
 Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those through fsspec.
 """
@@ -17,12 +23,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
 from pipeline.buffers import BatchBuffers
 from pipeline.errors import UsageError
@@ -127,6 +134,43 @@ def worker_batch_quotas(counts: list[int], batch_size: int, num_batches: int) ->
     return quotas
 
 
+def round_robin(quotas: list[int], steps: int) -> tuple[list[int], int]:
+    """After `steps` batches taken in DataLoader's order (one from each worker in turn, a worker
+    with its quota made skipped): the batches each worker made, and the worker whose turn is next."""
+    if steps > sum(quotas):
+        raise ValueError(f"{steps} batches taken from workers with quotas {quotas}")
+    made, turn = [0] * len(quotas), 0
+    while sum(made) < steps:
+        if made[turn] < quotas[turn]:
+            made[turn] += 1
+        turn = (turn + 1) % len(quotas)
+    return made, turn
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a rank's train loader was when a step checkpoint was taken: batches taken this
+    epoch, and each loader worker's torch RNG state after its last batch taken (None: it had
+    made none). With no loader workers the training process loads, and its own RNG state, which
+    the checkpoint keeps, covers the transforms."""
+
+    steps: int
+    worker_rng: list[bytes | None] = field(default_factory=list)
+
+
+def loader_worker(offset: int) -> int:
+    """The worker this DataLoader process plays: its id, turned by `offset` when an epoch
+    resumes at another worker's turn (DataLoader starts its turns at process 0)."""
+    info = get_worker_info()
+    return (info.id + offset) % info.num_workers if info else 0
+
+
+def split_by_worker(urls: Iterator[dict], offset: int) -> Iterator[dict]:
+    """`wds.split_by_worker`, by the worker this process plays."""
+    info = get_worker_info()
+    return islice(urls, loader_worker(offset), None, info.num_workers) if info else urls
+
+
 def decode(sample: dict[str, bytes | str], transform: Transform) -> tuple[torch.Tensor, int]:
     try:
         jpeg, label = sample["jpg"], int(sample["cls"])
@@ -147,40 +191,88 @@ def split_by_rank(urls: Iterator[dict], rank: int, world_size: int) -> Iterator[
     return islice(urls, rank, None, world_size)
 
 
-def seeded_shuffle(samples: Iterator[dict], seed: int, epoch: int, rank: int, bufsize: int) -> Iterator[dict]:
-    info = get_worker_info()
-    rng = random.Random(f"samples:{seed}:{epoch}:{rank}:{info.id if info else 0}")
+def seeded_shuffle(
+    samples: Iterator[dict], seed: int, epoch: int, rank: int, bufsize: int, offset: int
+) -> Iterator[dict]:
+    rng = random.Random(f"samples:{seed}:{epoch}:{rank}:{loader_worker(offset)}")
     return wds.shuffle(bufsize, min(bufsize, 100), rng=rng)(samples)
 
 
-def take_quota(samples: Iterator[dict], quotas: list[int], batch_size: int) -> Iterator[dict]:
+def take_quota(samples: Iterator[dict], quotas: list[int], batch_size: int, offset: int) -> Iterator[dict]:
     """A worker's share of the epoch's batches: it decodes no sample that no batch will use, and
     is done, not mid-batch, when the training process has its last batch."""
+    return islice(samples, quotas[loader_worker(offset)] * batch_size)
+
+
+def skip_made(
+    samples: Iterator[dict], made: list[int], worker_rng: list[bytes | None], batch_size: int, offset: int
+) -> Iterator[dict]:
+    """Resuming: pass over the samples of the batches this worker made before the checkpoint,
+    undecoded, then draw on from the RNG state it had after them (or, having made none, from
+    the seed DataLoader gives the process that plays it: its base seed plus the worker id)."""
+    worker = loader_worker(offset)
+    samples = iter(samples)
+    for _ in islice(samples, made[worker] * batch_size):
+        pass
     info = get_worker_info()
-    return islice(samples, quotas[info.id if info else 0] * batch_size)
+    if info is not None:
+        state = worker_rng[worker] if worker < len(worker_rng) else None
+        if state is None:
+            torch.manual_seed(info.seed - info.id + worker)
+        else:
+            torch.set_rng_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    yield from samples
+
+
+class TrackedCollate:
+    """The batch, and which worker made it with what RNG state after it (None in the training
+    process, whose RNG a checkpoint keeps whole): what a step checkpoint records."""
+
+    def __init__(self, collate, offset: int) -> None:
+        self.collate, self.offset = collate, offset
+
+    def __call__(self, samples: list) -> tuple:
+        info = get_worker_info()
+        state = torch.get_rng_state().numpy().tobytes() if info else None
+        return (*self.collate(samples), loader_worker(self.offset), state)
+
+
+def plain_collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`BatchBuffers.collate`'s (images, labels, buffer) where there are no buffers (-1)."""
+    images, labels = default_collate(samples)
+    return images, labels, -1
 
 
 class Batches:
     """An epoch of batches: `num_batches` of them in training (the workers' quotas add up to
-    it), every sample's in evaluation (None)."""
+    it; a resumed epoch yields those after `resume.steps`), every sample's in evaluation (None).
+    `position()` says where it is, for a step checkpoint."""
 
-    def __init__(self, loader: DataLoader, num_batches: int | None, buffers: BatchBuffers | None) -> None:
+    def __init__(
+        self, loader: DataLoader, num_batches: int | None, buffers: BatchBuffers | None, resume: Resume
+    ) -> None:
         self.loader = loader
         self.num_batches = num_batches
         self.buffers = buffers
+        self.steps = resume.steps
+        self.worker_rng = list(resume.worker_rng) or [None] * max(loader.num_workers, 1)
 
     def __iter__(self) -> Iterator:
-        if self.buffers is None:
-            return iter(self.loader)
-        self.buffers.start_pass()
-        return self._through_buffers(iter(self.loader))
-
-    def _through_buffers(self, batches: Iterator) -> Iterator:
-        for images, labels, buffer in batches:
-            self.buffers.received(images, buffer)
+        if self.buffers is not None:
+            self.buffers.start_pass()
+        for images, labels, buffer, worker, rng in self.loader:
+            if self.buffers is not None:
+                self.buffers.received(images, buffer)
+            self.steps += 1
+            self.worker_rng[worker] = rng
             yield images, labels
             del images  # the caller's reference is the one that counts
-            self.buffers.release()
+            if self.buffers is not None:
+                self.buffers.release()
+
+    def position(self) -> Resume:
+        """Where the batches taken so far leave this epoch: what resuming after them needs."""
+        return Resume(self.steps, list(self.worker_rng))
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -215,9 +307,10 @@ def make_loader(
     manifest: Manifest | None = None,
     pin_memory: bool = False,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    resume: Resume | None = None,
 ) -> Batches:
-    """This rank's batches of one epoch. Train: shuffled, equal batch count on every rank.
-    Eval: every sample once across the ranks (sum their metrics)."""
+    """This rank's batches of one epoch. Train: shuffled, equal batch count on every rank, from
+    `resume` on if given. Eval: every sample once across the ranks (sum their metrics)."""
     manifest = manifest or read_manifest(shards)
     shard_files = manifest.shard_list(shards, split)
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()  # torch.distributed's, or RANK/WORLD_SIZE
@@ -228,22 +321,28 @@ def make_loader(
             f"{split}: {len(shard_files)} shards for {world_size} ranks; shard with a smaller shard.maxcount"
         )
 
-    stages = [
-        wds.SimpleShardList([url for url, _ in shard_files]),
-        partial(split_by_rank, rank=rank, world_size=world_size),
-        wds.split_by_worker,
-        tar_samples,
-        partial(whole_shards, counts=dict(shard_files)),
-    ]
-
-    num_batches = None
+    resume = resume or Resume(0)
+    num_batches, made, offset = None, [], 0
     if train:
         num_batches = batch_count(shard_files, split, world_size, num_workers, batch_size)
         quotas = worker_batch_quotas(
             worker_sample_counts([n for _, n in shard_files], rank, world_size, num_workers), batch_size, num_batches
         )
-        stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer))
-        stages.append(partial(take_quota, quotas=quotas, batch_size=batch_size))
+        made, offset = round_robin(quotas, resume.steps)
+    stages = [
+        wds.SimpleShardList([url for url, _ in shard_files]),
+        partial(split_by_rank, rank=rank, world_size=world_size),
+        partial(split_by_worker, offset=offset),
+        tar_samples,
+        partial(whole_shards, counts=dict(shard_files)),
+    ]
+    if train:
+        stages.append(partial(seeded_shuffle, seed=seed, epoch=epoch, rank=rank, bufsize=shuffle_buffer, offset=offset))
+        stages.append(partial(take_quota, quotas=quotas, batch_size=batch_size, offset=offset))
+        if resume.steps:
+            stages.append(
+                partial(skip_made, made=made, worker_rng=resume.worker_rng, batch_size=batch_size, offset=offset)
+            )
     stages.append(wds.map(partial(decode, transform=transform)))
 
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
@@ -257,6 +356,6 @@ def make_loader(
         pin_memory=pin_memory,
         generator=generator,
         persistent_workers=False,
-        collate_fn=buffers.collate if buffers else None,
+        collate_fn=TrackedCollate(buffers.collate if buffers else plain_collate, offset),
     )
-    return Batches(loader, num_batches, buffers)
+    return Batches(loader, num_batches, buffers, resume)

@@ -69,6 +69,47 @@ def test_train_epoch_is_reproducible_and_reshuffled(digit_shards, single_process
     assert labels(1) != first
 
 
+def test_round_robin_follows_dataloaders_turns_past_a_worker_whose_quota_is_made():
+    assert loader.round_robin([3, 1], 0) == ([0, 0], 0)
+    assert loader.round_robin([3, 1], 2) == ([1, 1], 0)
+    assert loader.round_robin([3, 1], 3) == ([2, 1], 1)  # worker 1's turn: it has none left, so 0 comes next
+    assert loader.round_robin([3, 1], 4) == ([3, 1], 1)
+    assert loader.round_robin([2, 2, 2], 4) == ([2, 1, 1], 1)
+    with pytest.raises(ValueError):
+        loader.round_robin([3, 1], 5)
+
+
+def batches_with_positions(batches: loader.Batches) -> tuple[list, list, list]:
+    """Every batch of an epoch, where the loader was after each, and the training process's RNG
+    state then (what a step checkpoint taken after that batch keeps)."""
+    taken, positions, rng = [], [], []
+    for images, labels in batches:
+        taken.append((images.clone(), labels.clone()))
+        positions.append(batches.position())
+        rng.append(torch.get_rng_state())
+    return taken, positions, rng
+
+
+# ranks x loader workers: the digits' 6 train shards give the workers unequal quotas.
+@pytest.mark.parametrize(("rank", "world_size", "num_workers"), [(0, 1, 0), (0, 1, 2), (1, 2, 2), (0, 1, 3)])
+def test_an_epoch_resumed_after_any_batch_makes_the_batches_of_an_uninterrupted_one(
+    digit_shards, monkeypatch, rank, world_size, num_workers
+):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    torch.manual_seed(7)  # with no loader workers, the training process draws the crops
+    whole, positions, rng = batches_with_positions(digits_loader(digit_shards, epoch=3, num_workers=num_workers))
+    assert len(whole) > 8
+    for step in sorted({1, 2, 3, len(whole) // 2 + 1, len(whole) - 1}):
+        torch.set_rng_state(rng[step - 1])  # as a resumed run restores it from the checkpoint
+        resumed = digits_loader(digit_shards, epoch=3, num_workers=num_workers, resume=positions[step - 1])
+        rest, rest_positions, _ = batches_with_positions(resumed)
+        assert len(rest) == len(resumed) - step
+        for (images, labels), (images_then, labels_then) in zip(rest, whole[step:], strict=True):
+            assert torch.equal(labels, labels_then) and torch.equal(images, images_then), f"after step {step}"
+        assert rest_positions[-1] == positions[-1]
+
+
 def test_eval_reads_every_sample_once(digit_shards, single_process):
     batches = list(digits_loader(digit_shards, train=False))
     x, _ = batches[0]
