@@ -2,7 +2,9 @@
 
 A checkpoint is a folder (Ray Train's) holding one `checkpoint.pt`: the net's constructor
 arguments and weights, and, for resuming, the optimizer, the lr schedule, the epoch and the
-history of per-epoch metrics. Only tensors and plain data: `torch.load(weights_only=True)`
+history of per-epoch metrics. A step checkpoint, taken mid-epoch (`train.checkpoint_every_steps`),
+holds how far into the next epoch it is too (`EpochProgress`), so that a run resumed from it trains
+on the batches an uninterrupted run would have. Only tensors and plain data: `torch.load(weights_only=True)`
 reads it, so a checkpoint from elsewhere cannot run code.
 """
 
@@ -48,10 +50,26 @@ class ModelArgs(Record):
         return resnet.build(**self.model_dump())
 
 
+class EpochProgress(Record):
+    """How far a step checkpoint is into the epoch after `CheckpointState.epoch`: the batches
+    every rank has taken, the epoch's sums so far over all ranks, and the random state each
+    rank's training process and loader workers had (`loader.Resume`)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
+    steps: int
+    loss_sum: float
+    errors: float
+    seen: float
+    rank_rng: list[torch.Tensor]  # torch.get_rng_state() of each rank's training process
+    rank_cuda_rng: list[torch.Tensor | None]  # and of its GPU
+    loader_rng: list[list[bytes | None]]  # each rank's loader workers' (loader.Resume.worker_rng)
+
+
 class CheckpointState(Record):
     """What a checkpoint holds: the net (its arguments and weights), and what resuming needs (the
-    optimizer, the lr schedule, the last epoch done, the history of every epoch so far, the
-    train split's channel means the net was trained with)."""
+    optimizer, the lr schedule, the last epoch done (-1: none yet), the history of every epoch
+    so far, the train split's channel means the net was trained with; for a step checkpoint, how
+    far into the next epoch it is)."""
 
     SCHEMA: ClassVar[int] = 1
     model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
@@ -63,6 +81,7 @@ class CheckpointState(Record):
     epoch: int
     history: list[EpochMetrics]
     mean: list[float]
+    progress: EpochProgress | None = None
 
 
 def build_model(params: Params, num_classes: int) -> torch.nn.Module:

@@ -21,11 +21,13 @@ Shards may be local paths or `s3://` (any fsspec URL): WebDataset opens those th
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
+from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -243,19 +245,37 @@ def plain_collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor
     return images, labels, -1
 
 
+BATCH_LOG_ENV = "RESNET_BATCH_LOG"
+
+
+def batch_hash(images: torch.Tensor, labels: torch.Tensor) -> str:
+    return hashlib.sha256(labels.numpy().tobytes() + images.contiguous().numpy().tobytes()).hexdigest()
+
+
 class Batches:
     """An epoch of batches: `num_batches` of them in training (the workers' quotas add up to
     it; a resumed epoch yields those after `resume.steps`), every sample's in evaluation (None).
-    `position()` says where it is, for a step checkpoint."""
+    `position()` says where it is, for a step checkpoint.
+
+    With `log` (a training run's ranks set it from $RESNET_BATCH_LOG), each batch taken appends
+    a line to it: epoch, step, and the sha256 of the batch's labels and pixels. Two runs took
+    the same batches exactly when their logs agree; a step a resumed run takes again is logged
+    again, with its hash."""
 
     def __init__(
-        self, loader: DataLoader, num_batches: int | None, buffers: BatchBuffers | None, resume: Resume
+        self,
+        loader: DataLoader,
+        num_batches: int | None,
+        buffers: BatchBuffers | None,
+        resume: Resume,
+        log: tuple[Path, int] | None = None,
     ) -> None:
         self.loader = loader
         self.num_batches = num_batches
         self.buffers = buffers
         self.steps = resume.steps
         self.worker_rng = list(resume.worker_rng) or [None] * max(loader.num_workers, 1)
+        self.log = log  # (file, epoch)
 
     def __iter__(self) -> Iterator:
         if self.buffers is not None:
@@ -265,6 +285,10 @@ class Batches:
                 self.buffers.received(images, buffer)
             self.steps += 1
             self.worker_rng[worker] = rng
+            if self.log is not None:
+                path, epoch = self.log
+                with path.open("a") as log:
+                    log.write(f"{epoch} {self.steps} {batch_hash(images, labels)}\n")
             yield images, labels
             del images  # the caller's reference is the one that counts
             if self.buffers is not None:
@@ -308,6 +332,7 @@ def make_loader(
     pin_memory: bool = False,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     resume: Resume | None = None,
+    log: Path | None = None,
 ) -> Batches:
     """This rank's batches of one epoch. Train: shuffled, equal batch count on every rank, from
     `resume` on if given. Eval: every sample once across the ranks (sum their metrics)."""
@@ -358,4 +383,4 @@ def make_loader(
         persistent_workers=False,
         collate_fn=TrackedCollate(buffers.collate if buffers else plain_collate, offset),
     )
-    return Batches(loader, num_batches, buffers, resume)
+    return Batches(loader, num_batches, buffers, resume, (log, epoch) if log else None)

@@ -51,6 +51,7 @@ EXECUTION_KEYS = {
         "compile",
         "max_failures",
         "checkpoints_to_keep",
+        "checkpoint_every_steps",
         "run_name",
     ),
     "tune": ("max_concurrent_trials", "name", "max_failures"),
@@ -142,6 +143,7 @@ class Train(Section):
     cpus_per_worker: int = Field(ge=1)
     loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
     checkpoints_to_keep: int = Field(ge=1)
+    checkpoint_every_steps: int | None = Field(ge=1)  # null: at each epoch's end only
     run_name: str | None  # null: derived from the config, so the same command resumes
     compile: bool  # torch.compile the model (GPU runs)
 

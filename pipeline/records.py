@@ -23,6 +23,7 @@ from pipeline.errors import UsageError
 
 METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
 CHECKPOINT_SCORE = "val_rank_score"  # `val_rank` as the one number Ray Train ranks checkpoints by
+STEPS_INTO_EPOCH = "steps_into_epoch"  # in a step checkpoint's report: a report of no epoch, which Tune does not see
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 
 

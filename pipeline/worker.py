@@ -6,19 +6,27 @@ epoch line and writes MLflow, from a thread of its own (`tracking.RunWriter`): a
 slow or away never holds up a step. A rerun with the same run name, or Ray's restart after a worker
 dies (`train.max_failures`), continues from the latest checkpoint; per-epoch seeds derive from
 (train.seed, epoch, rank), so the resumed run draws the same random numbers it would have.
+
+With `train.checkpoint_every_steps`, every rank also stops every that many steps for a step
+checkpoint: the epoch's sums so far, and every rank's random state and loader position. A run
+resumed from one goes on mid-epoch with the batches, crops and lr an uninterrupted run would have
+had (`loader.Resume`), so a lost node costs the steps since it rather than the epoch.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,9 +39,10 @@ from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint
 
 from pipeline import checkpoints, loader, recipe, tracking, transforms
+from pipeline.errors import UsageError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import Params
-from pipeline.records import CHECKPOINT_SCORE, EpochMetrics, val_rank_score
+from pipeline.records import CHECKPOINT_SCORE, STEPS_INTO_EPOCH, EpochMetrics, val_rank_score
 from pipeline.scoring import score
 
 
@@ -51,22 +60,35 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+@dataclass
+class EpochSums:
+    """A training epoch's running sums on this rank (a resumed epoch's rank 0 starts from those
+    of every rank at the step checkpoint)."""
+
+    loss_sum: float = 0.0
+    errors: float = 0.0
+    seen: float = 0.0
+
+
 def run_epoch(
     model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: loader.Batches,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     mean: list[float],
     lighting: bool,
     autocast: AbstractContextManager,
     lr_at: Callable[[float], float],
-) -> tuple[float, float, int]:
-    """One training epoch on this rank: (sum of losses, number of errors, samples). `lr_at`
-    gives each step's lr from how far through the epoch it is (0..1]: a warm-up moves per step."""
+    sums: EpochSums,
+    at_step: Callable[[int], None] = lambda steps: None,
+) -> EpochSums:
+    """One training epoch on this rank, from the batch `batches` resumes at, added to `sums`.
+    `lr_at` gives each step's lr from how far through the epoch it is (0..1]: a warm-up moves
+    per step. `at_step(steps)` is called after each step (a step checkpoint's chance)."""
     model.train()
-    loss_sum, errors, seen, images = 0.0, 0, 0, None
+    images = None
     steps = len(batches)
-    for step, (pixels, labels) in enumerate(batches):
+    for step, (pixels, labels) in enumerate(batches, start=batches.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at((step + 1) / steps)
         # The last step's input buffer is reused: its backward pass is done.
@@ -78,10 +100,11 @@ def run_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(labels)
-        errors += (logits.argmax(1) != labels).sum().item()
-        seen += len(labels)
-    return loss_sum, errors, seen
+        sums.loss_sum += loss.item() * len(labels)
+        sums.errors += (logits.argmax(1) != labels).sum().item()
+        sums.seen += len(labels)
+        at_step(step + 1)
+    return sums
 
 
 RAY_TRAIN_REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
@@ -126,6 +149,7 @@ class RankState:
     schedule: recipe.Schedule
     history: list[EpochMetrics] = field(default_factory=list)
     start_epoch: int = 0
+    progress: checkpoints.EpochProgress | None = None  # into start_epoch, from a step checkpoint
     writer: tracking.RunWriter | None = None  # rank 0's
 
     @property
@@ -169,7 +193,12 @@ def restore(state: RankState) -> None:
     state.net.load_state_dict(saved.model)
     state.optimizer.load_state_dict(saved.optimizer)
     state.schedule.load_state_dict(saved.schedule)
-    state.history, state.start_epoch = saved.history, saved.epoch + 1
+    state.history, state.start_epoch, state.progress = saved.history, saved.epoch + 1, saved.progress
+    if state.progress and len(state.progress.rank_rng) != state.world_size:
+        raise UsageError(
+            f"the step checkpoint was taken with {len(state.progress.rank_rng)} ranks, and this run has "
+            f"{state.world_size}: resume with train.num_workers={len(state.progress.rank_rng)}"
+        )
 
 
 def start_tracking(state: RankState) -> None:
@@ -190,8 +219,9 @@ def start_tracking(state: RankState) -> None:
     state.writer = tracking.RunWriter(store, state.setup.mlflow_run_id, tags)
     for entry in state.history:
         state.writer.log_epoch(entry)
-    if state.start_epoch:
-        say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}")
+    if state.start_epoch or state.progress:
+        step = f", step {state.progress.steps + 1}" if state.progress else ""
+        say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}{step}")
 
 
 def finish_tracking(state: RankState) -> None:
@@ -207,7 +237,17 @@ def finish_tracking(state: RankState) -> None:
         )
 
 
-def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
+def batch_log(rank: int) -> Path | None:
+    """Where this rank logs its train batches' hashes, if $RESNET_BATCH_LOG names a folder
+    (`loader.Batches`): to check that a resumed run trains on the batches it would have."""
+    folder = os.environ.get(loader.BATCH_LOG_ENV)
+    if not folder:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"rank-{rank}.txt"
+
+
+def epoch_batches(state: RankState, split: str, epoch: int, resume: loader.Resume | None = None) -> loader.Batches:
     params, arch = state.params, state.params.model.arch
     train = split == "train"
     return loader.make_loader(
@@ -221,20 +261,64 @@ def epoch_batches(state: RankState, split: str, epoch: int) -> loader.Batches:
         train=train,
         manifest=state.manifest,
         pin_memory=state.device.type == "cuda",
+        resume=resume,
+        log=batch_log(state.rank) if train else None,
     )
 
 
-def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
-    """One epoch of training and the val scores, summed over the ranks."""
+def resumed_batches(state: RankState, epoch: int) -> tuple[loader.Batches, EpochSums]:
+    """The epoch's train batches and the sums to add to: from a step checkpoint's progress into
+    it, if the run resumes there, with the random state the ranks had then."""
     torch.manual_seed(loader.epoch_seed(state.params.train.seed, epoch, state.rank))
+    progress, state.progress = state.progress, None  # only the first epoch resumes mid-way
+    if progress is None:
+        return epoch_batches(state, "train", epoch), EpochSums()
+    batches = epoch_batches(state, "train", epoch, loader.Resume(progress.steps, progress.loader_rng[state.rank]))
+    torch.set_rng_state(progress.rank_rng[state.rank])
+    if state.device.type == "cuda":
+        torch.cuda.set_rng_state(progress.rank_cuda_rng[state.rank], state.device)
+    # The sums were summed over the ranks at the checkpoint: one rank carries them on.
+    sums = EpochSums(progress.loss_sum, progress.errors, progress.seen) if state.rank == 0 else EpochSums()
+    return batches, sums
+
+
+def step_checkpoint(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
+    """Every `train.checkpoint_every_steps` steps (not at the epoch's end, which has its own): the
+    epoch's sums over the ranks and every rank's random state and loader position, checkpointed."""
+    every = state.params.train.checkpoint_every_steps
+    if not every or steps % every or steps == len(batches):
+        return
+    loss_sum, errors, seen = all_reduce_sum([sums.loss_sum, sums.errors, sums.seen], state.device)
+    cuda_rng = torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None
+    mine = (torch.get_rng_state(), cuda_rng, batches.position().worker_rng)
+    everyone = [mine] * state.world_size
+    if dist.is_initialized():
+        dist.all_gather_object(everyone, mine)
+    progress = checkpoints.EpochProgress(
+        steps=steps, loss_sum=loss_sum, errors=errors, seen=seen,
+        rank_rng=[rng for rng, _, _ in everyone], rank_cuda_rng=[cuda for _, cuda, _ in everyone],
+        loader_rng=[workers for _, _, workers in everyone],
+    )  # fmt: skip
+    # Ray keeps checkpoints by CHECKPOINT_SCORE, lowest first: a step checkpoint has no val score,
+    # and is kept while it is the latest; Tune does not see its report (tune.EpochReports).
+    save_and_report(state, epoch - 1, {"epoch": epoch, STEPS_INTO_EPOCH: steps, CHECKPOINT_SCORE: math.inf}, progress)
+
+
+def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
+    """One epoch of training (the rest of it, resumed from a step checkpoint) and the val scores,
+    summed over the ranks."""
+    batches, sums = resumed_batches(state, epoch)
     mean = state.manifest.mean
-    started = time.perf_counter()
-    loss_sum, errors, seen = run_epoch(
-        state.model, epoch_batches(state, "train", epoch), state.optimizer, state.device, mean,
+    started, seen_before = time.perf_counter(), sums.seen
+    sums = run_epoch(
+        state.model, batches, state.optimizer, state.device, mean,
         recipe.PROFILES[state.params.model.arch].lighting, state.autocast, partial(state.schedule.lr, epoch),
+        sums, partial(step_checkpoint, state, epoch, batches, sums),
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
-    loss_sum, errors, seen = all_reduce_sum([loss_sum, errors, seen], state.device)
+    loss_sum, errors, seen, seen_here = all_reduce_sum(
+        [sums.loss_sum, sums.errors, sums.seen, sums.seen - seen_before], state.device
+    )
     net = getattr(state.model, "module", state.model)
     val = score(net, epoch_batches(state, "val", epoch), state.device, mean, state.autocast)
     top1, top5, val_loss_sum, val_seen = all_reduce_sum(list(val), state.device)
@@ -246,13 +330,16 @@ def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
         val_top5_error=top5 / val_seen,
         val_loss=val_loss_sum / val_seen,
         lr=state.schedule.lr(epoch),
-        images_per_s=seen / train_seconds,
+        images_per_s=seen_here / train_seconds,
         epoch_time_s=time.perf_counter() - started,
     )
 
 
-def checkpoint_and_report(state: RankState, metrics: EpochMetrics) -> None:
-    """Rank 0 writes the checkpoint; every rank reports (Ray Train waits for all of them)."""
+def save_and_report(
+    state: RankState, epoch_done: int, report: dict[str, Any], progress: checkpoints.EpochProgress | None = None
+) -> None:
+    """Rank 0 writes the checkpoint (after `epoch_done`, and `progress` into the next); every
+    rank reports (Ray Train waits for all of them)."""
     with tempfile.TemporaryDirectory() as directory:
         if state.rank == 0:
             checkpoints.save(
@@ -262,15 +349,19 @@ def checkpoint_and_report(state: RankState, metrics: EpochMetrics) -> None:
                     model=state.net.state_dict(),
                     optimizer=state.optimizer.state_dict(),
                     schedule=state.schedule.state_dict(),
-                    epoch=metrics.epoch,
+                    epoch=epoch_done,
                     history=state.history,
                     mean=state.manifest.mean,
+                    progress=progress,
                 ),
             )
-        score = val_rank_score(metrics.val_top1_error, metrics.val_loss)  # what Ray keeps checkpoints by
-        checkpoint = Checkpoint.from_directory(directory) if state.rank == 0 else None
-        waiting = state.writer.waiting() if state.writer else 0  # rank 0's counts: its report is the run's
-        ray.train.report({**metrics.model_dump(), CHECKPOINT_SCORE: score, "mlflow_waiting": waiting}, checkpoint=checkpoint)
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(directory) if state.rank == 0 else None)
+
+
+def checkpoint_and_report(state: RankState, metrics: EpochMetrics) -> None:
+    score = val_rank_score(metrics.val_top1_error, metrics.val_loss)  # what Ray keeps checkpoints by
+    waiting = state.writer.waiting() if state.writer else 0  # rank 0's counts: its report is the run's
+    save_and_report(state, metrics.epoch, {**metrics.model_dump(), CHECKPOINT_SCORE: score, "mlflow_waiting": waiting})
 
 
 def epoch_line(metrics: EpochMetrics, epochs: int) -> str:

@@ -4,6 +4,7 @@ Ray Train: tests/integration/test_train.py.)"""
 
 from __future__ import annotations
 
+import copy
 import socket
 from pathlib import Path
 
@@ -25,9 +26,11 @@ def one_rank_group() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def rank_state(tmp_path: Path, shards: Path, ddp: bool) -> worker.RankState:
+def rank_state(tmp_path: Path, shards: Path, ddp: bool, *overrides: str) -> worker.RankState:
     """What `worker.set_up` makes on rank 0 of 1, on the CPU."""
-    params = make_params(tmp_path, f"paths.shards={shards}", "model.depth=8", "train.batch_size=64", "train.epochs=2")
+    params = make_params(
+        tmp_path, f"paths.shards={shards}", "model.depth=8", "train.batch_size=64", "train.epochs=2", *overrides
+    )
     manifest = read_manifest(params.paths.shards)
     torch.manual_seed(params.train.seed)
     net = checkpoints.build_model(params, len(manifest.classes))
@@ -53,6 +56,38 @@ def test_one_epoch_in_a_one_rank_gloo_group_is_the_epoch_without_one(tmp_path, d
         assert getattr(in_group, key) == pytest.approx(getattr(alone, key), rel=1e-5), key
     assert 0 < in_group.val_top5_error <= in_group.val_top1_error < 1 and in_group.train_loss > 0
     assert in_group.images_per_s > 0 and in_group.epoch_time_s > 0
+
+
+@pytest.mark.parametrize("loader_workers", [0, 2])
+def test_an_epoch_resumed_from_a_step_checkpoint_ends_as_the_epoch_without_a_stop(
+    tmp_path, digit_shards, monkeypatch, loader_workers
+):
+    """Every 5 steps a step checkpoint; resuming from the second gives the weights, optimizer
+    state and epoch sums of the epoch that never stopped (one process: to the bit)."""
+    overrides = ["train.checkpoint_every_steps=5", f"train.loader_workers={loader_workers}"]
+    saved = []
+
+    def keep(state, epoch_done, report, progress=None):  # rank 0's checkpoint, as save_and_report writes it
+        saved.append((copy.deepcopy(state.net.state_dict()), copy.deepcopy(state.optimizer.state_dict()), progress))
+
+    monkeypatch.setattr(worker, "save_and_report", keep)
+    whole = rank_state(tmp_path, digit_shards, False, *overrides)
+    uninterrupted = worker.train_epoch(whole, 1)
+    steps = len(worker.epoch_batches(whole, "train", 1))
+    assert [progress.steps for _, _, progress in saved] == list(range(5, steps, 5))  # the end has its own
+
+    net, optimizer, progress = saved[1]
+    resumed = rank_state(tmp_path, digit_shards, False, *overrides)
+    resumed.net.load_state_dict(net)
+    resumed.optimizer.load_state_dict(optimizer)
+    resumed.progress = progress
+    after_resume = worker.train_epoch(resumed, 1)
+
+    for key, value in whole.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[key], value), key
+    assert after_resume.model_dump(exclude={"images_per_s", "epoch_time_s"}) == uninterrupted.model_dump(
+        exclude={"images_per_s", "epoch_time_s"}
+    )
 
 
 def test_the_epoch_line_says_what_a_person_needs():
