@@ -111,7 +111,10 @@ def fit(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=params.train.max_failures,
+                max_preemption_failures=params.train.max_preemption_failures,
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,
                 checkpoint_score_attribute=CHECKPOINT_SCORE,
@@ -155,7 +158,8 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
     # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
-    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store"). On a
+    # cluster that RAY_ADDRESS names, the cluster's setting holds: on, unless it says otherwise.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 

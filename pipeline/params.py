@@ -52,6 +52,8 @@ EXECUTION_KEYS = {
         "max_failures",
         "checkpoints_to_keep",
         "checkpoint_every_steps",
+        "preemption_check_steps",
+        "max_preemption_failures",
         "run_name",
     ),
     "tune": ("max_concurrent_trials", "name", "max_failures"),
@@ -144,6 +146,8 @@ class Train(Section):
     loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
     checkpoints_to_keep: int = Field(ge=1)
     checkpoint_every_steps: int | None = Field(ge=1)  # null: at each epoch's end only
+    preemption_check_steps: int | None = Field(ge=1)  # null: no step checkpoint on a preemption notice
+    max_preemption_failures: int = Field(ge=-1)  # restarts after preemptions (-1: any number)
     run_name: str | None  # null: derived from the config, so the same command resumes
     compile: bool  # torch.compile the model (GPU runs)
 

@@ -150,6 +150,7 @@ class RankState:
     history: list[EpochMetrics] = field(default_factory=list)
     start_epoch: int = 0
     progress: checkpoints.EpochProgress | None = None  # into start_epoch, from a step checkpoint
+    noticed: bool = False  # a preemption notice came, and its step checkpoint was taken
     writer: tracking.RunWriter | None = None  # rank 0's
 
     @property
@@ -282,12 +283,33 @@ def resumed_batches(state: RankState, epoch: int) -> tuple[loader.Batches, Epoch
     return batches, sums
 
 
-def step_checkpoint(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
-    """Every `train.checkpoint_every_steps` steps (not at the epoch's end, which has its own): the
-    epoch's sums over the ranks and every rank's random state and loader position, checkpointed."""
-    every = state.params.train.checkpoint_every_steps
-    if not every or steps % every or steps == len(batches):
+def after_step(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
+    """A step checkpoint every `train.checkpoint_every_steps` steps, and at once on a preemption
+    notice, which every rank asks Ray Train for every `train.preemption_check_steps` steps (not at
+    the epoch's end: it has its own checkpoint)."""
+    train = state.params.train
+    if steps == len(batches):
         return
+    due = bool(train.checkpoint_every_steps) and steps % train.checkpoint_every_steps == 0
+    if train.preemption_check_steps and steps % train.preemption_check_steps == 0 and not state.noticed:
+        notice = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
+        if notice is not None:
+            state.noticed, due = True, True
+            if state.rank == 0:
+                say(f"preemption notice for {notice_text(notice)}: a step checkpoint at epoch {epoch + 1}, step {steps}")
+    if due:
+        step_checkpoint(state, epoch, batches, sums, steps)
+
+
+def notice_text(notice: Any) -> str:
+    """Ray Train's PreemptionInfo in words: the ranks whose nodes go, and when."""
+    ranks = sorted(rank for node_ranks in notice.preempted_node_to_ranks.values() for rank in node_ranks)
+    deadline = f", in {max(notice.deadline_ms / 1000 - time.time(), 0):.0f} s" if notice.deadline_ms else ""
+    return f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}{deadline}"
+
+
+def step_checkpoint(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
+    """The epoch's sums over the ranks and every rank's random state and loader position, checkpointed."""
     loss_sum, errors, seen = all_reduce_sum([sums.loss_sum, sums.errors, sums.seen], state.device)
     cuda_rng = torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None
     mine = (torch.get_rng_state(), cuda_rng, batches.position().worker_rng)
@@ -313,7 +335,7 @@ def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
     sums = run_epoch(
         state.model, batches, state.optimizer, state.device, mean,
         recipe.PROFILES[state.params.model.arch].lighting, state.autocast, partial(state.schedule.lr, epoch),
-        sums, partial(step_checkpoint, state, epoch, batches, sums),
+        sums, partial(after_step, state, epoch, batches, sums),
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     loss_sum, errors, seen, seen_here = all_reduce_sum(
