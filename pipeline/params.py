@@ -54,6 +54,7 @@ EXECUTION_KEYS = {
         "checkpoint_every_steps",
         "preemption_check_steps",
         "max_preemption_failures",
+        "async_upload",
         "run_name",
     ),
     "tune": ("max_concurrent_trials", "name", "max_failures"),
@@ -148,6 +149,7 @@ class Train(Section):
     checkpoint_every_steps: int | None = Field(ge=1)  # null: at each epoch's end only
     preemption_check_steps: int | None = Field(ge=1)  # null: no step checkpoint on a preemption notice
     max_preemption_failures: int = Field(ge=-1)  # restarts after preemptions (-1: any number)
+    async_upload: bool  # to remote storage, checkpoints upload while training goes on
     run_name: str | None  # null: derived from the config, so the same command resumes
     compile: bool  # torch.compile the model (GPU runs)
 

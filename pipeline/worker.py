@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 
 from pipeline import checkpoints, loader, recipe, tracking, transforms
 from pipeline.errors import UsageError
@@ -361,23 +362,33 @@ def save_and_report(
     state: RankState, epoch_done: int, report: dict[str, Any], progress: checkpoints.EpochProgress | None = None
 ) -> None:
     """Rank 0 writes the checkpoint (after `epoch_done`, and `progress` into the next); every
-    rank reports (Ray Train waits for all of them)."""
-    with tempfile.TemporaryDirectory() as directory:
-        if state.rank == 0:
-            checkpoints.save(
-                directory,
-                checkpoints.CheckpointState(
-                    model_args=checkpoints.ModelArgs.of(state.params, len(state.manifest.classes)),
-                    model=state.net.state_dict(),
-                    optimizer=state.optimizer.state_dict(),
-                    schedule=state.schedule.state_dict(),
-                    epoch=epoch_done,
-                    history=state.history,
-                    mean=state.manifest.mean,
-                    progress=progress,
-                ),
-            )
-        ray.train.report(report, checkpoint=Checkpoint.from_directory(directory) if state.rank == 0 else None)
+    rank reports (Ray Train waits for all of them). To remote storage (s3://) with
+    `train.async_upload`, the upload goes on while the next steps train, and Ray deletes the
+    local copy once it is up."""
+    if state.rank != 0:
+        ray.train.report(report, checkpoint=None)
+        return
+    upload_async = state.params.train.async_upload and "://" in state.params.paths.ray_storage
+    directory = tempfile.mkdtemp(prefix="checkpoint-")
+    try:
+        checkpoints.save(
+            directory,
+            checkpoints.CheckpointState(
+                model_args=checkpoints.ModelArgs.of(state.params, len(state.manifest.classes)),
+                model=state.net.state_dict(),
+                optimizer=state.optimizer.state_dict(),
+                schedule=state.schedule.state_dict(),
+                epoch=epoch_done,
+                history=state.history,
+                mean=state.manifest.mean,
+                progress=progress,
+            ),
+        )
+        mode = CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC
+        ray.train.report(report, checkpoint=Checkpoint.from_directory(directory), checkpoint_upload_mode=mode)
+    finally:
+        if not upload_async:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def checkpoint_and_report(state: RankState, metrics: EpochMetrics) -> None:
