@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
-from ray.train import Checkpoint, CheckpointUploadMode
+from ray.train import Checkpoint, CheckpointConsistencyMode, CheckpointUploadMode
 
 from pipeline import checkpoints, loader, recipe, tracking, transforms
 from pipeline.errors import UsageError
@@ -295,9 +295,14 @@ def after_step(state: RankState, epoch: int, batches: loader.Batches, sums: Epoc
     if train.preemption_check_steps and steps % train.preemption_check_steps == 0 and not state.noticed:
         notice = ray.train.get_preemption_info()  # a barrier: every rank asks at the same steps
         if notice is not None:
-            state.noticed, due = True, True
+            state.noticed = True
+            step_checkpoint(state, epoch, batches, sums, steps)
+            # Ray registers a reported checkpoint when its controller next looks; a node lost
+            # before then loses it. The notice leaves time to wait.
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             if state.rank == 0:
-                say(f"preemption notice for {notice_text(notice)}: a step checkpoint at epoch {epoch + 1}, step {steps}")
+                say(f"preemption notice for {notice_text(notice)}: step checkpoint at epoch {epoch + 1}, step {steps}, saved")
+            return
     if due:
         step_checkpoint(state, epoch, batches, sums, steps)
 
