@@ -53,7 +53,9 @@ class ModelArgs(Record):
 class EpochProgress(Record):
     """How far a step checkpoint is into the epoch after `CheckpointState.epoch`: the batches
     every rank has taken, the epoch's sums so far over all ranks, and the random state each
-    rank's training process and loader workers had (`loader.Resume`)."""
+    rank's training process and loader workers had (`loader.Resume`). A run resumed with the
+    ranks and loader workers the epoch was dealt for goes on exactly; with others, it replays
+    the rest of the epoch (`loader.Replay`)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
     steps: int
@@ -63,6 +65,8 @@ class EpochProgress(Record):
     rank_rng: list[torch.Tensor]  # torch.get_rng_state() of each rank's training process
     rank_cuda_rng: list[torch.Tensor | None]  # and of its GPU
     loader_rng: list[list[bytes | None]]  # each rank's loader workers' (loader.Resume.worker_rng)
+    deal: tuple[int, int]  # (ranks, loader workers) the epoch's batches were dealt for at its start
+    replayed: bool  # taken in an epoch replayed for another world size (loader.Replay): no loader_rng
 
 
 class CheckpointState(Record):
@@ -71,7 +75,7 @@ class CheckpointState(Record):
     so far, the train split's channel means the net was trained with; for a step checkpoint, how
     far into the next epoch it is)."""
 
-    SCHEMA: ClassVar[int] = 1
+    SCHEMA: ClassVar[int] = 2  # 1: no step checkpoints, no world size per epoch
     model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
     schema_version: int = SCHEMA
     model_args: ModelArgs

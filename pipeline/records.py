@@ -92,6 +92,7 @@ class EpochMetrics(Record):
     lr: float  # at the epoch's end, for the record
     images_per_s: float
     epoch_time_s: float
+    world_size: int  # the workers that trained it (an elastic run's may change)
 
     @property
     def rank(self) -> tuple[float, float]:

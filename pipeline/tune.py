@@ -233,13 +233,14 @@ def sweep_name(params: Params, manifest_sha: str) -> str:
 
 
 def concurrent_trials(params: Params) -> int:
-    """As many trials as the cluster fits at once, each needing num_workers x its resources."""
+    """As many trials as the cluster fits at once, each needing its most workers x their resources."""
     if params.tune.max_concurrent_trials:
         return params.tune.max_concurrent_trials
     resources = ray.cluster_resources()
+    workers = max(params.train.world_sizes)
     if params.train.use_gpu:
-        return max(1, int(resources.get("GPU", 0)) // params.train.num_workers)
-    return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
+        return max(1, int(resources.get("GPU", 0)) // workers)
+    return max(1, int(resources.get("CPU", 1)) // (workers * params.train.cpus_per_worker))
 
 
 def records(

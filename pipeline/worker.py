@@ -40,7 +40,6 @@ from pydantic import BaseModel, ConfigDict
 from ray.train import Checkpoint, CheckpointConsistencyMode, CheckpointUploadMode
 
 from pipeline import checkpoints, loader, recipe, tracking, transforms
-from pipeline.errors import UsageError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import Params
 from pipeline.records import CHECKPOINT_SCORE, STEPS_INTO_EPOCH, EpochMetrics, val_rank_score
@@ -71,9 +70,24 @@ class EpochSums:
     seen: float = 0.0
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """How a rank trains on its share of a step's global batch: in pieces of at most
+    `max_piece` samples (None: whole), each piece's mean loss weighted by its part of the global
+    batch times the world size, since DDP averages the ranks' gradients. The step's gradient is
+    then that of the global batch's mean loss, whatever the world size, shares or pieces."""
+
+    world_size: int
+    global_batch: int
+    max_piece: int | None = None
+
+    def weight(self, samples: int) -> float:
+        return samples * self.world_size / self.global_batch  # 1.0 exactly for an equal, whole share
+
+
 def run_epoch(
     model: torch.nn.Module,
-    batches: loader.Batches,
+    batches: loader.EpochBatches,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     mean: list[float],
@@ -81,6 +95,7 @@ def run_epoch(
     autocast: AbstractContextManager,
     lr_at: Callable[[float], float],
     sums: EpochSums,
+    shape: StepShape,
     at_step: Callable[[int], None] = lambda steps: None,
 ) -> EpochSums:
     """One training epoch on this rank, from the batch `batches` resumes at, added to `sums`.
@@ -89,21 +104,30 @@ def run_epoch(
     model.train()
     images = None
     steps = len(batches)
+    # Gradients of all but a step's last piece stay on the rank (DDP's no_sync), then sum in one all-reduce.
+    keep_local = getattr(model, "no_sync", nullcontext)
     for step, (pixels, labels) in enumerate(batches, start=batches.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at((step + 1) / steps)
         # The last step's input buffer is reused: its backward pass is done.
         images = transforms.prepare_batch(pixels.to(device, non_blocking=True), mean, lighting, out=images)
         labels = labels.to(device, non_blocking=True)
-        with autocast:
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pieces = recipe.micro_batches(len(labels), shape.max_piece)
+        start = 0
+        for i, size in enumerate(pieces):
+            piece = slice(start, start + size)
+            start += size
+            with keep_local() if i < len(pieces) - 1 else nullcontext():
+                with autocast:
+                    logits = model(images[piece])
+                    loss = F.cross_entropy(logits, labels[piece])
+                weight = shape.weight(size)
+                (loss if weight == 1.0 else loss * weight).backward()
+            sums.loss_sum += loss.item() * size
+            sums.errors += (logits.argmax(1) != labels[piece]).sum().item()
+            sums.seen += size
         optimizer.step()
-        sums.loss_sum += loss.item() * len(labels)
-        sums.errors += (logits.argmax(1) != labels).sum().item()
-        sums.seen += len(labels)
         at_step(step + 1)
     return sums
 
@@ -152,6 +176,7 @@ class RankState:
     start_epoch: int = 0
     progress: checkpoints.EpochProgress | None = None  # into start_epoch, from a step checkpoint
     noticed: bool = False  # a preemption notice came, and its step checkpoint was taken
+    attempt: str = ""  # this start of the run, the same on every rank (the batch log's)
     writer: tracking.RunWriter | None = None  # rank 0's
 
     @property
@@ -196,11 +221,6 @@ def restore(state: RankState) -> None:
     state.optimizer.load_state_dict(saved.optimizer)
     state.schedule.load_state_dict(saved.schedule)
     state.history, state.start_epoch, state.progress = saved.history, saved.epoch + 1, saved.progress
-    if state.progress and len(state.progress.rank_rng) != state.world_size:
-        raise UsageError(
-            f"the step checkpoint was taken with {len(state.progress.rank_rng)} ranks, and this run has "
-            f"{state.world_size}: resume with train.num_workers={len(state.progress.rank_rng)}"
-        )
 
 
 def start_tracking(state: RankState) -> None:
@@ -208,9 +228,12 @@ def start_tracking(state: RankState) -> None:
     checkpoint has: an epoch checkpointed just before a crash, or while the store was away, may
     not have reached MLflow (the writer skips those MLflow has, and one logged after the last
     checkpoint Ray registered is trained again, and not logged twice)."""
-    nodes: list[str] = [ray.get_runtime_context().get_node_id()] * state.world_size
+    mine = (ray.get_runtime_context().get_node_id(), f"{time.time():.3f}")
+    everyone = [mine] * state.world_size
     if dist.is_initialized():
-        dist.all_gather_object(nodes, nodes[0])  # every rank takes part
+        dist.all_gather_object(everyone, mine)  # every rank takes part
+    nodes = [node for node, _ in everyone]
+    state.attempt = everyone[0][1]  # rank 0's start: this attempt's name in the batch logs
     if state.rank != 0:
         return
     # In a sweep the driver's epoch lines say when a trial's MLflow records wait (`mlflow_waiting`),
@@ -239,24 +262,25 @@ def finish_tracking(state: RankState) -> None:
         )
 
 
-def batch_log(rank: int) -> Path | None:
-    """Where this rank logs its train batches' hashes, if $RESNET_BATCH_LOG names a folder
+def batch_log(state: RankState) -> loader.BatchLog | None:
+    """Where this rank logs its train batches, if $RESNET_BATCH_LOG names a folder
     (`loader.Batches`): to check that a resumed run trains on the batches it would have."""
     folder = os.environ.get(loader.BATCH_LOG_ENV)
     if not folder:
         return None
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder) / f"rank-{rank}.txt"
+    return loader.BatchLog(Path(folder) / f"rank-{state.rank}.txt", state.attempt)
 
 
-def epoch_batches(state: RankState, split: str, epoch: int, resume: loader.Resume | None = None) -> loader.Batches:
+def epoch_batches(state: RankState, split: str, epoch: int, resume: loader.Resume | None = None) -> loader.EpochBatches:
     params, arch = state.params, state.params.model.arch
     train = split == "train"
     return loader.make_loader(
         params.paths.shards,
         split,
         transforms.train_transform(arch, params.train.flip) if train else transforms.eval_transform(arch),
-        batch_size=recipe.per_worker_batch(params.train.batch_size, state.world_size),
+        batch_size=loader.batch_shares(params.train.batch_size, state.world_size)[state.rank],
+        global_batch=params.train.batch_size,
         num_workers=params.train.loader_workers,
         epoch=epoch,
         seed=params.train.seed,
@@ -264,27 +288,30 @@ def epoch_batches(state: RankState, split: str, epoch: int, resume: loader.Resum
         manifest=state.manifest,
         pin_memory=state.device.type == "cuda",
         resume=resume,
-        log=batch_log(state.rank) if train else None,
+        log=batch_log(state) if train else None,
     )
 
 
-def resumed_batches(state: RankState, epoch: int) -> tuple[loader.Batches, EpochSums]:
+def resumed_batches(state: RankState, epoch: int) -> tuple[loader.EpochBatches, EpochSums]:
     """The epoch's train batches and the sums to add to: from a step checkpoint's progress into
     it, if the run resumes there, with the random state the ranks had then."""
     torch.manual_seed(loader.epoch_seed(state.params.train.seed, epoch, state.rank))
     progress, state.progress = state.progress, None  # only the first epoch resumes mid-way
     if progress is None:
         return epoch_batches(state, "train", epoch), EpochSums()
-    batches = epoch_batches(state, "train", epoch, loader.Resume(progress.steps, progress.loader_rng[state.rank]))
-    torch.set_rng_state(progress.rank_rng[state.rank])
-    if state.device.type == "cuda":
-        torch.cuda.set_rng_state(progress.rank_cuda_rng[state.rank], state.device)
+    if not progress.replayed and progress.deal == (state.world_size, state.params.train.loader_workers):
+        batches = epoch_batches(state, "train", epoch, loader.Resume(progress.steps, progress.loader_rng[state.rank]))
+        torch.set_rng_state(progress.rank_rng[state.rank])
+        if state.device.type == "cuda":
+            torch.cuda.set_rng_state(progress.rank_cuda_rng[state.rank], state.device)
+    else:  # another world size: the rest of the epoch as it was dealt, each sample once
+        batches = epoch_batches(state, "train", epoch, loader.Resume(progress.steps, replay_deal=progress.deal))
     # The sums were summed over the ranks at the checkpoint: one rank carries them on.
     sums = EpochSums(progress.loss_sum, progress.errors, progress.seen) if state.rank == 0 else EpochSums()
     return batches, sums
 
 
-def after_step(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
+def after_step(state: RankState, epoch: int, batches: loader.EpochBatches, sums: EpochSums, steps: int) -> None:
     """A step checkpoint every `train.checkpoint_every_steps` steps, and at once on a preemption
     notice, which every rank asks Ray Train for every `train.preemption_check_steps` steps (not at
     the epoch's end: it has its own checkpoint)."""
@@ -301,7 +328,9 @@ def after_step(state: RankState, epoch: int, batches: loader.Batches, sums: Epoc
             # before then loses it. The notice leaves time to wait.
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
             if state.rank == 0:
-                say(f"preemption notice for {notice_text(notice)}: step checkpoint at epoch {epoch + 1}, step {steps}, saved")
+                say(
+                    f"preemption notice for {notice_text(notice)}: step checkpoint at epoch {epoch + 1}, step {steps}, saved"
+                )
             return
     if due:
         step_checkpoint(state, epoch, batches, sums, steps)
@@ -314,11 +343,12 @@ def notice_text(notice: Any) -> str:
     return f"rank{'s' if len(ranks) != 1 else ''} {', '.join(map(str, ranks))}{deadline}"
 
 
-def step_checkpoint(state: RankState, epoch: int, batches: loader.Batches, sums: EpochSums, steps: int) -> None:
+def step_checkpoint(state: RankState, epoch: int, batches: loader.EpochBatches, sums: EpochSums, steps: int) -> None:
     """The epoch's sums over the ranks and every rank's random state and loader position, checkpointed."""
     loss_sum, errors, seen = all_reduce_sum([sums.loss_sum, sums.errors, sums.seen], state.device)
     cuda_rng = torch.cuda.get_rng_state(state.device) if state.device.type == "cuda" else None
-    mine = (torch.get_rng_state(), cuda_rng, batches.position().worker_rng)
+    position = batches.position()
+    mine = (torch.get_rng_state(), cuda_rng, position.worker_rng)
     everyone = [mine] * state.world_size
     if dist.is_initialized():
         dist.all_gather_object(everyone, mine)
@@ -326,6 +356,8 @@ def step_checkpoint(state: RankState, epoch: int, batches: loader.Batches, sums:
         steps=steps, loss_sum=loss_sum, errors=errors, seen=seen,
         rank_rng=[rng for rng, _, _ in everyone], rank_cuda_rng=[cuda for _, cuda, _ in everyone],
         loader_rng=[workers for _, _, workers in everyone],
+        deal=position.replay_deal or (state.world_size, state.params.train.loader_workers),
+        replayed=position.replay_deal is not None,
     )  # fmt: skip
     # Ray keeps checkpoints by CHECKPOINT_SCORE, lowest first: a step checkpoint has no val score,
     # and is kept while it is the latest; Tune does not see its report (tune.EpochReports).
@@ -341,7 +373,8 @@ def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
     sums = run_epoch(
         state.model, batches, state.optimizer, state.device, mean,
         recipe.PROFILES[state.params.model.arch].lighting, state.autocast, partial(state.schedule.lr, epoch),
-        sums, partial(after_step, state, epoch, batches, sums),
+        sums, StepShape(state.world_size, state.params.train.batch_size, state.params.train.max_worker_batch),
+        partial(after_step, state, epoch, batches, sums),
     )  # fmt: skip
     train_seconds = time.perf_counter() - started
     loss_sum, errors, seen, seen_here = all_reduce_sum(
@@ -360,6 +393,7 @@ def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
         lr=state.schedule.lr(epoch),
         images_per_s=seen_here / train_seconds,
         epoch_time_s=time.perf_counter() - started,
+        world_size=state.world_size,
     )
 
 
@@ -407,6 +441,7 @@ def epoch_line(metrics: EpochMetrics, epochs: int) -> str:
         f"epoch {metrics.epoch + 1}/{epochs}  lr {metrics.lr:.4g}  train loss {metrics.train_loss:.4f}"
         f"  train err {metrics.train_top1_error:.2%}  val err {metrics.val_top1_error:.2%}"
         f" (top-5 {metrics.val_top5_error:.2%})  {metrics.images_per_s:.0f} img/s  {metrics.epoch_time_s:.1f} s"
+        f"  {metrics.world_size} worker{'s' if metrics.world_size != 1 else ''}"
     )
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipeline import checkpoints, loader, shard
 from pipeline import params as params_module
 from pipeline.train import train
 from tests.conftest import REPO
+from tests.helpers import batch_log
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +101,8 @@ def is_train_worker(process: psutil.Process) -> bool:
 def kill_a_worker_at(process: subprocess.Popen, log: Path, epoch: int, step: int) -> None:
     """SIGKILL one of `process`'s Ray Train workers once rank 0's batch log shows it took `step`
     of `epoch` (both from 0 and 1, as the log has them)."""
-    wanted = f"{epoch} {step} "
     while process.poll() is None:
-        if log.exists() and any(line.startswith(wanted) for line in log.read_text().splitlines()):
+        if log.exists() and any(line.split(" ")[2:4] == [str(epoch), str(step)] for line in log.read_text().splitlines()):
             # This run's own local cluster's workers: the run beside it has its own.
             workers = [p for p in psutil.Process(process.pid).children(recursive=True) if is_train_worker(p)]
             assert workers, "no Ray Train worker process found"
@@ -153,11 +154,9 @@ def run_train_stage(
 def batch_logs(folder: Path) -> dict[tuple[int, int, int], set[str]]:
     """{(rank, epoch, step): the hashes logged for it}: more than one, were a repeat not exact."""
     logged: dict[tuple[int, int, int], set[str]] = {}
-    for path in sorted(folder.glob("rank-*.txt")):
-        rank = int(path.stem.split("-")[1])
-        for line in path.read_text().splitlines():
-            epoch, step, digest = line.split()
-            logged.setdefault((rank, int(epoch), int(step)), set()).add(digest)
+    for entry in batch_log(folder):
+        if entry.digest is not None:
+            logged.setdefault((entry.rank, entry.epoch, entry.step), set()).add(entry.digest)
     return logged
 
 
@@ -273,12 +272,7 @@ def test_a_preemption_notice_takes_a_step_checkpoint_and_the_run_resumes_from_it
     assert re.search(r"preemption notice for rank [01], in \d+ s: ", printed)  # the rank on the drained node
     assert "resuming spot at epoch " in printed  # from the step checkpoint, or an epoch's end after it
 
-    taken_at: dict[tuple[int, int, int], int] = {}
-    for path in sorted((tmp_path / "batches").glob("rank-*.txt")):
-        for line in path.read_text().splitlines():
-            logged_epoch, logged_step, _ = line.split()
-            key = (int(path.stem[-1]), int(logged_epoch), int(logged_step))
-            taken_at[key] = taken_at.get(key, 0) + 1
+    taken_at = Counter((e.rank, e.epoch, e.step) for e in batch_log(tmp_path / "batches") if e.digest is not None)
     steps = max(s for _, e, s in taken_at if e == 0)
     assert set(taken_at) == {(r, e, s) for r in (0, 1) for e in range(6) for s in range(1, steps + 1)}
     assert all(times == 1 for (_, e, s), times in taken_at.items() if (e, s) <= (epoch, step)), (epoch, step)

@@ -22,7 +22,7 @@ def epoch(number: int, val: float, loss: float = 0.5, train: float = 0.1, top5: 
     """One epoch's report, as the workers make it."""
     return EpochMetrics(
         epoch=number, train_loss=1.0, train_top1_error=train, val_top1_error=val, val_top5_error=top5,
-        val_loss=loss, lr=0.1, images_per_s=100.0, epoch_time_s=1.0,
+        val_loss=loss, lr=0.1, images_per_s=100.0, epoch_time_s=1.0, world_size=1,
     )  # fmt: skip
 
 
