@@ -67,13 +67,23 @@ class EpochProgress(Record):
     loader_rng: list[list[bytes | None]]  # each rank's loader workers' (loader.Resume.worker_rng)
     deal: tuple[int, int]  # (ranks, loader workers) the epoch's batches were dealt for at its start
     replayed: bool  # taken in an epoch replayed for another world size (loader.Replay): no loader_rng
+    steps_s: float  # seconds the epoch's steps so far took
+
+
+class LostWork(Record):
+    """What a run's restarts cost it so far: steps trained after the checkpoint each resumed
+    from, which it trained again, and the seconds they took (pipeline.tracking.RunWriter)."""
+
+    restarts: int = 0
+    redone_steps: int = 0
+    redone_s: float = 0.0
 
 
 class CheckpointState(Record):
     """What a checkpoint holds: the net (its arguments and weights), and what resuming needs (the
     optimizer, the lr schedule, the last epoch done (-1: none yet), the history of every epoch
     so far, the train split's channel means the net was trained with; for a step checkpoint, how
-    far into the next epoch it is)."""
+    far into the next epoch it is; and what the run's restarts have cost so far)."""
 
     SCHEMA: ClassVar[int] = 2  # 1: no step checkpoints, no world size per epoch
     model_config = ConfigDict(arbitrary_types_allowed=True, strict=False)
@@ -86,6 +96,11 @@ class CheckpointState(Record):
     history: list[EpochMetrics]
     mean: list[float]
     progress: EpochProgress | None = None
+    # What a restart's accounting reads (the worker sets them all: pipeline.worker.save_and_report).
+    run_steps: int = 0  # the run's steps that count, to this checkpoint
+    started_at: float = 0.0  # when the run started training (time.time()): its goodput's wall time
+    saved_at: float = 0.0  # time.time() when this checkpoint was taken
+    lost: LostWork = LostWork()
 
 
 def build_model(params: Params, num_classes: int) -> torch.nn.Module:

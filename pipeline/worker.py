@@ -68,6 +68,7 @@ class EpochSums:
     loss_sum: float = 0.0
     errors: float = 0.0
     seen: float = 0.0
+    seconds: float = 0.0  # in steps: waiting for the batch and training on it (not checkpoints)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def run_epoch(
     steps = len(batches)
     # Gradients of all but a step's last piece stay on the rank (DDP's no_sync), then sum in one all-reduce.
     keep_local = getattr(model, "no_sync", nullcontext)
+    clock = time.perf_counter()
     for step, (pixels, labels) in enumerate(batches, start=batches.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at((step + 1) / steps)
@@ -128,7 +130,9 @@ def run_epoch(
             sums.errors += (logits.argmax(1) != labels[piece]).sum().item()
             sums.seen += size
         optimizer.step()
+        sums.seconds += time.perf_counter() - clock
         at_step(step + 1)
+        clock = time.perf_counter()
     return sums
 
 
@@ -177,6 +181,10 @@ class RankState:
     progress: checkpoints.EpochProgress | None = None  # into start_epoch, from a step checkpoint
     noticed: bool = False  # a preemption notice came, and its step checkpoint was taken
     attempt: str = ""  # this start of the run, the same on every rank (the batch log's)
+    run_steps: int = 0  # steps that count, over the run
+    started_at: float = field(default_factory=time.time)  # the run's start: its first attempt's
+    lost: checkpoints.LostWork = field(default_factory=checkpoints.LostWork)  # what restarts cost, so far
+    resumed_from: tuple[int, float] | None = None  # the checkpoint's run steps and time, if any
     writer: tracking.RunWriter | None = None  # rank 0's
 
     @property
@@ -221,6 +229,8 @@ def restore(state: RankState) -> None:
     state.optimizer.load_state_dict(saved.optimizer)
     state.schedule.load_state_dict(saved.schedule)
     state.history, state.start_epoch, state.progress = saved.history, saved.epoch + 1, saved.progress
+    state.run_steps, state.started_at, state.lost = saved.run_steps, saved.started_at, saved.lost
+    state.resumed_from = (saved.run_steps, saved.saved_at)
 
 
 def start_tracking(state: RankState) -> None:
@@ -241,12 +251,27 @@ def start_tracking(state: RankState) -> None:
     outage_lines = say if state.setup.say_epochs else lambda line: None
     store = tracking.Store(state.setup.tracking_uri, state.params.mlflow.retry_seconds, outage_lines)
     tags = {"ray.world_size": str(state.world_size), "ray.nodes": ",".join(sorted(set(nodes)))}
-    state.writer = tracking.RunWriter(store, state.setup.mlflow_run_id, tags)
+    restart = None
+    if state.start_epoch < state.params.train.epochs:  # not a rerun of a run already done
+        run_steps, saved_at = state.resumed_from or (0, None)
+        restart = tracking.Restart(run_steps, saved_at, partial(count_restart, state))
+    state.writer = tracking.RunWriter(store, state.setup.mlflow_run_id, tags, restart=restart)
     for entry in state.history:
         state.writer.log_epoch(entry)
     if state.start_epoch or state.progress:
         step = f", step {state.progress.steps + 1}" if state.progress else ""
         say(f"resuming {ray.train.get_context().get_experiment_name()} at epoch {state.start_epoch + 1}{step}")
+
+
+def count_restart(state: RankState, redone_steps: int, redone_s: float) -> None:
+    """Rank 0's writer has read what this start lost (`tracking.Restart`): the run's totals
+    carry it, and the console says it."""
+    lost = state.lost
+    state.lost = checkpoints.LostWork(
+        restarts=lost.restarts + 1, redone_steps=lost.redone_steps + redone_steps, redone_s=lost.redone_s + redone_s
+    )
+    if state.setup.say_epochs:
+        say(f"restart {state.lost.restarts}: {redone_steps} steps trained again, {redone_s:.1f} s of work lost")
 
 
 def finish_tracking(state: RankState) -> None:
@@ -307,7 +332,11 @@ def resumed_batches(state: RankState, epoch: int) -> tuple[loader.EpochBatches, 
     else:  # another world size: the rest of the epoch as it was dealt, each sample once
         batches = epoch_batches(state, "train", epoch, loader.Resume(progress.steps, replay_deal=progress.deal))
     # The sums were summed over the ranks at the checkpoint: one rank carries them on.
-    sums = EpochSums(progress.loss_sum, progress.errors, progress.seen) if state.rank == 0 else EpochSums()
+    sums = (
+        EpochSums(progress.loss_sum, progress.errors, progress.seen, progress.steps_s)
+        if state.rank == 0
+        else EpochSums()
+    )
     return batches, sums
 
 
@@ -316,6 +345,9 @@ def after_step(state: RankState, epoch: int, batches: loader.EpochBatches, sums:
     notice, which every rank asks Ray Train for every `train.preemption_check_steps` steps (not at
     the epoch's end: it has its own checkpoint)."""
     train = state.params.train
+    state.run_steps += 1
+    if state.writer is not None:
+        state.writer.mark(state.run_steps)
     if steps == len(batches):
         return
     due = bool(train.checkpoint_every_steps) and steps % train.checkpoint_every_steps == 0
@@ -357,7 +389,7 @@ def step_checkpoint(state: RankState, epoch: int, batches: loader.EpochBatches, 
         rank_rng=[rng for rng, _, _ in everyone], rank_cuda_rng=[cuda for _, cuda, _ in everyone],
         loader_rng=[workers for _, _, workers in everyone],
         deal=position.replay_deal or (state.world_size, state.params.train.loader_workers),
-        replayed=position.replay_deal is not None,
+        replayed=position.replay_deal is not None, steps_s=sums.seconds,
     )  # fmt: skip
     # Ray keeps checkpoints by CHECKPOINT_SCORE, lowest first: a step checkpoint has no val score,
     # and is kept while it is the latest; Tune does not see its report (tune.EpochReports).
@@ -394,6 +426,9 @@ def train_epoch(state: RankState, epoch: int) -> EpochMetrics:
         images_per_s=seen_here / train_seconds,
         epoch_time_s=time.perf_counter() - started,
         world_size=state.world_size,
+        steps_s=sums.seconds,
+        goodput=(sum(row.steps_s for row in state.history) + sums.seconds) / (time.time() - state.started_at),
+        redone_steps=state.lost.redone_steps,
     )
 
 
@@ -421,6 +456,10 @@ def save_and_report(
                 history=state.history,
                 mean=state.manifest.mean,
                 progress=progress,
+                run_steps=state.run_steps,
+                started_at=state.started_at,
+                saved_at=time.time(),
+                lost=state.lost,
             ),
         )
         mode = CheckpointUploadMode.ASYNC if upload_async else CheckpointUploadMode.SYNC

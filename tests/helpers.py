@@ -149,6 +149,8 @@ def finished_trial(
         epochs=4,
         planned_epochs=4,
         stopped_early=False,
+        goodput=0.5,
+        redone_steps=0,
         wall_time_s=12.0,
         overhead_s=3.0,
         curve=records.Curve(

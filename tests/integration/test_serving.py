@@ -93,7 +93,7 @@ def train_trial(params, root: Path, uri: str) -> tuple[records.TrialRecord, str]
             epoch=epoch, train_loss=loss_sum / seen, train_top1_error=errors / seen,
             val_top1_error=scores.top1 / scores.seen, val_top5_error=scores.top5 / scores.seen,
             val_loss=scores.loss_sum / scores.seen, lr=schedule.lr(epoch), images_per_s=seen / 1.0,
-            epoch_time_s=time.perf_counter() - started, world_size=1,
+            epoch_time_s=time.perf_counter() - started, world_size=1, steps_s=1.0, goodput=0.5, redone_steps=0,
         )  # fmt: skip
         history.append(metrics)
         client.log_batch(child, metrics=tracking.epoch_metrics(epoch, metrics.model_dump(exclude={"epoch"}), int(time.time() * 1000)))

@@ -86,15 +86,14 @@ def test_an_epoch_resumed_from_a_step_checkpoint_ends_as_the_epoch_without_a_sto
 
     for key, value in whole.net.state_dict().items():
         assert torch.equal(resumed.net.state_dict()[key], value), key
-    assert after_resume.model_dump(exclude={"images_per_s", "epoch_time_s"}) == uninterrupted.model_dump(
-        exclude={"images_per_s", "epoch_time_s"}
-    )
+    timings = {"images_per_s", "epoch_time_s", "steps_s", "goodput"}
+    assert after_resume.model_dump(exclude=timings) == uninterrupted.model_dump(exclude=timings)
 
 
 def test_the_epoch_line_says_what_a_person_needs():
     metrics = EpochMetrics(
         epoch=2, train_loss=0.5, train_top1_error=0.125, val_top1_error=0.25, val_top5_error=0.0625, val_loss=0.7,
-        lr=0.01, images_per_s=1234.4, epoch_time_s=1.26, world_size=2,
+        lr=0.01, images_per_s=1234.4, epoch_time_s=1.26, world_size=2, steps_s=1.0, goodput=0.5, redone_steps=0,
     )  # fmt: skip
     assert worker.epoch_line(metrics, 45) == (
         "epoch 3/45  lr 0.01  train loss 0.5000  train err 12.50%  val err 25.00% (top-5 6.25%)  1234 img/s  1.3 s"
