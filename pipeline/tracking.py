@@ -16,7 +16,8 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -407,15 +408,29 @@ def epoch_metrics(epoch: int, metrics: dict[str, float], timestamp_ms: int) -> l
     return [Metric(key, float(value), timestamp_ms, epoch) for key, value in metrics.items()]
 
 
+@contextmanager
+def fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `log_model`, `register_model`, ...) pointed at
+    `uri` for a while. `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in this process's
+    environment, which `tracking_uri` reads as the user's choice: it is put back as it was, so a
+    later run in the same process (a notebook, a test, a benchmark) records where its params say."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset, as it was
+
+
 def has_logged_model(store: Store, run_id: str) -> bool:
-    mlflow.set_tracking_uri(store.uri)
     run = store.get_run(run_id)
-    models = store.call(
-        mlflow.search_logged_models,
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = {quoted(run_id)}",
-        output_format="list",
-    )
+    with fluent(store.uri):
+        models = store.call(
+            mlflow.search_logged_models,
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = {quoted(run_id)}",
+            output_format="list",
+        )
     return bool(models)
 
 

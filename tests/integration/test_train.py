@@ -22,11 +22,12 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from benchmarks import node_lost
 from pipeline import checkpoints, loader, shard
 from pipeline import params as params_module
 from pipeline.train import train
 from tests.conftest import REPO
-from tests.helpers import batch_log
+from tests.helpers import batch_log, steps_that_count
 
 pytestmark = pytest.mark.slow
 
@@ -235,10 +236,10 @@ def test_a_preemption_notice_takes_a_step_checkpoint_and_the_run_resumes_from_it
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.2")  # 5 s by default: a few epochs here
     monkeypatch.setenv(loader.BATCH_LOG_ENV, str(tmp_path / "batches"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    spot = cluster.add_node(num_cpus=1)
     overrides = ["train.epochs=6", "train.preemption_check_steps=1", "train.run_name=spot"]
     try:
-        ray.init(address=cluster.address)
+        ray.init(address=cluster.address)  # before the spot node: Ray Train's controller lives on the driver's node
+        spot = cluster.add_node(num_cpus=1)
         with ThreadPoolExecutor(1) as pool:
             run = pool.submit(train, tiny_params(tmp_path, shards, *overrides))
             rank_0_log = tmp_path / "batches" / "rank-0.txt"
@@ -279,3 +280,30 @@ def test_a_preemption_notice_takes_a_step_checkpoint_and_the_run_resumes_from_it
     assert summary["metrics"]["epoch"] == 5
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert [s for s, _ in history(uri, summary["mlflow_run_id"])] == list(range(6))  # every epoch once
+
+
+def test_a_node_lost_mid_epoch_leaves_one_worker_going_on_from_the_step_checkpoint_and_the_run_grows_back(
+    tmp_path, shards
+):
+    """`train.num_workers=[1, 2]` on two nodes; the second node's raylet SIGKILLed at step 9 of
+    epoch 2 (benchmarks/node_lost.py). The run goes on with one worker from a step checkpoint of
+    that epoch, grows back to two when a node joins, and ends with every epoch logged once, no
+    sample trained twice in an epoch, and each restart's lost work within two checkpoints."""
+    result = node_lost.drill(tmp_path, shards, "train.checkpoint_every_steps=2", kill_at=(2, 9))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = result.summary["mlflow_run_id"]
+    assert [s for s, _ in history(uri, run_id)] == list(range(6))  # every epoch once
+    assert result.world_sizes[0] == 2 and 1 in result.world_sizes and result.world_sizes[-1] == 2, result.world_sizes
+
+    logged = batch_log(tmp_path / "batches")
+    attempts = sorted({entry.attempt for entry in logged}, key=float)
+    resumed_at = min((e.epoch, e.step) for e in logged if e.attempt == attempts[1] and e.digest is None)
+    assert resumed_at[0] == 1 and resumed_at[1] in (6, 8), resumed_at  # mid-epoch: a step checkpoint's
+    kept = steps_that_count(logged)
+    for epoch in range(6):
+        keys = [key for entry in kept if entry.epoch == epoch for key in entry.keys]
+        assert len(keys) == len(set(keys)), f"epoch {epoch + 1}: a sample trained twice"
+        steps = sorted({entry.step for entry in kept if entry.epoch == epoch})
+        assert steps == list(range(1, len(steps) + 1)) and len(keys) == 64 * len(steps), f"epoch {epoch + 1}"
+    assert result.restarts >= 2 and result.redone_steps <= 5 * result.restarts, result
+    assert 0 < result.goodput < 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
 import socket
 import sqlite3
@@ -291,3 +292,16 @@ def test_a_restart_reads_the_steps_an_earlier_attempt_trained_past_its_checkpoin
     assert counted[1] == (0, 0.0)
     logged = store.get_metric_history(run_id, "restart_redone_steps")
     assert sorted((m.step, m.value) for m in logged) == [(0, 4.0), (1, 0.0)]
+
+
+def test_the_fluent_api_leaves_the_process_environment_as_it_was(monkeypatch, tmp_path):
+    """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI, which the stages read as the user's
+    choice: a second run in the same process went to the first one's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'a.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
+    with tracking.fluent(f"sqlite:///{tmp_path / 'b.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///mine.db"
