@@ -1,10 +1,10 @@
 """The node-lost drill: what a lost node costs an elastic run, with step checkpoints and without.
 
-    python benchmarks/node_lost.py [--every 2] [--kill-at 2 15] [--set KEY=VALUE ...] [--out FILE]
+    python benchmarks/node_lost.py [--every 4] [--kill-at 2 8] [--set KEY=VALUE ...] [--out FILE]
 
 A local two-node Ray cluster (`ray.cluster_utils.Cluster`, one CPU each) trains the digits with
 `train.num_workers=[1, 2]`: a rank on each node. At a set step of a set epoch, the second node's
-raylet is killed (SIGKILL, as a lost machine), the run goes on with one worker from its last
+raylet and its workers are killed (SIGKILL: a machine lost), the run goes on with one worker from its last
 checkpoint, and once it has, a new node joins and the run grows back to two workers (Ray's
 elastic resize, every `train.resize_check_seconds`). The drill runs twice, killed at the same
 point: with a step checkpoint every `--every` steps, and with checkpoints at epochs' ends only
@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
@@ -36,20 +37,24 @@ from pipeline.records import RESTART_REDONE_S, RESTART_REDONE_STEPS
 from pipeline.train import train
 
 REPO = Path(__file__).resolve().parent.parent
+EPOCHS = 40  # for the run to outlast its growing back: Ray asks for more nodes every 20 s
 DRILL = [
     "model.depth=8",
     "train.batch_size=64",
     "train.num_workers=[1, 2]",
-    "train.epochs=6",
+    f"train.epochs={EPOCHS}",
     "train.checkpoints_to_keep=1",
     "train.resize_check_seconds=2",
 ]
 # A lost node is declared dead after 3 missed health checks half a second apart (Ray's default:
 # 5 missed 3 s apart), so that the drill's restarts do not wait on it.
 FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
-# Ray's elastic policy may still count the lost node's CPU when it restarts the group, and then
-# waits this long for the old size before it tries the workers there are (Ray's default: 60 s).
-START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+# Ray Train's settings, which it passes on to its controller: the polling of the project's own
+# local clusters (pipeline.driver.LOCAL_CLUSTER_ENV: a report, and so a checkpoint, waits for the
+# controller's next look, 2 s by default); and as Ray's elastic policy may still count the lost
+# node's CPU when it restarts the group, how long it waits for the old size before it tries the
+# workers there are (60 s by default).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
 
 
 @dataclass
@@ -79,10 +84,17 @@ def wait_for(condition, run, what: str, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def kill_raylet(node) -> None:
-    """SIGKILL a node's raylet: its workers go with it, as with a machine lost."""
+def kill_node(node) -> None:
+    """SIGKILL a node's raylet and every process it started (its workers): a machine lost. (Killed
+    alone, the raylet leaves its workers training until they next call on Ray.)"""
     (raylet,) = node.all_processes["raylet"]
-    os.kill(raylet.process.pid, signal.SIGKILL)
+    processes = [psutil.Process(raylet.process.pid)]
+    processes += processes[0].children(recursive=True)
+    for process in processes:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def drill(folder: Path, shards: Path, *overrides: str, kill_at: tuple[int, int] = (2, 9)) -> Drill:
@@ -90,7 +102,7 @@ def drill(folder: Path, shards: Path, *overrides: str, kill_at: tuple[int, int] 
     `kill_at[0]` (both from 1), and a node added once the run goes on without it."""
     batches = folder / "batches"
     os.environ[loader.BATCH_LOG_ENV] = str(batches)  # before the nodes start: their workers inherit it
-    os.environ.update(START_TIMEOUT)  # Ray Train passes it on to its controller
+    os.environ.update(RAY_TRAIN_ENV)
     run_params = params.load(
         REPO / "params.yaml",
         [
@@ -122,7 +134,7 @@ def drill(folder: Path, shards: Path, *overrides: str, kill_at: tuple[int, int] 
                 f"step {kill_at[1]} of epoch {kill_at[0]}",
             )
             first_attempt = batch_log_lines(batches)[0][1]
-            kill_raylet(spot)
+            kill_node(spot)
             cluster.remove_node(spot, allow_graceful=False)  # what the raylet leaves
             wait_for(
                 lambda: any(f[1] != first_attempt and f[3] != "start" for f in batch_log_lines(batches)),
@@ -134,7 +146,7 @@ def drill(folder: Path, shards: Path, *overrides: str, kill_at: tuple[int, int] 
     finally:
         ray.shutdown()
         cluster.shutdown()
-        for key in (loader.BATCH_LOG_ENV, *START_TIMEOUT):
+        for key in (loader.BATCH_LOG_ENV, *RAY_TRAIN_ENV):
             os.environ.pop(key, None)
     wall_s = time.monotonic() - started
     client = MlflowClient(run_params.mlflow.tracking_uri)
@@ -157,8 +169,8 @@ def drill(folder: Path, shards: Path, *overrides: str, kill_at: tuple[int, int] 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--every", type=int, default=2, help="train.checkpoint_every_steps of the first run")
-    parser.add_argument("--kill-at", type=int, nargs=2, default=(2, 15), metavar=("EPOCH", "STEP"))
+    parser.add_argument("--every", type=int, default=4, help="train.checkpoint_every_steps of the first run")
+    parser.add_argument("--kill-at", type=int, nargs=2, default=(2, 8), metavar=("EPOCH", "STEP"))
     parser.add_argument("--set", action="append", default=["model.depth=20"], metavar="KEY=VALUE")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "node_lost.json"))
     args = parser.parse_args()

@@ -292,7 +292,7 @@ def test_a_node_lost_mid_epoch_leaves_one_worker_going_on_from_the_step_checkpoi
     result = node_lost.drill(tmp_path, shards, "train.checkpoint_every_steps=2", kill_at=(2, 9))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = result.summary["mlflow_run_id"]
-    assert [s for s, _ in history(uri, run_id)] == list(range(6))  # every epoch once
+    assert [s for s, _ in history(uri, run_id)] == list(range(node_lost.EPOCHS))  # every epoch once
     assert result.world_sizes[0] == 2 and 1 in result.world_sizes and result.world_sizes[-1] == 2, result.world_sizes
 
     logged = batch_log(tmp_path / "batches")
@@ -300,7 +300,7 @@ def test_a_node_lost_mid_epoch_leaves_one_worker_going_on_from_the_step_checkpoi
     resumed_at = min((e.epoch, e.step) for e in logged if e.attempt == attempts[1] and e.digest is None)
     assert resumed_at[0] == 1 and resumed_at[1] in (6, 8), resumed_at  # mid-epoch: a step checkpoint's
     kept = steps_that_count(logged)
-    for epoch in range(6):
+    for epoch in range(node_lost.EPOCHS):
         keys = [key for entry in kept if entry.epoch == epoch for key in entry.keys]
         assert len(keys) == len(set(keys)), f"epoch {epoch + 1}: a sample trained twice"
         steps = sorted({entry.step for entry in kept if entry.epoch == epoch})
