@@ -377,7 +377,8 @@ class ReplayBatches:
             keys = [key for _, _, _, keys in arrived for key in keys or []]
             arrived = []
             self.steps += 1
-            log_line(self.log, f"{self.steps} {batch_hash(images, labels)} {','.join(keys)}")
+            if self.log is not None:  # the hash reads every pixel: only where asked
+                log_line(self.log, f"{self.steps} {batch_hash(images, labels)} {','.join(keys)}")
             yield (images.pin_memory() if self.loader.pin_memory else images), labels
 
     def position(self) -> Resume:
@@ -445,7 +446,8 @@ class Batches:
                 self.buffers.received(images, buffer)
             self.steps += 1
             self.worker_rng[worker] = rng
-            log_line(self.log, f"{self.steps} {batch_hash(images, labels)} {','.join(keys or [])}")
+            if self.log is not None:  # the hash reads every pixel: only where asked
+                log_line(self.log, f"{self.steps} {batch_hash(images, labels)} {','.join(keys or [])}")
             yield images, labels
             del images  # the caller's reference is the one that counts
             if self.buffers is not None:
