@@ -12,7 +12,7 @@ PIP_VERSION := 26.3
 # DVC stages call `python -m pipeline.<stage>`: make them find the project's interpreter.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: repro test test-fast venv lock clean
+.PHONY: repro test test-fast drills venv lock clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ test: venv
 test-fast: venv
 	ruff check .
 	python -m pytest -m "not slow"
+
+# The fault drills on a local two-node Ray cluster (part of `make test`): a worker killed at a
+# random step, a node drained for preemption, a node lost from an elastic run.
+drills: venv
+	python -m pytest tests/integration/test_train.py -k "killed or preemption or node_lost"
 
 # Re-pin every transitive dependency after changing pyproject.toml.
 lock: venv

@@ -28,21 +28,37 @@ from pipeline.records import CHECKPOINT_SCORE, Trial
 def preflight(params: Params, manifest: Manifest) -> None:
     """Everything about a run that params and the manifest decide, checked on the driver before
     Ray starts: otherwise each fails in every Ray worker, after Ray's start-up, as a traceback
-    per worker per retry, or only at the epoch whose shard order happens to expose it.
+    per worker per retry, or only at the epoch whose shard order happens to expose it. An elastic
+    run is checked at every world size it may take, with a line for each that cannot work.
     `manifest` is one `read_manifest` accepted."""
-    world_size = params.train.num_workers
-    batch = recipe.per_worker_batch(params.train.batch_size, world_size)
-    splits = manifest.splits
+    problems, sizes = [], params.train.world_sizes
+    for world_size in sizes:
+        try:
+            check_world_size(params, manifest, world_size)
+        except UsageError as error:
+            problems.append(
+                f"with {world_size} of train.num_workers={list(params.train.num_workers)}: {error}"
+                if len(sizes) > 1
+                else str(error)
+            )
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def check_world_size(params: Params, manifest: Manifest, world_size: int) -> None:
+    splits, train = manifest.splits, params.train
+    shares = loader.batch_shares(train.batch_size, world_size)
     check_train_batches(
         [s.num_samples for s in splits["train"].shards],
         world_size,
-        params.train.loader_workers,
-        params.train.batch_size,
+        train.loader_workers,
+        train.batch_size,
         params.paths.shards,
     )
     check_val_shards([s.num_samples for s in splits["val"].shards], world_size, params.paths.shards)
+    step = recipe.micro_batches(min(shares), train.max_worker_batch)[-1]  # a rank's smallest step
     for split in ("train", "val"):
-        recipe.check_image_size(params.model.arch, split, splits[split].image_size, batch, params.paths.shards)
+        recipe.check_image_size(params.model.arch, split, splits[split].image_size, step, params.paths.shards)
 
 
 def check_train_batches(
@@ -55,7 +71,7 @@ def check_train_batches(
             f"train: {len(counts)} shards in {shards} for train.num_workers={world_size} ranks, and every rank "
             "reads whole shards; reshard with a smaller shard.maxcount or lower train.num_workers"
         )
-    batch = recipe.per_worker_batch(global_batch, world_size)
+    batch = max(loader.batch_shares(global_batch, world_size))
     if sum(counts) < global_batch:
         raise UsageError(f"train.batch_size: {global_batch} is more than the {sum(counts)} train samples in {shards}")
     sure = loader.sure_worker_samples(counts, world_size, loader_workers)
@@ -104,6 +120,7 @@ def fit(
         train_loop_config=setup.model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=params.train.num_workers,
+            elastic_resize_monitor_interval_s=params.train.resize_check_seconds,
             use_gpu=params.train.use_gpu,
             resources_per_worker={"CPU": params.train.cpus_per_worker},
         ),
@@ -111,7 +128,10 @@ def fit(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            failure_config=FailureConfig(
+                max_failures=params.train.max_failures,
+                max_preemption_failures=params.train.max_preemption_failures,
+            ),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=params.train.checkpoints_to_keep,
                 checkpoint_score_attribute=CHECKPOINT_SCORE,
@@ -155,7 +175,8 @@ LOCAL_CLUSTER_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # Ray Train watches for spot-instance preemption; one machine started here is not preempted,
     # and the watcher's actor logs an error-level line at every run's start (Ray 2.60: "Actor with
-    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store").
+    # class name: 'PreemptionWatcher' ... has constructor arguments in the object store"). On a
+    # cluster that RAY_ADDRESS names, the cluster's setting holds: on, unless it says otherwise.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 

@@ -33,6 +33,8 @@ CIFAR_DEPTH_RULE = "CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 44, 56,
 
 def is_cifar_depth(depth: int) -> bool:
     return depth >= 8 and (depth - 2) % 6 == 0
+
+
 # data.seed goes to scikit-learn's train_test_split, whose random_state (numpy's) takes 0 to
 # 2**32 - 1; train.seed goes to torch, which takes more, but one range for both is one rule.
 MAX_SEED = 2**32 - 1
@@ -45,12 +47,18 @@ MAX_SEED = 2**32 - 1
 EXECUTION_KEYS = {
     "train": (
         "num_workers",
+        "max_worker_batch",
+        "resize_check_seconds",
         "use_gpu",
         "cpus_per_worker",
         "loader_workers",
         "compile",
         "max_failures",
         "checkpoints_to_keep",
+        "checkpoint_every_steps",
+        "preemption_check_steps",
+        "max_preemption_failures",
+        "async_upload",
         "run_name",
     ),
     "tune": ("max_concurrent_trials", "name", "max_failures"),
@@ -130,7 +138,11 @@ class Train(Section):
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
-    num_workers: int = Field(ge=1)
+    # N, or [min, max]: an elastic group, which Ray restarts smaller when nodes are lost and
+    # larger when they come back (the global batch and the lr stay as params say)
+    num_workers: int | tuple[int, int]
+    max_worker_batch: int | None = Field(ge=1)  # a rank's larger share is split in steps of this (null: none)
+    resize_check_seconds: float = Field(gt=0)  # an elastic group looks for more nodes this often
     use_gpu: bool
     max_failures: int = Field(ge=-1)
     seed: int = Field(ge=0, le=MAX_SEED)
@@ -142,8 +154,26 @@ class Train(Section):
     cpus_per_worker: int = Field(ge=1)
     loader_workers: int = Field(ge=0)  # DataLoader processes per training worker
     checkpoints_to_keep: int = Field(ge=1)
+    checkpoint_every_steps: int | None = Field(ge=1)  # null: at each epoch's end only
+    preemption_check_steps: int | None = Field(ge=1)  # null: no step checkpoint on a preemption notice
+    max_preemption_failures: int = Field(ge=-1)  # restarts after preemptions (-1: any number)
+    async_upload: bool  # to remote storage, checkpoints upload while training goes on
     run_name: str | None  # null: derived from the config, so the same command resumes
     compile: bool  # torch.compile the model (GPU runs)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (workers, workers) if isinstance(workers, int) else workers
+        if low < 1 or high < low:
+            raise ValueError("a worker count >= 1, or [min, max] with 1 <= min <= max")
+        return workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train with."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
 
     @field_validator("milestones")
     @classmethod

@@ -71,13 +71,12 @@ def check_image_size(arch: str, split: str, size: ImageSize | None, batch: int, 
         )
 
 
-def per_worker_batch(global_batch: int, num_workers: int) -> int:
-    if global_batch % num_workers:
-        raise UsageError(
-            f"train.batch_size: {global_batch} does not split evenly over train.num_workers={num_workers}; "
-            "the global batch must be a multiple of the worker count"
-        )
-    return global_batch // num_workers
+def micro_batches(share: int, max_worker_batch: int | None) -> list[int]:
+    """A rank's share of a step's batch in the pieces it trains on, each at most
+    `max_worker_batch`, their gradients summed before the step (gradient accumulation): a global
+    batch larger than the ranks hold at once, such as the paper's 256 on fewer GPUs."""
+    pieces = 1 if max_worker_batch is None else -(-share // max_worker_batch)
+    return [share // pieces + (i < share % pieces) for i in range(pieces)]
 
 
 def base_lr(params: Params) -> float:

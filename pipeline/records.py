@@ -23,6 +23,10 @@ from pipeline.errors import UsageError
 
 METRIC = "val_top1_error"  # what "best" means for checkpoints, trials and models
 CHECKPOINT_SCORE = "val_rank_score"  # `val_rank` as the one number Ray Train ranks checkpoints by
+TRAINED_STEPS = "trained_steps"  # a run's steps that count so far, as rank 0 marks them (pipeline.tracking.RunWriter)
+RESTART_REDONE_STEPS = "restart_redone_steps"  # per restart: steps trained after the checkpoint it resumed from
+RESTART_REDONE_S = "restart_redone_s"  # and the seconds they took
+STEPS_INTO_EPOCH = "steps_into_epoch"  # in a step checkpoint's report: a report of no epoch, which Tune does not see
 SHORTCUT_ORDER = list(resnet.SHORTCUTS)
 
 
@@ -91,6 +95,10 @@ class EpochMetrics(Record):
     lr: float  # at the epoch's end, for the record
     images_per_s: float
     epoch_time_s: float
+    world_size: int  # the workers that trained it (an elastic run's may change)
+    steps_s: float  # seconds of its training steps that count (not those a restart trained again)
+    goodput: float  # the run so far: seconds of steps that count over wall seconds since it started
+    redone_steps: int  # the run so far: steps that restarts trained again (their work was lost)
 
     @property
     def rank(self) -> tuple[float, float]:
@@ -132,6 +140,8 @@ class TrialRecord(Record):
     planned_epochs: int
     # Fewer epochs than planned in a finished sweep: a scheduler (ASHA) stopped the trial.
     stopped_early: bool
+    goodput: float  # of its run, at its last epoch (`EpochMetrics.goodput`)
+    redone_steps: int  # steps its restarts trained again
     # pipeline.tune.TrialTimes, best effort: None where its store did not take them.
     wall_time_s: float | None
     overhead_s: float | None
@@ -165,7 +175,7 @@ class FailedTrial(Record):
 class Sweep(Artifact):
     """reports/sweep.json: the sweep's name, its MLflow parent run, a record per trial."""
 
-    SCHEMA: ClassVar[int] = 2  # 1: a bare list of records
+    SCHEMA: ClassVar[int] = 3  # 1: a bare list of records; 2: no goodput
     STAGE: ClassVar[str] = "tune"
     FILE: ClassVar[str] = "sweep.json"  # in paths.reports
     name: str
@@ -213,6 +223,8 @@ def trial_record(trial: Trial, history: list[EpochMetrics], planned_epochs: int,
         epochs=epochs[-1].epoch + 1,
         planned_epochs=planned_epochs,
         stopped_early=epochs[-1].epoch + 1 < planned_epochs,
+        goodput=epochs[-1].goodput,
+        redone_steps=epochs[-1].redone_steps,
         curve=Curve(
             epoch=[row.epoch for row in epochs],
             train_top1_error=[row.train_top1_error for row in epochs],
@@ -229,7 +241,7 @@ def in_sweep_order(records: list[TrialRecord | FailedTrial]) -> list[TrialRecord
 
 TABLE_COLUMNS = (
     "trial", "params", "best val top-1", "final train top-1", "final val top-1", "epochs", "wall",
-    "overhead",
+    "overhead", "goodput", "redone steps",
 )  # fmt: skip
 
 
@@ -247,6 +259,8 @@ def table_row(trial: TrialRecord | FailedTrial) -> list[str]:
         f"{trial.epochs}{' (stopped early)' if trial.stopped_early else ''}",
         seconds(trial.wall_time_s),
         seconds(trial.overhead_s),
+        f"{trial.goodput:.0%}",
+        str(trial.redone_steps),
     ]
 
 

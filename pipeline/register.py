@@ -182,10 +182,7 @@ def register(params: Params) -> Registration:
     evaluation = read_eval(params.paths.metrics, trial)
     manifest = read_manifest(params.paths.shards)
     store = tracking.store(params)
-    mlflow.set_tracking_uri(store.uri)
     name, alias = params.mlflow.registered_model, params.mlflow.alias
-
-    info = log_model_unmoved(store, trial, params, manifest)
     tags = {
         "depth": str(trial.depth),
         "shortcut": trial.shortcut,
@@ -199,7 +196,9 @@ def register(params: Params) -> Registration:
         "git_commit": tracking.git_commit(),
         "num_params": str(trial.num_params),
     }
-    version = store.call(mlflow.register_model, info.model_uri, name, tags=tags)
+    with tracking.fluent(store.uri):
+        info = log_model_unmoved(store, trial, params, manifest)
+        version = store.call(mlflow.register_model, info.model_uri, name, tags=tags)
     store.update_model_version(
         name, version.version, description=description(params, trial, evaluation, manifest)
     )

@@ -16,7 +16,9 @@ import threading
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,7 +40,7 @@ from pipeline.errors import TrackingUnavailable
 from pipeline.files import open_url, project_path
 from pipeline.manifest import MANIFEST
 from pipeline.params import Params
-from pipeline.records import METRIC, EpochMetrics
+from pipeline.records import METRIC, RESTART_REDONE_S, RESTART_REDONE_STEPS, TRAINED_STEPS, EpochMetrics
 
 T = TypeVar("T")
 
@@ -126,7 +128,7 @@ def causes(error: BaseException):
 
 
 def failure_kind(error: BaseException, idempotent: bool) -> str | None:
-    """"outage" (the store does not answer), "busy" (it answers, but a concurrent writer was in the
+    """ "outage" (the store does not answer), "busy" (it answers, but a concurrent writer was in the
     way: retried without a word), or None (a real error: raised at once)."""
     chain = list(causes(error))
     if any(isinstance(c, requests.exceptions.ConnectionError | requests.exceptions.Timeout) for c in chain):
@@ -237,7 +239,9 @@ class Store:
     def _outage_ended(self) -> None:
         with self._lock:
             if self._down_since is not None:
-                self.say(f"MLflow at {redacted(self.uri)} answers again after {time.monotonic() - self._down_since:.0f} s")
+                self.say(
+                    f"MLflow at {redacted(self.uri)} answers again after {time.monotonic() - self._down_since:.0f} s"
+                )
                 self._down_since = None
 
     def best_effort(self, fn: Callable[..., T], *args, **kwargs) -> T | None:
@@ -404,15 +408,29 @@ def epoch_metrics(epoch: int, metrics: dict[str, float], timestamp_ms: int) -> l
     return [Metric(key, float(value), timestamp_ms, epoch) for key, value in metrics.items()]
 
 
+@contextmanager
+def fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.start_run`, `log_model`, `register_model`, ...) pointed at
+    `uri` for a while. `mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in this process's
+    environment, which `tracking_uri` reads as the user's choice: it is put back as it was, so a
+    later run in the same process (a notebook, a test, a benchmark) records where its params say."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset, as it was
+
+
 def has_logged_model(store: Store, run_id: str) -> bool:
-    mlflow.set_tracking_uri(store.uri)
     run = store.get_run(run_id)
-    models = store.call(
-        mlflow.search_logged_models,
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = {quoted(run_id)}",
-        output_format="list",
-    )
+    with fluent(store.uri):
+        models = store.call(
+            mlflow.search_logged_models,
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = {quoted(run_id)}",
+            output_format="list",
+        )
     return bool(models)
 
 
@@ -427,6 +445,17 @@ def ranges(numbers: list[int]) -> str:
     return ", ".join(f"{a + 1}" if a == b else f"{a + 1}..{b + 1}" for a, b in spans)
 
 
+@dataclass
+class Restart:
+    """A run that starts again from a checkpoint (`run_steps` steps that count, taken at
+    `saved_at`; None: from no checkpoint, the run's start), and what to do with the work it
+    lost once the writer has read it (`counted(steps, seconds)`)."""
+
+    run_steps: int
+    saved_at: float | None
+    counted: Callable[[int, float], None]
+
+
 class RunWriter:
     """A training run's MLflow records, written by a thread of its own, so that the training
     step never waits on the store: `log_epoch` queues and returns. While the store is away the
@@ -439,18 +468,35 @@ class RunWriter:
     MLflow still lacks, which the same command writes when rerun (the checkpoint has them)."""
 
     STOP = None
+    MARK_EVERY_S = 1.0
 
-    def __init__(self, store: Store, run_id: str, tags: dict[str, str], system_metrics: bool = True):
-        self.store, self.run_id = store, run_id
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        tags: dict[str, str],
+        system_metrics: bool = True,
+        restart: Restart | None = None,
+    ):
+        self.store, self.run_id, self.restart = store, run_id, restart
         self.pending: queue.Queue[tuple[int, list[Metric]] | None] = queue.Queue()
         self.closing = threading.Event()
         self.unwritten: list[int] = []
         self.monitor: SystemMetricsMonitor | None = None
-        self.thread = threading.Thread(target=self._write, args=(tags, system_metrics), daemon=True, name="mlflow-writer")
+        self.reached: tuple[int, float] | None = None  # the latest `mark`
+        self.marked: tuple[int, float] | None = None  # the latest written
+        self.thread = threading.Thread(
+            target=self._write, args=(tags, system_metrics), daemon=True, name="mlflow-writer"
+        )
         self.thread.start()
 
     def log_epoch(self, metrics: EpochMetrics) -> None:
         self.pending.put((metrics.epoch, epoch_metrics(metrics.epoch, metrics.model_dump(), int(time.time() * 1000))))
+
+    def mark(self, run_steps: int) -> None:
+        """The run has trained `run_steps` steps that count. The latest is written at most every
+        MARK_EVERY_S (TRAINED_STEPS): what a restart reads to tell how many it trains again."""
+        self.reached = (run_steps, time.time())
 
     def waiting(self) -> int:
         """Epochs queued and not yet written: more than one while the store is away."""
@@ -468,25 +514,75 @@ class RunWriter:
 
     def _write(self, tags: dict[str, str], system_metrics: bool) -> None:
         try:
-            logged = {m.step for m in self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, METRIC)}
+            logged = {
+                m.step
+                for m in self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, METRIC)
+            }
             self.store.call_while(self._keep_trying, self.store.update_run, self.run_id, status="RUNNING")
             tags_logged = [RunTag(k, str(v)) for k, v in tags.items()]
             self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, tags=tags_logged)
             if system_metrics:
                 self.monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.store.uri)
                 self.monitor.start()
+            if self.restart is not None:
+                self._account(self.restart)
         except TrackingUnavailable:
             logged = None
-        while (item := self.pending.get()) is not self.STOP:
+        while True:
+            try:
+                item = self.pending.get(timeout=self.MARK_EVERY_S)
+            except queue.Empty:
+                item = ()
+            if logged is not None and self.reached != self.marked:
+                logged = self._log(logged, self._mark_metrics())
+            if item is self.STOP:
+                break
+            if not item:
+                continue
             epoch, metrics = item
             if logged is None:
                 self.unwritten.append(epoch)
             elif epoch not in logged:
-                try:
-                    self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, metrics=metrics)
+                logged = self._log(logged, metrics)
+                if logged is not None:
                     logged.add(epoch)
-                except TrackingUnavailable:
+                else:
                     self.unwritten.append(epoch)
-                    logged = None  # the store stayed away past its budget: the rest wait for a rerun
         if self.monitor is not None:
             self.monitor.finish()
+
+    def _log(self, logged: set[int], metrics: list[Metric]) -> set[int] | None:
+        """Write `metrics`; None once the store has stayed away past its budget (the rest wait for a rerun)."""
+        try:
+            self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, metrics=metrics)
+            return logged
+        except TrackingUnavailable:
+            return None
+
+    def _mark_metrics(self) -> list[Metric]:
+        self.marked = self.reached
+        steps, when = self.reached
+        return [Metric(TRAINED_STEPS, float(steps), int(when * 1000), steps)]
+
+    def _account(self, restart: Restart) -> None:
+        """This start's lost work: the steps an earlier attempt marked past the checkpoint this
+        one resumes from, and the seconds they took, logged per restart (step: its number)."""
+        marks = self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, TRAINED_STEPS)
+        if not marks:
+            return  # no earlier attempt trained a step that was marked
+        reached = max(marks, key=lambda m: m.step)
+        since = restart.saved_at
+        if since is None:
+            since = self.store.call_while(self._keep_trying, self.store.get_run, self.run_id).info.start_time / 1000
+        redone_steps = max(reached.step - restart.run_steps, 0)
+        redone_s = max(reached.timestamp / 1000 - since, 0.0) if redone_steps else 0.0
+        number = len(
+            self.store.call_while(self._keep_trying, self.store.get_metric_history, self.run_id, RESTART_REDONE_STEPS)
+        )
+        now = int(time.time() * 1000)
+        restart_metrics = [
+            Metric(RESTART_REDONE_STEPS, redone_steps, now, number),
+            Metric(RESTART_REDONE_S, redone_s, now, number),
+        ]
+        self.store.call_while(self._keep_trying, self.store.log_batch, self.run_id, metrics=restart_metrics)
+        restart.counted(redone_steps, redone_s)

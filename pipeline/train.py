@@ -30,7 +30,7 @@ def log_final_model(store: tracking.Store, run_id: str, checkpoint: str, params:
         if tracking.has_logged_model(store, run_id):
             return
         net = checkpoints.model_from_checkpoint(checkpoint)
-        with store.call(mlflow.start_run, run_id=run_id):
+        with tracking.fluent(store.uri), store.call(mlflow.start_run, run_id=run_id):
             serving.log_run_model(store, net, params, manifest, step=params.train.epochs - 1)
     except TrackingUnavailable as e:
         print(f"the run's model is not in MLflow ({e}); rerunning the same command logs it", flush=True)

@@ -33,6 +33,7 @@ from pipeline.manifest import Manifest, read_manifest
 from pipeline.params import EXECUTION_KEYS, Params, check_sweep
 from pipeline.records import (
     METRIC,
+    STEPS_INTO_EPOCH,
     TABLE_COLUMNS,
     EpochMetrics,
     FailedTrial,
@@ -76,6 +77,16 @@ class EpochLines(ray.tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         print(f"{trial_of(trial.config)[0].label:<14} failed; its traceback: {trial.error_file}", flush=True)
+
+
+class EpochReports(TuneReportCallback):
+    """What Tune sees of a trial: its epochs. A step checkpoint's report (`STEPS_INTO_EPOCH`) is
+    Ray Train's alone: the trial resumes from it through its own Train run, and ASHA, the epoch
+    lines and sweep.json count epochs."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if STEPS_INTO_EPOCH not in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
 
 
 class TrialTimes(ray.tune.Callback):
@@ -172,11 +183,15 @@ def run_trial(config: dict[str, Any]) -> None:
     """Tune's trainable: one TorchTrainer run for (depth, shortcut), its own MLflow child run."""
     params, store, run_id = open_trial_run(*trial_of(config))
     result = driver.fit(
-        params, params.train.run_name, run_id, store.uri, callbacks=[TuneReportCallback()],
+        params, params.train.run_name, run_id, store.uri, callbacks=[EpochReports()],
         say_epochs=False,
     )  # fmt: skip
     # The epoch sweep.json calls best (`records.best_epoch`): its checkpoint is the trial's model.
-    kept = [(EpochMetrics.model_validate(metrics).rank, c) for c, metrics in result.best_checkpoints]
+    kept = [
+        (EpochMetrics.model_validate(metrics).rank, c)
+        for c, metrics in result.best_checkpoints
+        if STEPS_INTO_EPOCH not in metrics  # a step checkpoint: Ray keeps the latest, whatever its score
+    ]
     best = min(kept, key=lambda k: k[0])[1] if kept else result.checkpoint
     try:
         store.set_tag(run_id, "best_checkpoint", checkpoints.checkpoint_uri(best))
@@ -218,13 +233,14 @@ def sweep_name(params: Params, manifest_sha: str) -> str:
 
 
 def concurrent_trials(params: Params) -> int:
-    """As many trials as the cluster fits at once, each needing num_workers x its resources."""
+    """As many trials as the cluster fits at once, each needing its most workers x their resources."""
     if params.tune.max_concurrent_trials:
         return params.tune.max_concurrent_trials
     resources = ray.cluster_resources()
+    workers = max(params.train.world_sizes)
     if params.train.use_gpu:
-        return max(1, int(resources.get("GPU", 0)) // params.train.num_workers)
-    return max(1, int(resources.get("CPU", 1)) // (params.train.num_workers * params.train.cpus_per_worker))
+        return max(1, int(resources.get("GPU", 0)) // workers)
+    return max(1, int(resources.get("CPU", 1)) // (workers * params.train.cpus_per_worker))
 
 
 def records(

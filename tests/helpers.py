@@ -4,6 +4,7 @@ read back (the stages themselves run through conftest's `run_stage` fixture)."""
 from __future__ import annotations
 
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,47 @@ def digits_loader(shards: Path | str, epoch: int = 0, train: bool = True, **kw) 
     return loader.make_loader(str(shards), "train" if train else "val", transform, epoch=epoch, train=train, **kw)
 
 
+@dataclass(frozen=True)
+class Logged:
+    """A line of a rank's batch log (`loader.Batches`): a batch taken, or an epoch's start (digest None)."""
+
+    time: float
+    attempt: str
+    rank: int
+    epoch: int
+    step: int
+    digest: str | None
+    keys: tuple[str, ...]
+
+
+def batch_log(folder: Path) -> list[Logged]:
+    """Every rank's batch log in `folder` (rank-<r>.txt), in the order the lines were written."""
+    logged = []
+    for path in folder.glob("rank-*.txt"):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            time, attempt, epoch, *rest = line.split(" ")
+            start = rest[0] == "start"
+            step, digest, keys = (rest[1], None, "") if start else rest
+            logged.append(
+                Logged(float(time), attempt, rank, int(epoch), int(step), digest, tuple(filter(None, keys.split(","))))
+            )
+    return sorted(logged, key=lambda entry: entry.time)
+
+
+def steps_that_count(logged: list[Logged]) -> list[Logged]:
+    """The batches a run's result was trained on: an attempt that starts from a checkpoint at
+    (epoch, step) undoes every batch earlier attempts took after it (their work is lost)."""
+    attempts = sorted({entry.attempt for entry in logged}, key=float)
+    kept: list[Logged] = []
+    for attempt in attempts:
+        mine = [entry for entry in logged if entry.attempt == attempt]
+        resumed_at = min((entry.epoch, entry.step) for entry in mine if entry.digest is None)
+        kept = [entry for entry in kept if (entry.epoch, entry.step) <= resumed_at]
+        kept += [entry for entry in mine if entry.digest is not None]
+    return kept
+
+
 def shard_samples(url: str) -> list[tuple[str, bytes, bytes]]:
     """(key, jpg, cls) of every sample of one shard, read by the loader's tar reader."""
     return [(s["__key__"], s["jpg"], s["cls"]) for s in wds.DataPipeline(wds.SimpleShardList([url]), tar_samples)]
@@ -107,6 +149,8 @@ def finished_trial(
         epochs=4,
         planned_epochs=4,
         stopped_early=False,
+        goodput=0.5,
+        redone_steps=0,
         wall_time_s=12.0,
         overhead_s=3.0,
         curve=records.Curve(

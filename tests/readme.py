@@ -34,6 +34,7 @@ NEEDLES = {
 NOT_RUN = {
     "make repro\nmake test\n": "the quick start: CI (.ci/run) runs `make test`, and the slow tests run `dvc repro`",
     "stage: raw data set -> WebDataset tar shards": "README's layout map: text, not a command",
+    "make drills\n": "tests the suite runs itself (tests/integration/test_train.py, in `make test`)",
 }
 
 

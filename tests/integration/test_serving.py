@@ -79,9 +79,11 @@ def train_trial(params, root: Path, uri: str) -> tuple[records.TrialRecord, str]
             params.paths.shards, "train", transforms.train_transform("cifar", flip=False),
             batch_size=params.train.batch_size, num_workers=0, epoch=epoch, seed=0, train=True, manifest=manifest,
         )  # fmt: skip
-        loss_sum, errors, seen = worker.run_epoch(
-            net, batches, optimizer, torch.device("cpu"), manifest.mean, False, nullcontext(), partial(schedule.lr, epoch)
-        )
+        sums = worker.run_epoch(
+            net, batches, optimizer, torch.device("cpu"), manifest.mean, False, nullcontext(), partial(schedule.lr, epoch),
+            worker.EpochSums(), worker.StepShape(1, params.train.batch_size),
+        )  # fmt: skip
+        loss_sum, errors, seen = sums.loss_sum, sums.errors, sums.seen
         val = loader.make_loader(
             params.paths.shards, "val", transforms.eval_transform("cifar"),
             batch_size=64, num_workers=0, epoch=0, seed=0, train=False, manifest=manifest,
@@ -91,7 +93,7 @@ def train_trial(params, root: Path, uri: str) -> tuple[records.TrialRecord, str]
             epoch=epoch, train_loss=loss_sum / seen, train_top1_error=errors / seen,
             val_top1_error=scores.top1 / scores.seen, val_top5_error=scores.top5 / scores.seen,
             val_loss=scores.loss_sum / scores.seen, lr=schedule.lr(epoch), images_per_s=seen / 1.0,
-            epoch_time_s=time.perf_counter() - started,
+            epoch_time_s=time.perf_counter() - started, world_size=1, steps_s=1.0, goodput=0.5, redone_steps=0,
         )  # fmt: skip
         history.append(metrics)
         client.log_batch(child, metrics=tracking.epoch_metrics(epoch, metrics.model_dump(exclude={"epoch"}), int(time.time() * 1000)))

@@ -19,7 +19,7 @@ def state_of(net: torch.nn.Module) -> checkpoints.CheckpointState:
     optimizer.step()  # a momentum buffer per parameter: the optimizer's state has tensors
     epoch = EpochMetrics(
         epoch=3, train_loss=0.5, train_top1_error=0.1, val_top1_error=0.2, val_top5_error=0.0, val_loss=0.6,
-        lr=0.1, images_per_s=100.0, epoch_time_s=1.0,
+        lr=0.1, images_per_s=100.0, epoch_time_s=1.0, world_size=1, steps_s=1.0, goodput=0.5, redone_steps=0,
     )  # fmt: skip
     return checkpoints.CheckpointState(
         model_args=ARGS, model=net.state_dict(), optimizer=optimizer.state_dict(), schedule={"milestones": [2, 3]},

@@ -76,7 +76,11 @@ def test_a_batch_the_bound_allows_is_made_by_every_rank_in_every_order():
         if batch == 0:
             continue
         for order in set(permutations(counts)):
-            assert loader.batches_per_epoch(list(order), world_size, workers, batch) >= 1, (counts, world_size, workers)
+            assert loader.batches_per_epoch(list(order), world_size, workers, [batch] * world_size) >= 1, (
+                counts,
+                world_size,
+                workers,
+            )
 
 
 @pytest.mark.parametrize(
@@ -123,7 +127,7 @@ def test_a_shuffle_that_fails_only_at_a_later_epoch_is_refused_up_front():
     counts = [358, 358, 358, 358, 5]
     shards = [(f"train/shard-{i:06d}.tar", n) for i, n in enumerate(counts)]
     per_epoch = [
-        loader.batches_per_epoch([n for _, n in loader.epoch_order(shards, seed=2, epoch=e)], 2, 0, 400)
+        loader.batches_per_epoch([n for _, n in loader.epoch_order(shards, seed=2, epoch=e)], 2, 0, [400, 400])
         for e in range(3)
     ]
     assert per_epoch[0] == 1 and 0 in per_epoch
@@ -213,10 +217,29 @@ def test_preflight_accepts_the_shard_stages_manifest_with_the_default_params(dig
     driver.preflight(load_params(f"paths.shards={digit_shards}"), manifest)
 
 
-def test_preflight_checks_the_batch_split_first(digit_shards):
+def test_preflight_checks_every_world_size_of_an_elastic_run_a_line_for_each_that_cannot_work(digit_shards):
+    """The digits' 4 train shards (358, 358, 358, 3) at batch 32: 1 or 2 ranks always make a batch,
+    3 or 4 ranks of one shard each may be dealt the 3-sample shard."""
     manifest = read_manifest(str(digit_shards))
-    with pytest.raises(UsageError, match="^train.batch_size: 129 does not split evenly over train.num_workers=2"):
-        driver.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=129"), manifest)
+    driver.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=[1, 2]"), manifest)
+    with pytest.raises(UsageError) as refused:
+        driver.preflight(load_params(f"paths.shards={digit_shards}", "train.num_workers=[1, 4]"), manifest)
+    lines = str(refused.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "with 3 of train.num_workers=[1, 4]",
+        "with 4 of train.num_workers=[1, 4]",
+    ]
+    assert all("is sure of only 3 samples" in line for line in lines)
+
+
+def test_a_batch_the_world_size_does_not_divide_is_dealt_unequally(digit_shards):
+    driver.preflight(
+        load_params(f"paths.shards={digit_shards}", "train.num_workers=2", "train.batch_size=33"),
+        read_manifest(str(digit_shards)),
+    )
+    assert loader.batch_shares(33, 2) == [17, 16] and loader.batch_shares(32, 3) == [11, 11, 10]
+    with pytest.raises(UsageError, match="^train.batch_size: 2 leaves some of 3 ranks no sample a step"):
+        loader.batch_shares(2, 3)
 
 
 # --- manifest.json ----------------------------------------------------------------------------
@@ -363,10 +386,13 @@ def assert_refused_before_work(result: subprocess.CompletedProcess, tmp_path: Pa
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["train.num_workers=2", "train.batch_size=129"], "train.batch_size: 129 does not split evenly over train.num_workers=2"),
-        (["train.num_workers=2", "train.batch_size=800", "train.seed=2"], "some epoch's shard order may leave a rank without one"),
+        (["train.num_workers=[2, 3]"], "with 3 of train.num_workers=[2, 3]: train.batch_size: 32 makes batches of 11"),
+        (
+            ["train.num_workers=2", "train.batch_size=800", "train.seed=2"],
+            "some epoch's shard order may leave a rank without one",
+        ),
     ],
-    ids=["indivisible-batch", "shuffle-dependent-batch"],
+    ids=["elastic-range", "shuffle-dependent-batch"],
 )
 def test_stage_refuses_batches_before_ray(digit_shards, tmp_path, monkeypatch, run_stage, stage, overrides, expected):
     sets = [x for o in [f"paths.shards={digit_shards}", *overrides] for x in ("--set", o)]

@@ -19,7 +19,7 @@ from pipeline import loader, shard, transforms
 from pipeline.files import sha256_of
 from pipeline.manifest import Manifest, ManifestShard, ManifestSplit, read_manifest
 from tests.data_trees import imagenet_tree, jpeg_bytes, picture
-from tests.helpers import digits_loader, imagenet_params
+from tests.helpers import batch_log, digits_loader, imagenet_params
 
 
 def test_batches_per_epoch_takes_the_poorest_rank():
@@ -27,8 +27,8 @@ def test_batches_per_epoch_takes_the_poorest_rank():
     # rank 0 reads shards 0,2,4,6,8 (worker 0: 0,4,8 = 417; worker 1: 2,6 = 340); rank 1 reads 1,3,5,7.
     assert loader.worker_sample_counts(counts, 0, 2, 2) == [417, 340]
     assert loader.worker_sample_counts(counts, 1, 2, 2) == [340, 340]
-    assert loader.batches_per_epoch(counts, 2, 2, 32) == min(13 + 10, 10 + 10)
-    assert loader.batches_per_epoch(counts, 1, 0, 32) == sum(counts) // 32
+    assert loader.batches_per_epoch(counts, 2, 2, [32, 32]) == min(13 + 10, 10 + 10)
+    assert loader.batches_per_epoch(counts, 1, 0, [32]) == sum(counts) // 32
     # Rank 0 makes only the poorest rank's 20 of its 13 + 10 batches: its workers in turn.
     assert loader.worker_batch_quotas([417, 340], 32, 20) == [10, 10]
     assert loader.worker_batch_quotas([417, 100], 32, 12) == [9, 3]
@@ -40,10 +40,10 @@ def test_workers_decode_only_the_samples_of_the_epochs_batches(digit_shards, sin
     decoded = mp.get_context("fork").Value("i", 0)
     decode = loader.decode
 
-    def counted(sample, transform):
+    def counted(sample, transform, keyed=False):
         with decoded.get_lock():
             decoded.value += 1
-        return decode(sample, transform)
+        return decode(sample, transform, keyed)
 
     monkeypatch.setattr(loader, "decode", counted)
     batches = digits_loader(digit_shards, num_workers=2)
@@ -67,6 +67,85 @@ def test_train_epoch_is_reproducible_and_reshuffled(digit_shards, single_process
     assert len(first) == len(digits_loader(digit_shards)) * 32
     assert labels(0) == first
     assert labels(1) != first
+
+
+def test_round_robin_follows_dataloaders_turns_past_a_worker_whose_quota_is_made():
+    assert loader.round_robin([3, 1], 0) == ([0, 0], 0)
+    assert loader.round_robin([3, 1], 2) == ([1, 1], 0)
+    assert loader.round_robin([3, 1], 3) == ([2, 1], 1)  # worker 1's turn: it has none left, so 0 comes next
+    assert loader.round_robin([3, 1], 4) == ([3, 1], 1)
+    assert loader.round_robin([2, 2, 2], 4) == ([2, 1, 1], 1)
+    with pytest.raises(ValueError):
+        loader.round_robin([3, 1], 5)
+
+
+def batches_with_positions(batches: loader.Batches) -> tuple[list, list, list]:
+    """Every batch of an epoch, where the loader was after each, and the training process's RNG
+    state then (what a step checkpoint taken after that batch keeps)."""
+    taken, positions, rng = [], [], []
+    for images, labels in batches:
+        taken.append((images.clone(), labels.clone()))
+        positions.append(batches.position())
+        rng.append(torch.get_rng_state())
+    return taken, positions, rng
+
+
+# ranks x loader workers: the digits' 6 train shards give the workers unequal quotas.
+@pytest.mark.parametrize(("rank", "world_size", "num_workers"), [(0, 1, 0), (0, 1, 2), (1, 2, 2), (0, 1, 3)])
+def test_an_epoch_resumed_after_any_batch_makes_the_batches_of_an_uninterrupted_one(
+    digit_shards, monkeypatch, rank, world_size, num_workers
+):
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    torch.manual_seed(7)  # with no loader workers, the training process draws the crops
+    whole, positions, rng = batches_with_positions(digits_loader(digit_shards, epoch=3, num_workers=num_workers))
+    assert len(whole) > 8
+    for step in sorted({1, 2, 3, len(whole) // 2 + 1, len(whole) - 1}):
+        torch.set_rng_state(rng[step - 1])  # as a resumed run restores it from the checkpoint
+        resumed = digits_loader(digit_shards, epoch=3, num_workers=num_workers, resume=positions[step - 1])
+        rest, rest_positions, _ = batches_with_positions(resumed)
+        assert len(rest) == len(resumed) - step
+        for (images, labels), (images_then, labels_then) in zip(rest, whole[step:], strict=True):
+            assert torch.equal(labels, labels_then) and torch.equal(images, images_then), f"after step {step}"
+        assert rest_positions[-1] == positions[-1]
+
+
+def dealt_epoch(shards: Path, log: Path, monkeypatch, ranks: int, workers: int, **resume) -> list[list[str]]:
+    """Every step's global batch (its samples' keys, in rank order) of epoch 3 at batch 48, on
+    `ranks` ranks of `workers` loader workers, optionally resumed (`loader.Resume`)."""
+    log.mkdir()
+    for rank, share in enumerate(loader.batch_shares(48, ranks)):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(ranks))
+        batches = digits_loader(
+            shards, epoch=3, num_workers=workers, batch_size=share, global_batch=48,
+            resume=loader.Resume(**resume) if resume else None, log=loader.BatchLog(log / f"rank-{rank}.txt", "0"),
+        )  # fmt: skip
+        for _ in batches:
+            pass
+    steps: dict[int, list[str]] = {}
+    for entry in sorted(batch_log(log), key=lambda entry: entry.rank):
+        if entry.digest is not None:
+            steps.setdefault(entry.step, []).extend(entry.keys)
+    return [steps[step] for step in sorted(steps)]
+
+
+# (ranks, loader workers) the epoch was dealt for -> those it resumes with
+@pytest.mark.parametrize(
+    ("dealt", "now"), [((2, 2), (1, 0)), ((2, 2), (1, 2)), ((1, 2), (2, 2)), ((2, 0), (3, 2)), ((1, 0), (2, 1))]
+)
+def test_an_epoch_resumed_on_another_world_size_trains_every_remaining_sample_once(
+    digit_shards, tmp_path, monkeypatch, dealt, now
+):
+    """Each replayed step's global batch is the dealt one: the same samples in the same order,
+    so no sample of the epoch is trained twice or skipped, across the resize."""
+    whole = dealt_epoch(digit_shards, tmp_path / "dealt", monkeypatch, *dealt)
+    assert all(len(keys) == 48 for keys in whole) and len(whole) > 10
+    stop = len(whole) // 2 - 1
+    rest = dealt_epoch(digit_shards, tmp_path / "resized", monkeypatch, *now, steps=stop, replay_deal=dealt)
+    assert rest == whole[stop:]
+    trained = [key for keys in whole[:stop] + rest for key in keys]
+    assert len(trained) == len(set(trained)) == 48 * len(whole)
 
 
 def test_eval_reads_every_sample_once(digit_shards, single_process):

@@ -6,7 +6,6 @@ import pytest
 
 from pipeline import params as params_module
 from pipeline import recipe
-from pipeline.errors import UsageError
 from tests.conftest import REPO
 
 
@@ -16,10 +15,12 @@ def load(*overrides):
     return params_module.load(REPO / "params.yaml", [*paper, *overrides])
 
 
-def test_global_batch_splits_evenly_or_is_an_error():
-    assert recipe.per_worker_batch(128, 2) == 64
-    with pytest.raises(UsageError, match="does not split evenly over train.num_workers=3"):
-        recipe.per_worker_batch(128, 3)
+def test_a_share_above_max_worker_batch_trains_in_pieces_that_add_up_to_it():
+    assert recipe.micro_batches(64, None) == [64]
+    assert recipe.micro_batches(64, 64) == [64]
+    assert recipe.micro_batches(64, 32) == [32, 32]
+    assert recipe.micro_batches(65, 32) == [22, 22, 21]
+    assert recipe.micro_batches(256, 100) == [86, 85, 85]
 
 
 def test_lr_scales_linearly_with_the_global_batch():

@@ -76,13 +76,13 @@ def test_results_table_has_a_headline_a_row_a_trial_and_the_papers_number_beside
     assert text.splitlines()[0] == "# Sweep results: digits, cifar-style nets"
     header, rule, *rows = table_lines(text)
     assert header == (
-        "| trial | params | best val top-1 | final train top-1 | final val top-1 | epochs | wall | overhead | paper |"
+        "| trial | params | best val top-1 | final train top-1 | final val top-1 | epochs | wall | overhead | goodput | redone steps | paper |"
     )
-    assert rule == "|---|---|---|---|---|---|---|---|---|"
+    assert rule == "|---|---|---|---|---|---|---|---|---|---|---|"
     assert rows == [
-        "| plain-20 | 20,000 | 8.00% | 5.00% | 8.00% | 4 | 12 s | 3 s |  |",  # Table 6 has ResNets (A) only
-        "| ResNet-20 A | 20,000 | 5.00% | 2.00% | 5.00% | 4 | 12 s | 3 s | 8.75% (CIFAR-10, Table 6) |",
-        "| ResNet-56 B | failed |  |  |  |  |  |  |  |",
+        "| plain-20 | 20,000 | 8.00% | 5.00% | 8.00% | 4 | 12 s | 3 s | 50% | 0 |  |",  # Table 6 has ResNets (A) only
+        "| ResNet-20 A | 20,000 | 5.00% | 2.00% | 5.00% | 4 | 12 s | 3 s | 50% | 0 | 8.75% (CIFAR-10, Table 6) |",
+        "| ResNet-56 B | failed |  |  |  |  |  |  |  |  |  |",
     ]
     # Nothing was evaluated, registered or fitted: no line pretends it was.
     assert "Best trial" not in text and "Registry:" not in text and "SVC baseline" not in text

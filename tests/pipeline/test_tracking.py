@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import pickle
 import socket
 import sqlite3
@@ -97,7 +98,10 @@ def test_runs_are_found_again_by_names_with_quotes(repo, store):
     params = params_for(repo)
     client = store
     experiment = tracking.experiment_id(client, params.mlflow.experiment)
-    created = {name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee", source="pipeline.train") for name in NAMES}
+    created = {
+        name: tracking.start_or_resume_run(store, params, name, {}, commit="c0ffee", source="pipeline.train")
+        for name in NAMES
+    }
     assert len(set(created.values())) == len(NAMES)
     for name, run_id in created.items():
         assert tracking.find_run(client, experiment, name) == run_id, name
@@ -110,7 +114,9 @@ def test_runs_are_found_again_by_names_with_quotes(repo, store):
 
 def test_the_logged_params_hold_no_password(repo, store):
     params = params_for(repo, "postgresql://mlflow:s3cret@db:5432/mlflow")
-    run_id = tracking.start_or_resume_run(store, params, "params without a password", {"extra": 1}, commit="c0ffee", source="pipeline.train")
+    run_id = tracking.start_or_resume_run(
+        store, params, "params without a password", {"extra": 1}, commit="c0ffee", source="pipeline.train"
+    )
     logged = store.get_run(run_id).data.params
     assert logged["mlflow.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
     assert logged["mlflow.experiment"] == params.mlflow.experiment and logged["extra"] == "1"
@@ -120,12 +126,23 @@ def test_the_logged_params_hold_no_password(repo, store):
 def test_a_run_records_the_commit_it_is_given_and_leaves_out_the_omitted_params(repo, store):
     params = params_for(repo)
     run_id = tracking.start_or_resume_run(
-        store, params, "a sweep", {"sweep": "a sweep"}, commit="0123abcd", source="pipeline.tune", omit=("model.depth", "model.shortcut")
+        store,
+        params,
+        "a sweep",
+        {"sweep": "a sweep"},
+        commit="0123abcd",
+        source="pipeline.tune",
+        omit=("model.depth", "model.shortcut"),
     )
     run = store.get_run(run_id)
-    assert run.data.tags["mlflow.source.git.commit"] == "0123abcd" and run.data.tags["mlflow.source.name"] == "pipeline.tune"
+    assert (
+        run.data.tags["mlflow.source.git.commit"] == "0123abcd"
+        and run.data.tags["mlflow.source.name"] == "pipeline.tune"
+    )
     assert "model.depth" not in run.data.params and "model.shortcut" not in run.data.params
-    assert run.data.params["tune.depths"] == str(params.tune.depths) and run.data.params["model.arch"] == params.model.arch
+    assert (
+        run.data.params["tune.depths"] == str(params.tune.depths) and run.data.params["model.arch"] == params.model.arch
+    )
 
 
 def test_the_shards_are_the_runs_dataset_once_whatever_the_resumes(repo, store, tmp_path):
@@ -196,7 +213,9 @@ def test_what_counts_as_transient():
     assert tracking.failure_kind(unique, idempotent=True) == "busy"
     assert tracking.failure_kind(unique, idempotent=False) is None  # a second create would make a second record
     assert tracking.failure_kind(sqlite3.OperationalError("no such table: runs"), idempotent=False) is None
-    assert tracking.failure_kind(MlflowException("API request to x failed with error code 503 != 200"), False) == "outage"
+    assert (
+        tracking.failure_kind(MlflowException("API request to x failed with error code 503 != 200"), False) == "outage"
+    )
     assert tracking.failure_kind(MlflowException("API request to x failed with error code 404 != 200"), False) is None
     assert tracking.failure_kind(MlflowException("Run 'x' not found"), False) is None
 
@@ -241,3 +260,48 @@ def test_stages_that_open_a_new_sqlite_store_at_once_all_open_it(tmp_path, attem
     for process in processes:
         process.join(timeout=120)
     assert [process.exitcode for process in processes] == [0, 0, 0]
+
+
+def test_a_restart_reads_the_steps_an_earlier_attempt_trained_past_its_checkpoint_and_logs_them(store):
+    """An attempt marks 10 steps, its last checkpoint was at 6: the next start finds 4 steps
+    trained again, and the seconds from the checkpoint to the last mark; a second restart is
+    logged as number 1. A run no attempt marked is no restart."""
+    experiment = store.call(store.create_experiment, f"restarts-{time.time()}")
+    run_id = store.call(store.create_run, experiment).info.run_id
+    fresh = []
+    tracking.RunWriter(
+        store, run_id, {}, system_metrics=False, restart=tracking.Restart(0, None, lambda *a: fresh.append(a))
+    ).close()
+    assert fresh == []
+
+    first = tracking.RunWriter(store, run_id, {}, system_metrics=False)
+    saved_at = time.time()
+    for steps in range(7, 11):
+        first.mark(steps)
+        time.sleep(0.3)
+    first.close()
+    reached = max(store.get_metric_history(run_id, "trained_steps"), key=lambda m: m.step)
+    assert reached.step == 10
+
+    counted = []
+    restart = tracking.Restart(6, saved_at, lambda steps, seconds: counted.append((steps, seconds)))
+    tracking.RunWriter(store, run_id, {}, system_metrics=False, restart=restart).close()
+    assert counted == [(4, pytest.approx(reached.timestamp / 1000 - saved_at, abs=1e-3))]
+    again = tracking.Restart(10, time.time(), lambda steps, seconds: counted.append((steps, seconds)))
+    tracking.RunWriter(store, run_id, {}, system_metrics=False, restart=again).close()
+    assert counted[1] == (0, 0.0)
+    logged = store.get_metric_history(run_id, "restart_redone_steps")
+    assert sorted((m.step, m.value) for m in logged) == [(0, 4.0), (1, 0.0)]
+
+
+def test_the_fluent_api_leaves_the_process_environment_as_it_was(monkeypatch, tmp_path):
+    """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI, which the stages read as the user's
+    choice: a second run in the same process went to the first one's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.fluent(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'a.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mine.db")
+    with tracking.fluent(f"sqlite:///{tmp_path / 'b.db'}"):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///mine.db"

@@ -72,7 +72,8 @@ def test_a_param_that_changes_a_result_renames_the_sweep(key):
 EXECUTION_OVERRIDES = {
     "num_workers": "2", "use_gpu": "true", "cpus_per_worker": "2", "loader_workers": "2", "compile": "true",
     "max_failures": "0", "checkpoints_to_keep": "5", "run_name": "mine", "max_concurrent_trials": "1", "name": "mine",
-    "workers": "4",
+    "workers": "4", "checkpoint_every_steps": "5", "preemption_check_steps": "5", "max_preemption_failures": "3",
+    "async_upload": "false", "max_worker_batch": "8", "resize_check_seconds": "5",
 }  # fmt: skip
 
 
@@ -132,7 +133,7 @@ def test_the_console_table_aligns_its_columns_and_gives_a_failures_cause_and_its
     trials = [finished_trial(20, "none", 0.5, 0.55), finished_trial(110, "C", 0.0, 0.0123, num_params=1_734_000)]
     header, rule, *rows = tune.format_table([*trials, failed_trial(56, "A")]).splitlines()
     assert len(header) == len(rule) == len(rows[0]) == len(rows[1]) and set(rule) == {"-"}
-    assert rows[1].split() == ["ResNet-110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s"]
+    assert rows[1].split() == ["ResNet-110", "C", "1,734,000", "1.23%", "0.00%", "1.23%", "4", "12", "s", "3", "s", "50%", "0"]
     # Right-aligned: each finished row's cells end where the header's columns end.
     assert rows[0].index("plain-20") + len("plain-20") == header.index("trial") + len("trial")
     assert rows[2].endswith("failed: RayTaskError: worker died (traceback: /ray/sweep/trial-56-A/error.txt)")
@@ -165,7 +166,7 @@ def test_the_driver_completes_a_trial_run_its_trial_could_not_from_the_trials_ch
     history = [
         EpochMetrics(
             epoch=e, train_loss=1.0 - e / 10, train_top1_error=0.1, val_top1_error=errors[e], val_top5_error=0.0,
-            val_loss=losses[e], lr=0.1, images_per_s=100.0, epoch_time_s=1.0,
+            val_loss=losses[e], lr=0.1, images_per_s=100.0, epoch_time_s=1.0, world_size=1, steps_s=1.0, goodput=0.5, redone_steps=0,
         )
         for e in range(4)
     ]  # fmt: skip
