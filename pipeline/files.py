@@ -117,3 +117,16 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def disk_bytes(*roots: Path) -> int:
+    """The disk space the files under `roots` take, each file once however many names it has
+    (DVC's cache and the workspace share hard-linked files): allocated blocks, not lengths.
+    Symlinks count as the little they are, not as what they point to."""
+    seen: dict[tuple[int, int], int] = {}
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                stat = os.lstat(os.path.join(folder, name))
+                seen[(stat.st_dev, stat.st_ino)] = stat.st_blocks * 512
+    return sum(seen.values())

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+from pipeline.files import disk_bytes
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -38,6 +42,42 @@ def test_repro_shards_verifies_and_reruns_only_what_changed(clone):
     assert "Running stage 'shard'" in changed
     metrics = json.loads((clone / "metrics" / "shards.json").read_text())
     assert [metrics[split]["num_samples"] for split in ("train", "val", "test")] == [987, 360, 450]
+
+
+def cache_is_whole(clone: Path) -> bool:
+    """Every object in DVC's local cache still holds what its name (its md5) says: an output
+    edited through a link would have changed the cache's copy too."""
+    objects = [p for p in (clone / ".dvc" / "cache" / "files" / "md5").glob("*/*")]
+    assert objects
+    return all(hashlib.md5(p.read_bytes()).hexdigest() == p.parent.name + p.name.removesuffix(".dir") for p in objects)
+
+
+def test_the_shards_are_on_disk_once_and_reruns_and_checkouts_keep_the_cache_whole(clone):
+    def stored_once() -> bool:
+        shards = clone / "data" / "shards"
+        ratio = disk_bytes(shards, clone / ".dvc" / "cache") / disk_bytes(shards)
+        assert ratio <= 1.05, f"shards and cache take {ratio:.2f}x the shards' own disk space"
+        return all(p.stat().st_nlink == 2 for p in shards.rglob("*") if p.is_file())  # in the workspace, in the cache
+
+    run(["dvc", "repro", "shard"], clone)
+    assert stored_once()  # with DVC's default cache.type, a copy, it is about 2.06x
+    assert cache_is_whole(clone)
+
+    # The stage replaces its output: the links go, new files take their place, and DVC links those.
+    rerun = run(["dvc", "repro", "--force", "shard"], clone)
+    assert "Running stage 'shard'" in rerun
+    assert "up to date" in run(["dvc", "status", "shard"], clone)
+    assert stored_once() and cache_is_whole(clone)
+
+    # So does the stage run by hand, outside DVC: its output is then a copy until `dvc checkout`.
+    run(["python", "-m", "pipeline.shard"], clone)
+    assert "up to date" in run(["dvc", "status", "shard"], clone)
+    assert cache_is_whole(clone)
+
+    shutil.rmtree(clone / "data" / "shards")
+    run(["dvc", "checkout", "--relink", "shard"], clone)
+    assert "up to date" in run(["dvc", "status", "shard"], clone)
+    assert stored_once() and cache_is_whole(clone)
 
 
 def test_a_code_change_reruns_exactly_the_stages_that_run_that_code(clone):
