@@ -9,8 +9,8 @@ one at the smallest is its growth ratio (1.0: flat; the goal is at most 1.3):
   it: wall time, CPU time per image (its worker processes included), peak PSS of the process
   tree, and the fitted exponent of time against images. The images are small (sides of 64 to 192)
   so that 10^5 fit this disk and minutes: the growth is what is measured here;
-- calibration, at ImageNet's own image size (sides of 300 to 500, about 110 KB a JPEG): the
-  shard stage's CPU time per image, and the shards' bytes against the raw files';
+- calibration, at ImageNet's own image size (sides of 300 to 500, JPEGs near ILSVRC-2012's mean
+  size): the shard stage's CPU time per image, and the shards' bytes against the raw files';
 - loader: the calibration's images in 10, 100 and 1,000 shards, the paper's ImageNet training
   transform: time to the first batch, steady images/s, CPU time per image;
 - sweep: 2, 8 and 32 one-epoch trials on the digits, a local Ray cluster, as `pipeline.tune`
@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -253,21 +255,29 @@ def bench_shard_verify(sizes: list[int], work: Path) -> dict:
 
 
 def bench_calibration(images: int, work: Path) -> tuple[dict, Path, list[float]]:
+    """The shard stage on ImageNet-size pictures, at `images` and a quarter of it: the CPU time per
+    image between the two is the slope the ImageNet projection multiplies, start-up left out."""
     pool = picture_pool(1, (300, 500))
-    root = work / "raw-imagenet-size"
+    quarter = images // 4
+    small_root, root = work / "raw-imagenet-size-quarter", work / "raw-imagenet-size"
+    imagenet_like_tree(small_root, quarter, pool, classes=10)
     raw = imagenet_like_tree(root, images, pool, classes=10)
     os.sync()
+    small = run_stage(stage_args("shard", shard_overrides(small_root, work / "shards-imagenet-size-quarter", 1000)))
     shards = work / "shards-imagenet-size"
     sharded = run_stage(stage_args("shard", shard_overrides(root, shards, 1000)))
     mean = json.loads((shards / "manifest.json").read_text())["mean"]
     row = {
         "images": images, "raw_bytes": raw, "shard_bytes": disk_bytes(shards), "shard": sharded,
+        "quarter": {"images": quarter, "shard": small},
         "raw_kb_per_image": raw / images / 1e3,
         "shard_cpu_ms_per_image": 1e3 * sharded["cpu_s"] / images, "shard_wall_ms_per_image": 1e3 * sharded["wall_s"] / images,
+        "shard_cpu_ms_per_image_slope": 1e3 * (sharded["cpu_s"] - small["cpu_s"]) / (images - quarter),
         "shards_over_raw": disk_bytes(shards) / disk_bytes(root),
     }  # fmt: skip
     print(
-        f"calibration: {images} ImageNet-size images, {row['shard_cpu_ms_per_image']:.2f} CPU ms/image to shard",
+        f"calibration: {images} ImageNet-size images, {row['shard_cpu_ms_per_image']:.2f} CPU ms/image to shard "
+        f"({row['shard_cpu_ms_per_image_slope']:.2f} between {quarter} and {images})",
         flush=True,
     )
     return row, root, mean
@@ -410,8 +420,10 @@ def median_s(fn: Callable[[], object], repeats: int = 25) -> float:
     return statistics.median(times)
 
 
-def lookups(store: tracking.Store, experiment: str, runs: int, rng: random.Random) -> dict[str, float]:
-    """Median ms of each read, over runs picked at random."""
+def lookups(uri: str, experiment: str, runs: int, seed: int) -> dict[str, float]:
+    """Median ms of each read, over runs picked at random, by a store opened on the store as it
+    is, as a stage's process opens it (`tracking.new_client` takes SQLite's statistics then)."""
+    store, rng = tracking.Store(uri, budget_s=60, say=lambda line: None), random.Random(seed)
     names = [f"sweep-x-cifar_resnet{rng.randrange(runs)}-B" for _ in range(25)]
     run_ids = [tracking.find_run(store, experiment, name) for name in names]
     assert all(run_ids)
@@ -429,21 +441,28 @@ def lookups(store: tracking.Store, experiment: str, runs: int, rng: random.Rando
 
 
 def bench_registry(sizes: list[int], work: Path) -> dict:
-    store = tracking.Store(f"sqlite:///{work}/registry.db", budget_s=60, say=lambda line: None)
+    uri = f"sqlite:///{work}/registry.db"
+    store = tracking.Store(uri, budget_s=60, say=lambda line: None)
     experiment = tracking.experiment_id(store, "scale")
     store.create_registered_model(MODEL)
     rng, rows, have = random.Random(0), [], 0
     for runs in sizes:
         add_runs(store, experiment, have, runs, rng)
         have = runs
-        rows.append({"runs": runs, **lookups(store, experiment, runs, rng)})
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as stage:
+            rows.append({"runs": runs, **stage.submit(lookups, uri, experiment, runs, runs).result()})
         r = rows[-1]
         print(
             f"registry {runs:>5} runs: find_run {r['find_run_ms']:.1f} ms, champion {r['champion_decision_ms']:.1f} ms, "
             f"history {r['metric_history_ms']:.1f} ms",
             flush=True,
         )
-    return {"sizes": rows, "growth": {key: growth([r[key] for r in rows]) for key in rows[0] if key != "runs"}}
+    keys = [key for key in rows[0] if key != "runs"]
+    return {
+        "sizes": rows,
+        "growth": {key: growth([r[key] for r in rows]) for key in keys},
+        "slope_us_per_run": {key: 1e3 * (rows[-1][key] - rows[0][key]) / (sizes[-1] - sizes[0]) for key in keys},
+    }
 
 
 # --- the picture --------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ name, against a real MLflow store (SQLite)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -13,6 +14,7 @@ import threading
 import time
 
 import pytest
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
 from pipeline import cli, tracking
@@ -305,3 +307,27 @@ def test_the_fluent_api_leaves_the_process_environment_as_it_was(monkeypatch, tm
     with tracking.fluent(f"sqlite:///{tmp_path / 'b.db'}"):
         pass
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///mine.db"
+
+
+# The query MLflow's SQL store makes for a run's metric history (`get_metric_history`).
+HISTORY_QUERY = "SELECT * FROM metrics WHERE run_uuid = ? AND key = ? ORDER BY timestamp, step, value"
+
+
+def test_a_stage_reads_a_run_history_through_the_run_index_whatever_the_store_holds(tmp_path):
+    """Without statistics SQLite reads one run's history through the metric name's rows of every
+    run (found superlinear by benchmarks/scale.py); a new client takes them afresh."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tracking.Store(uri, budget_s=10)  # statistics of an empty store: no help later
+    experiment = tracking.experiment_id(first, "resnet")
+    for _ in range(40):
+        run = first.create_run(experiment)
+        first.log_batch(run.info.run_id, metrics=[Metric(key, 0.5, 0, step) for key in ("a", "b") for step in range(5)])
+
+    def plan() -> str:
+        with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+            return " ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {HISTORY_QUERY}", (run.info.run_id, "a")))
+
+    assert "index_metrics_run_uuid_key_step" not in plan()  # the statistics of the empty store mislead
+    stage = tracking.Store(uri, budget_s=10)
+    assert "USING INDEX index_metrics_run_uuid_key_step" in plan(), plan()
+    assert len(stage.get_metric_history(run.info.run_id, "a")) == 5
