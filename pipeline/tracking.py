@@ -174,21 +174,23 @@ ANALYSIS_LIMIT = 1000
 
 
 def refresh_query_statistics(database: str | None) -> None:
-    """Bring SQLite's statistics of the store's tables up to date (a sampled ANALYZE).
+    """Bring SQLite's statistics of the store's metrics table up to date (a sampled ANALYZE).
 
     Without them, SQLite reads a run's metric history (`WHERE run_uuid = ? AND key = ?`) through
     the primary key, which starts with the metric's name, and so goes through that metric's rows
     of every run in the store: 0.9 ms with 10 runs, 1.7 ms with 1,000 (`python -m
     benchmarks.scale --only registry`), a time that grows with the store. With statistics it
-    takes MLflow's index on (run_uuid, key, step), in the same time whatever the store holds. Statistics gathered while the store was small lead
-    the planner the old way, so each new client gathers them afresh. They only steer the planner:
-    a store too busy or read-only to take them is read as before."""
+    takes MLflow's index on (run_uuid, key, step), in the same time whatever the store holds.
+    Statistics gathered while the store was small lead the planner the old way, so each new
+    client gathers them afresh. Only the metrics table's: with statistics of the runs and tags
+    tables, SQLite finds a run by its name tag more slowly. They only steer the planner: a store
+    too busy or read-only to take them is read as before."""
     if not database or database == ":memory:":
         return
     try:
         with contextlib.closing(sqlite3.connect(database, timeout=1)) as db:
             db.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
-            db.execute("ANALYZE")
+            db.execute("ANALYZE metrics")
             db.commit()
     except sqlite3.OperationalError:
         pass

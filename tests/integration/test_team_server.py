@@ -232,7 +232,7 @@ def test_the_pipeline_against_the_team_server_and_s3(team_server, s3_server, tmp
 
 def test_shards_go_through_the_dvc_s3_remote(s3_server, tmp_path):
     """`dvc push` the shards once to the project's S3 remote (.dvc/config: `s3`), `dvc pull` them
-    on another machine (here: a second clone)."""
+    on another machine (here: a second clone), where they are on disk once too."""
     import s3fs
 
     from tests.integration.conftest import run
@@ -248,3 +248,5 @@ def test_shards_go_through_the_dvc_s3_remote(s3_server, tmp_path):
     assert run(["dvc", "status", "shard"], second).strip().endswith("up to date.")
     manifest = (second / "data" / "shards" / "manifest.json").read_text()
     assert manifest == (first / "data" / "shards" / "manifest.json").read_text()
+    pulled = [path for path in (second / "data" / "shards").rglob("*") if path.is_file()]
+    assert all(path.stat().st_nlink == 2 for path in pulled)  # linked from the cache, on disk once
