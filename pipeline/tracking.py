@@ -164,9 +164,8 @@ def new_client(uri: str) -> MlflowClient:
         return MlflowClient(tracking_uri=uri)  # a server creates its tables when it starts
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     with FileLock(Path(tempfile.gettempdir()) / f"resnet-pipeline-mlflow-{digest}.lock"):
-        client = MlflowClient(tracking_uri=uri)  # creates the tracking store, and so the tables
-        refresh_query_statistics(sqlalchemy.engine.make_url(uri).database)
-        return client
+        refresh_query_statistics(sqlalchemy.engine.make_url(uri).database)  # before MLflow connects
+        return MlflowClient(tracking_uri=uri)  # creates the tracking store, and so the tables
 
 
 # Rows ANALYZE samples per index: its cost stays a few milliseconds however large the store grows.
@@ -182,11 +181,12 @@ def refresh_query_statistics(database: str | None) -> None:
     benchmarks.scale --only registry`), a time that grows with the store. With statistics it
     takes MLflow's index on (run_uuid, key, step), in the same time whatever the store holds.
     Statistics gathered while the store was small lead the planner the old way, so each new
-    client gathers them afresh. Only the metrics table's: with statistics of the runs and tags
-    tables, SQLite finds a run by its name tag more slowly. They only steer the planner: a store
-    too busy or read-only to take them is read as before."""
-    if not database or database == ":memory:":
-        return
+    client gathers them afresh, before its first connection, which reads them once. Only the
+    metrics table's: with statistics of the runs and tags tables, SQLite finds a run by its name
+    tag more slowly. They only steer the planner: a store too busy or read-only to take them, or
+    one not made yet, is read as before."""
+    if not database or not Path(database).is_file():
+        return  # in memory, or made by MLflow in a moment
     try:
         with contextlib.closing(sqlite3.connect(database, timeout=1)) as db:
             db.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
