@@ -22,6 +22,10 @@ from pipeline.files import disk_bytes
 REPO = Path(__file__).resolve().parent.parent
 
 
+def is_unlinked_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and path.lstat().st_nlink == 1
+
+
 def measure(repo: Path) -> dict:
     shards = repo / params.load(repo / "params.yaml").paths.shards
     cache = repo / ".dvc" / "cache"
@@ -40,6 +44,9 @@ def measure(repo: Path) -> dict:
         "cache_bytes": disk_bytes(cache),
         "shards_and_cache_bytes": together,
         "ratio": round(together / alone, 4),
+        # What only the cache holds (DVC's directory listings, its run cache): the rest of it is
+        # files of the workspace, the shards and other stages' cached outputs (report's pictures).
+        "cache_only_bytes": sum(path.lstat().st_blocks * 512 for path in cache.rglob("*") if is_unlinked_file(path)),
         "shard_files": len(files),
         "shard_files_linked_from_the_cache": sum(n > 1 for n in links),
         "shard_symlinks": sum(1 for path in shards.rglob("*") if path.is_symlink()),
