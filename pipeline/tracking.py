@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import queue
 import re
@@ -26,6 +27,7 @@ import mlflow
 import requests
 import sqlalchemy.engine
 import sqlalchemy.exc
+import urllib3.exceptions
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -127,11 +129,23 @@ def causes(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
+# What the HTTP client raises when the store does not answer: refused, reset or timed out, or gone
+# in the middle of its answer (a server killed while it sends: "Connection broken: IncompleteRead").
+STORE_AWAY = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    http.client.HTTPException,
+    ConnectionError,
+)
+
+
 def failure_kind(error: BaseException, idempotent: bool) -> str | None:
     """ "outage" (the store does not answer), "busy" (it answers, but a concurrent writer was in the
     way: retried without a word), or None (a real error: raised at once)."""
     chain = list(causes(error))
-    if any(isinstance(c, requests.exceptions.ConnectionError | requests.exceptions.Timeout) for c in chain):
+    if any(isinstance(c, STORE_AWAY) for c in chain):
         return "outage"  # however MLflow wrapped it
     for cause in chain:
         if isinstance(cause, sqlalchemy.exc.IntegrityError | sqlite3.IntegrityError):

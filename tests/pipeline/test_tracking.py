@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
+import requests
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
@@ -220,6 +221,16 @@ def test_what_counts_as_transient():
     )
     assert tracking.failure_kind(MlflowException("API request to x failed with error code 404 != 200"), False) is None
     assert tracking.failure_kind(MlflowException("Run 'x' not found"), False) is None
+    broken = requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")  # killed mid-answer
+    assert tracking.failure_kind(mlflow_wrapped(broken), False) == "outage"
+    assert tracking.failure_kind(mlflow_wrapped(ConnectionResetError(104, "reset by peer")), False) == "outage"
+
+
+def mlflow_wrapped(error: Exception) -> MlflowException:
+    """`error` as MLflow's HTTP client raises it: an MlflowException raised while handling it."""
+    wrapped = MlflowException(f"API request to http://127.0.0.1:5000/x failed with exception {error}")
+    wrapped.__context__ = error
+    return wrapped
 
 
 def test_a_store_pickles_as_what_makes_it(store):
