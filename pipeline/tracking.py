@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import os
 import queue
 import re
@@ -27,7 +26,6 @@ import mlflow
 import requests
 import sqlalchemy.engine
 import sqlalchemy.exc
-import urllib3.exceptions
 from filelock import FileLock
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -130,13 +128,12 @@ def causes(error: BaseException):
 
 
 # What the HTTP client raises when the store does not answer: refused, reset or timed out, or gone
-# in the middle of its answer (a server killed while it sends: "Connection broken: IncompleteRead").
+# in the middle of its answer (a server killed while it sends: "Connection broken: IncompleteRead",
+# which requests raises as ChunkedEncodingError).
 STORE_AWAY = (
     requests.exceptions.ConnectionError,
     requests.exceptions.Timeout,
     requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.ProtocolError,
-    http.client.HTTPException,
     ConnectionError,
 )
 

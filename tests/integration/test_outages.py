@@ -156,9 +156,7 @@ def test_a_training_run_goes_on_at_full_speed_through_a_90_s_outage(server, shar
         Path(os.environ["OUTAGE_RESULTS"]).write_text(json.dumps(figures, indent=1) + "\n")
     assert len(during) >= 10, figures  # it trained through the outage
     assert sum(during) / len(during) <= 2 * sum(before) / len(before), figures
-    # A call that waited on the store would have waited the outage out (the Store retries until
-    # it answers), so one slow epoch from a busy machine is noise and one of many seconds is not.
-    assert max(during) < OUTAGE_S / 6, figures
+    assert max(during) <= 2 * max(before) + 1, figures  # no epoch waited on the store
     lines = outage_lines(run)
     assert len(lines) == 2 and "not answering" in lines[0] and "answers again" in lines[1], lines
 
